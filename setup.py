@@ -9,7 +9,9 @@ from setuptools import Extension, setup
 
 core = Extension(
     "fastfork._core",
-    sources=["src/_core.pyx"] + sorted(glob.glob("src/*.c")),
+    # Hand-written C helpers sit beside the .pyx; src/_core.c is Cython's output.
+    sources=["src/_core.pyx"]
+    + sorted(p for p in glob.glob("src/*.c") if not p.endswith("_core.c")),
     include_dirs=["src"],
     define_macros=[("_GNU_SOURCE", "1")],
 )

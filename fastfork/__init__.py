@@ -1,0 +1,33 @@
+"""fastfork: create, supervise and reap many child processes, fast and safely.
+
+The public API; everything here is re-exported from the module that owns it.
+"""
+import os as _os
+import sys as _sys
+
+if not hasattr(_os, "fork"):
+    raise ImportError(
+        f"fastfork needs fork(), which {_sys.platform} does not have; "
+        "use multiprocessing (spawn context) or subprocess instead")
+
+try:
+    from fastfork import _core
+except ImportError as _err:  # pragma: no cover - depends on how it was installed
+    raise ImportError(
+        "fastfork's compiled core (fastfork._core) is not built. From a source "
+        "checkout run `pip install .` (or `python setup.py build_ext --inplace` "
+        f"to work in the tree). Original error: {_err}") from _err
+
+from fastfork._core import _exit, fork, reap, wait, wait3, wait4, waitpid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "_exit",
+    "fork",
+    "reap",
+    "wait",
+    "wait3",
+    "wait4",
+    "waitpid",
+]

@@ -1,0 +1,525 @@
+# cython: language_level=3
+"""fastfork._core: the compiled core.
+
+Drop-ins for ``os.fork``, ``os.waitpid``, ``os.wait``, ``os.wait3``, ``os.wait4``
+and ``os._exit``; ``reap``, a batch waitpid with the GIL released; and the
+primitives the Python layer builds on (``fork_call``: fork and run a callable in
+the child, ending in ``_exit`` whatever it does).
+
+errno passes through untouched: every failing call raises ``OSError`` built from
+errno (so EAGAIN is ``BlockingIOError`` and ECHILD ``ChildProcessError``, as in
+``os``). fastfork's own exceptions are raised by the Python layer.
+"""
+
+from cpython.exc cimport PyErr_CheckSignals
+from libc.string cimport strerror
+from libc.errno cimport EINTR, ECHILD, errno
+from libc.string cimport memset
+from posix.resource cimport rusage
+from posix.types cimport pid_t
+from posix.unistd cimport _exit as c_exit, fork as c_fork, getpid, getppid, usleep
+from posix.wait cimport WNOHANG, waitpid as c_waitpid
+
+import math
+import sys
+import warnings
+
+cdef extern from "Python.h":
+    void PyOS_BeforeFork()
+    void PyOS_AfterFork_Parent()
+    void PyOS_AfterFork_Child()
+
+cdef extern from "<sys/wait.h>" nogil:
+    pid_t c_wait "wait"(int *status)
+    pid_t c_wait3 "wait3"(int *status, int options, rusage *usage)
+    pid_t c_wait4 "wait4"(pid_t pid, int *status, int options, rusage *usage)
+
+cdef extern from "<sys/prctl.h>" nogil:
+    int prctl(int option, unsigned long arg2, unsigned long arg3,
+              unsigned long arg4, unsigned long arg5)
+    int PR_SET_PDEATHSIG
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    short POLLIN
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long syscall(long number, ...)
+    long SYS_pidfd_open
+
+cdef extern from "<unistd.h>" nogil:
+    int close(int fd)
+
+cdef extern from "<stdlib.h>" nogil:
+    void *malloc(size_t size)
+    void *calloc(size_t n, size_t size)
+    void free(void *p)
+
+cdef extern from "<stdio.h>" nogil:
+    ctypedef struct FILE
+    FILE *fopen(const char *path, const char *mode)
+    size_t fread(void *buf, size_t size, size_t n, FILE *f)
+    int fclose(FILE *f)
+
+cdef extern from "<time.h>" nogil:
+    ctypedef long time_t
+    struct timespec:
+        time_t tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec *ts)
+    int CLOCK_MONOTONIC
+
+
+cdef object _struct_rusage = None
+cdef bint _warn_threads = sys.version_info >= (3, 12)
+
+
+# ---------------------------------------------------------------- helpers
+
+cdef int _raise_errno(int err) except -1:
+    """Raise the OSError subclass that matches ``err``, as PyErr_SetFromErrno."""
+    raise OSError(err, strerror(err).decode("utf-8", "replace"))
+
+
+cdef object _make_rusage(rusage *ru):
+    """Build a resource.struct_rusage exactly as os.wait3/os.wait4 do."""
+    global _struct_rusage
+    if _struct_rusage is None:
+        import resource
+        _struct_rusage = resource.struct_rusage
+    return _struct_rusage((
+        ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6,
+        ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6,
+        ru.ru_maxrss, ru.ru_ixrss, ru.ru_idrss, ru.ru_isrss,
+        ru.ru_minflt, ru.ru_majflt, ru.ru_nswap,
+        ru.ru_inblock, ru.ru_oublock, ru.ru_msgsnd, ru.ru_msgrcv,
+        ru.ru_nsignals, ru.ru_nvcsw, ru.ru_nivcsw,
+    ))
+
+
+cdef long _count_threads():
+    """Threads in this process: /proc/self/stat field 20, else threading's view.
+
+    Mirrors CPython's private warn_about_fork_with_threads() (3.12+).
+    """
+    cdef char buf[512]
+    cdef size_t n = 0
+    cdef FILE *f = fopen(b"/proc/self/stat", b"r")
+    if f != NULL:
+        n = fread(buf, 1, sizeof(buf) - 1, f)
+        fclose(f)
+    if n > 0:
+        text = buf[:n].decode("ascii", "replace")
+        # The command name (field 2) may hold spaces: count from its closing ')'.
+        fields = text[text.rfind(")") + 2:].split()
+        if len(fields) > 17 and fields[17].isdigit():
+            return int(fields[17])
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return 1
+    return len(threading._active) + len(threading._limbo)
+
+
+cdef void _warn_if_threaded():
+    """Warn as os.fork does on 3.12+ when other threads are running."""
+    try:
+        if _count_threads() > 1:
+            warnings.warn(
+                f"This process (pid={getpid()}) is multi-threaded, use of "
+                f"fork() may lead to deadlocks in the child.",
+                DeprecationWarning, stacklevel=1)
+    except Exception:
+        # os.fork swallows a warning turned into an error: the fork happened.
+        pass
+
+
+cdef pid_t _fork_checked() except -1:
+    """fork() between the interpreter's before/after hooks, as os.fork does.
+
+    Returns 0 in the child and the child's pid in the parent.
+    Raises RuntimeError at interpreter shutdown, OSError from errno.
+    """
+    cdef pid_t pid
+    cdef int saved_errno
+    sys.audit("os.fork")
+    if sys.is_finalizing():
+        raise RuntimeError("can't fork at interpreter shutdown")
+    PyOS_BeforeFork()
+    pid = c_fork()
+    saved_errno = errno
+    if pid == 0:
+        PyOS_AfterFork_Child()
+        return 0
+    PyOS_AfterFork_Parent()
+    if pid < 0:
+        _raise_errno(saved_errno)
+    if _warn_threads:
+        _warn_if_threaded()
+    return pid
+
+
+# ---------------------------------------------------------------- drop-ins
+
+def fork():
+    """Fork a child process, exactly like os.fork().
+
+    Returns 0 in the child and the child's pid in the parent.
+    Raises OSError (BlockingIOError for EAGAIN) if fork() fails, and
+    RuntimeError during interpreter shutdown. On Python 3.12+ warns with
+    DeprecationWarning when other threads are running, as os.fork does.
+    """
+    return _fork_checked()
+
+
+def _exit(int status):
+    """Exit immediately with ``status``: no cleanup, no atexit, no flushing.
+
+    Like os._exit(); never returns.
+    """
+    c_exit(status)
+
+
+def waitpid(pid_t pid, int options):
+    """Wait for a child, exactly like os.waitpid(pid, options).
+
+    Returns (pid, status); (0, 0) with WNOHANG when nothing is ready.
+    Raises ChildProcessError (ECHILD) or another OSError. The GIL is released
+    while blocked; on EINTR signal handlers run and the call is retried.
+    """
+    cdef int status = 0
+    cdef pid_t res
+    while True:
+        with nogil:
+            res = c_waitpid(pid, &status, options)
+        if res >= 0:
+            return res, status
+        if errno != EINTR:
+            _raise_errno(errno)
+        PyErr_CheckSignals_or_raise()
+
+
+def wait():
+    """Wait for any child, exactly like os.wait().
+
+    Returns (pid, status). Raises ChildProcessError when there is no child.
+    """
+    cdef int status = 0
+    cdef pid_t res
+    while True:
+        with nogil:
+            res = c_wait(&status)
+        if res >= 0:
+            return res, status
+        if errno != EINTR:
+            _raise_errno(errno)
+        PyErr_CheckSignals_or_raise()
+
+
+def wait3(int options):
+    """Wait for any child, exactly like os.wait3(options).
+
+    Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
+    ready, (0, 0, zeroed rusage). Raises ChildProcessError when there is no child.
+    """
+    cdef int status = 0
+    cdef pid_t res
+    cdef rusage ru
+    while True:
+        memset(&ru, 0, sizeof(ru))
+        with nogil:
+            res = c_wait3(&status, options, &ru)
+        if res >= 0:
+            if res == 0:
+                memset(&ru, 0, sizeof(ru))
+            return res, status, _make_rusage(&ru)
+        if errno != EINTR:
+            _raise_errno(errno)
+        PyErr_CheckSignals_or_raise()
+
+
+def wait4(pid_t pid, int options):
+    """Wait for a child, exactly like os.wait4(pid, options).
+
+    Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
+    ready, (0, 0, zeroed rusage). Raises ChildProcessError (ECHILD) or OSError.
+    """
+    cdef int status = 0
+    cdef pid_t res
+    cdef rusage ru
+    while True:
+        memset(&ru, 0, sizeof(ru))
+        with nogil:
+            res = c_wait4(pid, &status, options, &ru)
+        if res >= 0:
+            if res == 0:
+                memset(&ru, 0, sizeof(ru))
+            return res, status, _make_rusage(&ru)
+        if errno != EINTR:
+            _raise_errno(errno)
+        PyErr_CheckSignals_or_raise()
+
+
+cdef int PyErr_CheckSignals_or_raise() except -1:
+    """Run pending signal handlers (PEP 475); propagate what they raise."""
+    if PyErr_CheckSignals() < 0:
+        return -1
+    return 0
+
+
+# ---------------------------------------------------------------- batch reap
+
+cdef double _monotonic() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec + ts.tv_nsec * 1e-9
+
+
+cdef int _pidfd_open(pid_t pid) noexcept nogil:
+    return <int>syscall(SYS_pidfd_open, pid, 0)
+
+
+cdef int _reap_pending(pid_t *pids, int *status, char *state, Py_ssize_t n,
+                       int options) noexcept nogil:
+    """waitpid each pid still pending (state 0); returns -1 with errno on EINTR.
+
+    state becomes 1 when reaped, 2 on ECHILD. Other errors set state 3 and
+    keep errno in status.
+    """
+    cdef Py_ssize_t i
+    cdef pid_t res
+    for i in range(n):
+        if state[i] != 0:
+            continue
+        res = c_waitpid(pids[i], &status[i], options)
+        if res > 0:
+            state[i] = 1
+        elif res < 0:
+            if errno == EINTR:
+                return -1
+            elif errno == ECHILD:
+                state[i] = 2
+            else:
+                status[i] = errno
+                state[i] = 3
+    return 0
+
+
+cdef int _wait_some(pid_t *pids, char *state, int *pidfds, Py_ssize_t n,
+                    double deadline) noexcept nogil:
+    """Sleep until a pending child may have exited or the deadline passes.
+
+    Uses pidfds (opened on first need) where the kernel has them, else a short
+    sleep. Returns -1 with errno EINTR when interrupted by a signal.
+    """
+    cdef Py_ssize_t i, k = 0
+    cdef double remaining = deadline - _monotonic()
+    cdef int ms
+    cdef pollfd *fds
+    if remaining <= 0:
+        return 0
+    ms = <int>(remaining * 1000.0) + 1
+    fds = <pollfd *>malloc(n * sizeof(pollfd))
+    if fds == NULL:
+        usleep(1000)
+        return 0
+    for i in range(n):
+        if state[i] != 0:
+            continue
+        if pidfds[i] == -2:
+            pidfds[i] = _pidfd_open(pids[i])
+        if pidfds[i] < 0:
+            # No pidfd (old kernel, or the pid vanished): poll on a timer.
+            k = -1
+            break
+        fds[k].fd = pidfds[i]
+        fds[k].events = POLLIN
+        fds[k].revents = 0
+        k += 1
+    if k < 0:
+        free(fds)
+        usleep(1000 if ms > 1 else 100)
+        return 0
+    i = poll(fds, k, ms)
+    free(fds)
+    return -1 if i < 0 and errno == EINTR else 0
+
+
+def reap(pids, timeout=None):
+    """Wait for every child in ``pids`` in one call, with the GIL released.
+
+    Returns a list of (pid, status) pairs in the order of ``pids``. With a
+    ``timeout`` (seconds), returns only those that finished in time; the rest
+    are left untouched and can be reaped later. Only the listed pids are ever
+    reaped.
+    Raises ValueError for a pid <= 0, a duplicate pid or a bad timeout;
+    ChildProcessError if some pid was not a child of this process (or was
+    already reaped) -- its ``reaped`` attribute holds the pairs that were
+    reaped all the same, and ``pids`` the pids that were not children.
+    """
+    cdef Py_ssize_t n, i
+    cdef pid_t *c_pids = NULL
+    cdef int *c_status = NULL
+    cdef int *c_pidfds = NULL
+    cdef char *c_state = NULL
+    cdef double deadline = 0.0
+    cdef bint has_timeout = timeout is not None
+    cdef int rc
+    cdef pid_t p
+
+    pid_list = [int(p) for p in pids]
+    if has_timeout:
+        t = float(timeout)
+        if math.isnan(t) or t < 0 or math.isinf(t):
+            raise ValueError(f"timeout must be a finite number >= 0, not {timeout!r}")
+    seen = set()
+    for p in pid_list:
+        if p <= 0:
+            raise ValueError(f"reap() takes child pids > 0, not {p}")
+        if p in seen:
+            raise ValueError(f"pid {p} is listed twice")
+        seen.add(p)
+    n = len(pid_list)
+    if n == 0:
+        return []
+
+    c_pids = <pid_t *>malloc(n * sizeof(pid_t))
+    c_status = <int *>calloc(n, sizeof(int))
+    c_pidfds = <int *>malloc(n * sizeof(int))
+    c_state = <char *>calloc(n, sizeof(char))
+    try:
+        if not (c_pids and c_status and c_pidfds and c_state):
+            raise MemoryError()
+        for i in range(n):
+            c_pids[i] = pid_list[i]
+            c_pidfds[i] = -2  # not opened yet
+        if has_timeout:
+            deadline = _monotonic() + t
+        while True:
+            with nogil:
+                if not has_timeout:
+                    # Blocking waits in order: one syscall per child.
+                    rc = _reap_pending(c_pids, c_status, c_state, n, 0)
+                else:
+                    while True:
+                        rc = _reap_pending(c_pids, c_status, c_state, n, WNOHANG)
+                        if rc < 0:
+                            break
+                        for i in range(n):
+                            if c_state[i] == 0:
+                                break
+                        else:
+                            break
+                        if _monotonic() >= deadline:
+                            break
+                        rc = _wait_some(c_pids, c_state, c_pidfds, n, deadline)
+                        if rc < 0:
+                            break
+            if rc == 0:
+                break
+            # EINTR: run the signal handlers (Ctrl-C raises here) and go on.
+            PyErr_CheckSignals_or_raise()
+
+        reaped = [(c_pids[i], c_status[i]) for i in range(n) if c_state[i] == 1]
+        for i in range(n):
+            if c_state[i] == 3:
+                _raise_errno(c_status[i])
+        missing = [c_pids[i] for i in range(n) if c_state[i] == 2]
+        if missing:
+            err = ChildProcessError(ECHILD, "No child processes")
+            err.reaped = reaped
+            err.pids = missing
+            raise err
+        return reaped
+    finally:
+        if c_pidfds != NULL:
+            for i in range(n):
+                if c_pidfds[i] >= 0:
+                    close(c_pidfds[i])
+        free(c_pids)
+        free(c_status)
+        free(c_pidfds)
+        free(c_state)
+
+
+# ---------------------------------------------------------------- fork_call
+
+def fork_call(fn, registry, int pdeathsig=0):
+    """Fork; in the child run ``fn()`` and ``_exit`` with what it returns.
+
+    The child never returns from this call: whatever ``fn`` does -- returns a
+    non-int, raises SystemExit, KeyboardInterrupt or any BaseException -- it
+    ends in ``_exit`` (70, EX_SOFTWARE, when ``fn`` raised or returned a
+    non-int). No Python bytecode runs between fork() returning and ``fn``
+    being called, so no signal handler can raise in that gap.
+
+    In the parent the child's pid is appended to ``registry`` (a list) before
+    anything else can run, then returned. ``pdeathsig`` > 0 asks the kernel to
+    send that signal to the child when the parent dies (Linux); a child whose
+    parent died before that took effect exits at once.
+
+    Raises OSError if fork fails, RuntimeError at interpreter shutdown.
+    """
+    cdef pid_t parent = getpid()
+    cdef pid_t pid
+    cdef int code = 70
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+    if not isinstance(registry, list):
+        raise TypeError("registry must be a list")
+    pid = _fork_checked()
+    if pid != 0:
+        registry.append(pid)
+        return pid
+    try:
+        if pdeathsig > 0:
+            prctl(PR_SET_PDEATHSIG, pdeathsig, 0, 0, 0)
+            if getppid() != parent:
+                c_exit(70)
+        result = fn()
+        if isinstance(result, int) and 0 <= result <= 255:
+            code = result
+    except BaseException:
+        code = 70
+    finally:
+        c_exit(code)
+
+
+# ---------------------------------------------------------------- C limits
+
+def _c_fork_exit_loop(Py_ssize_t n):
+    """The physical limit: n times fork + _exit(0) + waitpid, entirely in C.
+
+    Returns the number of children that exited 0. For benchmarks only.
+    Raises OSError if fork fails.
+    """
+    cdef Py_ssize_t i, ok = 0
+    cdef pid_t pid
+    cdef int status
+    with nogil:
+        for i in range(n):
+            pid = c_fork()
+            if pid == 0:
+                c_exit(0)
+            if pid < 0:
+                break
+            while c_waitpid(pid, &status, 0) < 0 and errno == EINTR:
+                pass
+            if status == 0:
+                ok += 1
+    if pid < 0:
+        _raise_errno(errno)
+    return ok
+
+
+def _c_waitpid_loop(pids):
+    """Reap already-exited ``pids`` with one waitpid each, in C (a limit)."""
+    cdef pid_t p
+    cdef int status
+    for p in pids:
+        with nogil:
+            c_waitpid(p, &status, 0)
+    return len(pids)

@@ -1,0 +1,50 @@
+"""Test-wide guards: no test may leave a child process or an open fd behind."""
+import os
+import time
+
+import pytest
+
+import procutil
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers(request):
+    """Fail a test that leaves a child (running or zombie) or a new fd behind.
+
+    Leftover children are killed and reaped so the next test starts clean.
+    """
+    children_before = procutil.children()
+    fds_before = procutil.open_fds()
+    yield
+    # Give children that are already exiting a moment to be reaped by the code under test.
+    deadline = time.monotonic() + 2.0
+    while True:
+        left = procutil.children() - children_before
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    problems = []
+    if left:
+        zombies = procutil.zombies(left)
+        procutil.kill_and_reap(left)
+        problems.append(f"left {len(left)} child process(es) behind "
+                        f"({len(zombies)} zombie): {sorted(left)}")
+    leaked = procutil.open_fds() - fds_before
+    if leaked:
+        detail = []
+        for fd in sorted(leaked):
+            try:
+                detail.append(f"{fd}->{os.readlink(f'/proc/self/fd/{fd}')}")
+            except OSError:
+                detail.append(str(fd))
+        problems.append(f"leaked fds: {', '.join(detail)}")
+    if problems:
+        pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def reaper():
+    """Record pids a test forks by hand; kill and reap any still there at teardown."""
+    pids = []
+    yield pids
+    procutil.kill_and_reap(pids)
