@@ -1,0 +1,136 @@
+"""fastfork's exception tree. Every exception pickles and says ``fastfork``.
+
+    FastforkError
+     +-- ChildError        a child failed: raised, crashed, was killed, lost
+     +-- ForkError         fork() failed (EAGAIN, ENOMEM ...); also an OSError
+     +-- TimeoutExpired    a wait ran out of time; also subprocess.TimeoutExpired
+     +-- ServerError       a ForkServer died or cannot be reached
+
+OSErrors from the kernel otherwise pass through unchanged (ChildProcessError
+for ECHILD, BlockingIOError for EAGAIN ...).
+"""
+import signal as _signal
+import subprocess as _subprocess
+
+__all__ = ["FastforkError", "ChildError", "ForkError", "TimeoutExpired", "ServerError"]
+
+
+def _signal_name(signum):
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class FastforkError(Exception):
+    """Base class of every error fastfork raises itself."""
+
+    __module__ = "fastfork"
+
+
+class ChildError(FastforkError):
+    """A child did not deliver a result.
+
+    Attributes: ``pid``; ``returncode`` (negative signal number if killed,
+    None if unknown); ``signal`` (the killing signal, or None); ``index`` (the
+    item's position in a fan-out, or None); ``item`` (its repr); ``exc_type``
+    (name of the exception the child raised, or None); ``remote_traceback``
+    (the child's formatted traceback, or None).
+    """
+
+    __module__ = "fastfork"
+
+    def __init__(self, message, *, pid=None, returncode=None, index=None,
+                 item=None, exc_type=None, remote_traceback=None):
+        super().__init__(message)
+        self.message = message
+        self.pid = pid
+        self.returncode = returncode
+        self.index = index
+        self.item = item
+        self.exc_type = exc_type
+        self.remote_traceback = remote_traceback
+
+    @property
+    def signal(self):
+        """The signal that killed the child, or None."""
+        if self.returncode is not None and self.returncode < 0:
+            return -self.returncode
+        return None
+
+    def __str__(self):
+        text = self.message
+        if self.remote_traceback:
+            text += "\n\n--- traceback in the child ---\n" + self.remote_traceback.rstrip()
+        return text
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), (self.message,), dict(
+            pid=self.pid, returncode=self.returncode, index=self.index,
+            item=self.item, exc_type=self.exc_type,
+            remote_traceback=self.remote_traceback)))
+
+
+class ForkError(FastforkError, OSError):
+    """fork() kept failing (EAGAIN, ENOMEM ...) after the allowed retries.
+
+    An OSError: ``errno`` and ``strerror`` are the kernel's. ``started`` is how
+    many children had been created before the failure (they are still reaped
+    and their results delivered).
+    """
+
+    __module__ = "fastfork"
+
+    def __init__(self, errno, strerror, *, started=0):
+        OSError.__init__(self, errno, strerror)
+        self.started = started
+
+    def __str__(self):
+        return (f"[Errno {self.errno}] fork failed: {self.strerror} "
+                f"({self.started} children had been started)")
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), (self.errno, self.strerror),
+                           {"started": self.started}))
+
+
+class TimeoutExpired(FastforkError, _subprocess.TimeoutExpired):
+    """A wait for a child ran out of time.
+
+    Also a ``subprocess.TimeoutExpired``: ``timeout``, ``cmd``, ``output`` and
+    ``stderr`` mean the same; ``pid`` is the child's.
+    """
+
+    __module__ = "fastfork"
+
+    def __init__(self, pid, timeout, cmd=None, output=None, stderr=None):
+        _subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
+        self.pid = pid
+
+    def __str__(self):
+        what = f"command {self.cmd!r}" if self.cmd is not None else f"child {self.pid}"
+        return f"{what} timed out after {self.timeout} seconds"
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), (self.pid, self.timeout, self.cmd),
+                           {"output": self.output, "stderr": self.stderr}))
+
+
+class ServerError(FastforkError):
+    """A ForkServer died, or a request to it could not be carried out."""
+
+    __module__ = "fastfork"
+
+
+def _rebuild(cls, args, kwargs):
+    """Unpickle an exception whose constructor takes keyword-only fields."""
+    return cls(*args, **kwargs)
+
+
+def describe_status(returncode):
+    """Return words for a Popen-style returncode ('exited with code 3', 'killed by SIGSEGV')."""
+    if returncode is None:
+        return "ended with an unknown status"
+    if returncode < 0:
+        return f"was killed by {_signal_name(-returncode)}"
+    return f"exited with code {returncode}"
