@@ -19,12 +19,21 @@ except ImportError as _err:  # pragma: no cover - depends on how it was installe
         f"to work in the tree). Original error: {_err}") from _err
 
 from fastfork._core import _exit, fork, reap, wait, wait3, wait4, waitpid
+from fastfork.child import Child
+from fastfork.fanout import FunctionChild, as_completed, background, map, start, start_child
 from fastfork.errors import (ChildError, FastforkError, ForkError, ServerError,
                              TimeoutExpired)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Child",
+    "FunctionChild",
+    "as_completed",
+    "background",
+    "map",
+    "start",
+    "start_child",
     "ChildError",
     "FastforkError",
     "ForkError",

@@ -1,0 +1,346 @@
+"""Child: a handle on one process fastfork created, and the loop that waits on many.
+
+A Child waits and signals through a pidfd where the kernel has one (Linux 5.3+),
+so a recycled pid is never signalled; elsewhere it polls with WNOHANG and a
+capped exponential back-off on the monotonic clock. Subclasses attach pipes
+that must be drained while the child runs (results, captured output).
+"""
+import math
+import os
+import select
+import signal
+import threading
+import time
+import warnings
+
+from fastfork import _core
+from fastfork.errors import TimeoutExpired
+
+__all__ = ["Child", "wait_all", "stop_all"]
+
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+
+# Fds fastfork holds open in this process (pipes, pidfds). A forked child closes
+# them all first, so it never holds a sibling's pipe. _fd_lock is held while
+# such fds are created and while forking, so no thread forks between a pipe's
+# creation and its registration.
+_owned_fds = set()
+_fd_lock = threading.Lock()
+
+# Children whose handle was dropped while they ran: reaped later, never left.
+_unreaped = []
+
+_POLL_MIN, _POLL_MAX = 0.0005, 0.05
+
+
+def check_timeout(timeout, name="timeout", allow_zero=True):
+    """Return ``timeout`` as a float (or None); ValueError/TypeError if invalid."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{name} must be a number or None, not {type(timeout).__name__}")
+    timeout = float(timeout)
+    if math.isnan(timeout) or math.isinf(timeout) or timeout < 0 or (
+            timeout == 0 and not allow_zero):
+        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
+                         f"not {timeout!r}")
+    return timeout
+
+
+def own_fd(fd):
+    """Record ``fd`` as fastfork's (closed in every child it forks); return it."""
+    _owned_fds.add(fd)
+    return fd
+
+
+def close_owned(fd):
+    """Close an fd recorded with own_fd()."""
+    _owned_fds.discard(fd)
+    os.close(fd)
+
+
+def close_inherited_fds(keep=()):
+    """In a freshly forked child: close every fd fastfork owns except ``keep``."""
+    for fd in list(_owned_fds):
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _owned_fds.clear()
+    _owned_fds.update(keep)
+
+
+def reap_dropped():
+    """Reap children whose handles were garbage-collected while they ran."""
+    for pid in list(_unreaped):
+        try:
+            done = _core.waitpid(pid, os.WNOHANG)[0] != 0
+        except ChildProcessError:
+            done = True
+        if done:
+            _unreaped.remove(pid)
+
+
+class Child:
+    """A child process created by fastfork.
+
+    Attributes: ``pid``; ``returncode`` -- None while running, the exit code,
+    or -N if killed by signal N (as in subprocess.Popen); ``rusage`` -- the
+    resource.struct_rusage of the finished child; ``lost`` -- True if the
+    child was reaped by someone else (SIGCHLD ignored, a foreign waitpid),
+    so its exit status is unknown.
+    """
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.returncode = None
+        self.rusage = None
+        self.lost = False
+        self._finished = False
+        self._owner = os.getpid()
+        self._pidfd = -1
+        if _HAVE_PIDFD:
+            try:
+                self._pidfd = own_fd(os.pidfd_open(pid))
+            except OSError:
+                # EMFILE, or the child already vanished: fall back to polling.
+                self._pidfd = -1
+
+    def __repr__(self):
+        state = "running" if not self._finished else f"returncode={self.returncode}"
+        return f"<{type(self).__name__} pid={self.pid} {state}>"
+
+    # ------------------------------------------------------------ hooks
+
+    def _readers(self):
+        """Return {fd: callback(data)} of pipes to drain while waiting.
+
+        The callback gets b"" at end of file and must then stop reading that fd.
+        """
+        return {}
+
+    def _read(self, fd, callback):
+        """Drain ``fd`` (non-blocking) into ``callback``; True at end of file."""
+        while True:
+            try:
+                data = os.read(fd, 1 << 20)
+            except BlockingIOError:
+                return False
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                continue
+            callback(data)
+            if not data:
+                return True
+
+    def _drain(self):
+        """Read whatever the child's pipes hold now, without blocking."""
+        for fd, callback in list(self._readers().items()):
+            self._read(fd, callback)
+
+    def _finish(self):
+        """Called once the process is reaped: drain and close its pipes."""
+        self._drain()
+
+    # ------------------------------------------------------------ state
+
+    def _check_owner(self):
+        if os.getpid() != self._owner:
+            raise RuntimeError(
+                f"this handle on child {self.pid} belongs to process {self._owner}; "
+                "it cannot be used from another process")
+
+    def _close_pidfd(self):
+        if self._pidfd >= 0:
+            close_owned(self._pidfd)
+            self._pidfd = -1
+
+    def _try_reap(self):
+        """Reap the child if it has exited, without blocking; True once finished."""
+        if self._finished:
+            return True
+        try:
+            pid, status, rusage = _core.wait4(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # Reaped elsewhere (SIGCHLD ignored, or a foreign waitpid): the exit
+            # status is gone for good. Report it as unknown rather than hang.
+            self.lost = True
+            pid = self.pid
+            status = rusage = None
+        if pid == 0:
+            return False
+        if status is not None:
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self.rusage = rusage
+        self._finished = True
+        self._close_pidfd()
+        self._finish()
+        return True
+
+    @property
+    def finished(self):
+        """True once the child has exited and been reaped (or found lost)."""
+        return self._finished
+
+    # ------------------------------------------------------------ public
+
+    def poll(self):
+        """Reap the child if it has exited; return ``returncode`` (None while running)."""
+        self._check_owner()
+        if not self._finished:
+            self._drain()
+            self._try_reap()
+        return self.returncode
+
+    def wait(self, timeout=None):
+        """Wait for the child to exit and reap it.
+
+        Returns ``returncode`` (None if the child was lost, see ``lost``).
+        Raises fastfork.TimeoutExpired if it is still running after
+        ``timeout`` seconds; ValueError/TypeError for a bad timeout.
+        """
+        timeout = check_timeout(timeout)
+        self._check_owner()
+        wait_all([self], timeout)
+        if not self._finished:
+            raise TimeoutExpired(self.pid, timeout, cmd=getattr(self, "args", None))
+        return self.returncode
+
+    def send_signal(self, sig):
+        """Send ``sig`` to the child; does nothing once it has been reaped.
+
+        Goes through the pidfd where there is one, so a recycled pid is never hit.
+        """
+        self._check_owner()
+        if self._finished:
+            return
+        try:
+            if self._pidfd >= 0:
+                signal.pidfd_send_signal(self._pidfd, sig)
+            else:
+                # Not reaped yet, so the pid still names our child (or its zombie).
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass  # exited, not yet reaped
+
+    def terminate(self):
+        """Send SIGTERM."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        """Send SIGKILL."""
+        self.send_signal(signal.SIGKILL)
+
+    def stop(self, timeout=5.0):
+        """Terminate the child, wait ``timeout`` seconds, then SIGKILL; reap it.
+
+        Returns ``returncode``.
+        """
+        stop_all([self], timeout)
+        return self.returncode
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if os.getpid() == self._owner:
+            self.stop()
+
+    def __del__(self):
+        if getattr(self, "_owner", None) != os.getpid() or self._finished:
+            return
+        if not self._try_reap():
+            warnings.warn(f"child {self.pid} is still running", ResourceWarning, source=self)
+            _unreaped.append(self.pid)
+            self._close_pidfd()
+
+
+def wait_all(children, timeout=None, *, until_any=False):
+    """Wait until every child (or, with ``until_any``, one) has finished.
+
+    Drains each child's pipes meanwhile. Returns the list of children that
+    finished during this call or before it. Never raises on timeout: the
+    caller checks ``finished``.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    pending = [c for c in children if not c.finished]
+    done = [c for c in children if c.finished]
+    if not pending or (until_any and done):
+        return done
+    poller = select.poll()
+    owners = {}  # fd -> (child, callback or None for the pidfd)
+    for child in pending:
+        if child._pidfd >= 0:
+            owners[child._pidfd] = (child, None)
+        for fd, callback in child._readers().items():
+            owners[fd] = (child, callback)
+    for fd in owners:
+        poller.register(fd, select.POLLIN)
+    polling = [c for c in pending if c._pidfd < 0]
+    backoff = _POLL_MIN
+    try:
+        while pending:
+            if deadline is None:
+                ms = None
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                ms = remaining * 1000
+            if polling:
+                ms = backoff * 1000 if ms is None else min(ms, backoff * 1000)
+                backoff = min(backoff * 2, _POLL_MAX)
+            events = poller.poll(None if ms is None else math.ceil(ms))
+            touched = set()
+            for fd, _ in events:
+                child, callback = owners[fd]
+                if callback is None:
+                    # The pidfd is readable: the child has exited. Unregister first:
+                    # reaping closes the pidfd and its number may be reused.
+                    poller.unregister(fd)
+                    del owners[fd]
+                    touched.add(child)
+                elif child._read(fd, callback):
+                    poller.unregister(fd)
+                    del owners[fd]
+            for child in list(touched) + polling:
+                if child._try_reap():
+                    for fd in [fd for fd, (c, _) in owners.items() if c is child]:
+                        poller.unregister(fd)
+                        del owners[fd]
+            newly = [c for c in pending if c.finished]
+            if newly:
+                done.extend(newly)
+                pending = [c for c in pending if not c.finished]
+                polling = [c for c in polling if not c.finished]
+                if until_any:
+                    break
+    finally:
+        for fd in owners:
+            poller.unregister(fd)
+    return done
+
+
+def stop_all(children, grace=5.0, sig=signal.SIGTERM):
+    """Stop children: ``sig`` (SIGTERM), up to ``grace`` seconds, SIGKILL; reap all.
+
+    Returns the children (all finished).
+    """
+    running = [c for c in children if not c.finished]
+    for child in running:
+        child._try_reap()
+    running = [c for c in running if not c.finished]
+    for child in running:
+        child.send_signal(sig)
+        # A stopped child cannot act on the signal until it is continued.
+        child.send_signal(signal.SIGCONT)
+    if running and grace:
+        wait_all(running, grace)
+    running = [c for c in running if not c.finished]
+    for child in running:
+        child.kill()
+    while running:
+        # SIGKILL cannot be caught; only a child stuck in the kernel (D state) waits here.
+        wait_all(running, 1.0)
+        running = [c for c in running if not c.finished]
+    return children
