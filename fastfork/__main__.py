@@ -1,0 +1,6 @@
+"""``python -m fastfork ...`` is the ``fastfork`` command."""
+import sys
+
+from fastfork.cli import main
+
+sys.exit(main())
