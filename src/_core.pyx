@@ -12,6 +12,7 @@ errno (so EAGAIN is ``BlockingIOError`` and ECHILD ``ChildProcessError``, as in
 """
 
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.number cimport PyNumber_Index
 from libc.string cimport strerror
 from libc.errno cimport EINTR, ECHILD, errno
 from libc.string cimport memset
@@ -20,7 +21,9 @@ from posix.types cimport pid_t
 from posix.unistd cimport _exit as c_exit, fork as c_fork, getpid, getppid, usleep
 from posix.wait cimport WNOHANG, waitpid as c_waitpid
 
+import builtins
 import math
+import numbers
 import sys
 import warnings
 
@@ -76,6 +79,14 @@ cdef extern from "<time.h>" nogil:
 
 cdef object _struct_rusage = None
 cdef bint _warn_threads = sys.version_info >= (3, 12)
+# os.fork warns before PyOS_AfterFork_Parent on 3.12 and after it from 3.13
+# (so that hooks run with the world started again): same order here.
+cdef bint _warn_before_hooks = sys.version_info < (3, 13)
+# os.fork refuses to fork once finalization has begun only from 3.12
+# (gh-104690; narrowed to "after atexit" by gh-113964), and says so with
+# PythonFinalizationError from 3.13.
+cdef bint _refuse_at_shutdown = sys.version_info >= (3, 12)
+cdef object _FinalizationError = getattr(builtins, "PythonFinalizationError", RuntimeError)
 
 
 # ---------------------------------------------------------------- helpers
@@ -132,8 +143,10 @@ cdef void _warn_if_threaded():
                 f"This process (pid={getpid()}) is multi-threaded, use of "
                 f"fork() may lead to deadlocks in the child.",
                 DeprecationWarning, stacklevel=1)
-    except Exception:
-        # os.fork swallows a warning turned into an error: the fork happened.
+    except BaseException:
+        # os.fork clears whatever the warning raised (PyErr_Clear), even an
+        # exception from a signal handler: the fork happened and its pid must
+        # reach the caller (fork_call records it next).
         pass
 
 
@@ -141,24 +154,30 @@ cdef pid_t _fork_checked() except -1:
     """fork() between the interpreter's before/after hooks, as os.fork does.
 
     Returns 0 in the child and the child's pid in the parent.
-    Raises RuntimeError at interpreter shutdown, OSError from errno.
+    Raises RuntimeError (PythonFinalizationError on 3.13+) at interpreter
+    shutdown on 3.12+, OSError from errno.
     """
     cdef pid_t pid
     cdef int saved_errno
+    # Same checks in the same order as CPython's os_fork_impl: shutdown
+    # first, then the audit event.
+    if _refuse_at_shutdown and sys.is_finalizing():
+        raise _FinalizationError("can't fork at interpreter shutdown")
     sys.audit("os.fork")
-    if sys.is_finalizing():
-        raise RuntimeError("can't fork at interpreter shutdown")
     PyOS_BeforeFork()
     pid = c_fork()
     saved_errno = errno
     if pid == 0:
         PyOS_AfterFork_Child()
         return 0
+    # os.fork warns in the parent even when fork() failed.
+    if _warn_threads and _warn_before_hooks:
+        _warn_if_threaded()
     PyOS_AfterFork_Parent()
+    if _warn_threads and not _warn_before_hooks:
+        _warn_if_threaded()
     if pid < 0:
         _raise_errno(saved_errno)
-    if _warn_threads:
-        _warn_if_threaded()
     return pid
 
 
@@ -175,26 +194,32 @@ def fork():
     return _fork_checked()
 
 
-def _exit(int status):
+# Integer arguments go through PyNumber_Index, as os's argument converters do:
+# a float or a str is a TypeError, never silently truncated.
+
+def _exit(status):
     """Exit immediately with ``status``: no cleanup, no atexit, no flushing.
 
     Like os._exit(); never returns.
     """
-    c_exit(status)
+    cdef int c_status = PyNumber_Index(status)
+    c_exit(c_status)
 
 
-def waitpid(pid_t pid, int options):
+def waitpid(pid, options, /):
     """Wait for a child, exactly like os.waitpid(pid, options).
 
     Returns (pid, status); (0, 0) with WNOHANG when nothing is ready.
     Raises ChildProcessError (ECHILD) or another OSError. The GIL is released
     while blocked; on EINTR signal handlers run and the call is retried.
     """
+    cdef pid_t c_pid = PyNumber_Index(pid)
+    cdef int c_options = PyNumber_Index(options)
     cdef int status = 0
     cdef pid_t res
     while True:
         with nogil:
-            res = c_waitpid(pid, &status, options)
+            res = c_waitpid(c_pid, &status, c_options)
         if res >= 0:
             return res, status
         if errno != EINTR:
@@ -219,19 +244,20 @@ def wait():
         PyErr_CheckSignals_or_raise()
 
 
-def wait3(int options):
+def wait3(options):
     """Wait for any child, exactly like os.wait3(options).
 
     Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
     ready, (0, 0, zeroed rusage). Raises ChildProcessError when there is no child.
     """
+    cdef int c_options = PyNumber_Index(options)
     cdef int status = 0
     cdef pid_t res
     cdef rusage ru
     while True:
         memset(&ru, 0, sizeof(ru))
         with nogil:
-            res = c_wait3(&status, options, &ru)
+            res = c_wait3(&status, c_options, &ru)
         if res >= 0:
             if res == 0:
                 memset(&ru, 0, sizeof(ru))
@@ -241,19 +267,21 @@ def wait3(int options):
         PyErr_CheckSignals_or_raise()
 
 
-def wait4(pid_t pid, int options):
+def wait4(pid, options):
     """Wait for a child, exactly like os.wait4(pid, options).
 
     Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
     ready, (0, 0, zeroed rusage). Raises ChildProcessError (ECHILD) or OSError.
     """
+    cdef pid_t c_pid = PyNumber_Index(pid)
+    cdef int c_options = PyNumber_Index(options)
     cdef int status = 0
     cdef pid_t res
     cdef rusage ru
     while True:
         memset(&ru, 0, sizeof(ru))
         with nogil:
-            res = c_wait4(pid, &status, options, &ru)
+            res = c_wait4(c_pid, &status, c_options, &ru)
         if res >= 0:
             if res == 0:
                 memset(&ru, 0, sizeof(ru))
@@ -321,7 +349,9 @@ cdef int _wait_some(pid_t *pids, char *state, int *pidfds, Py_ssize_t n,
     cdef pollfd *fds
     if remaining <= 0:
         return 0
-    ms = <int>(remaining * 1000.0) + 1
+    # Cap the poll at a minute: a huge timeout would overflow int (and the
+    # caller loops until the deadline anyway).
+    ms = <int>(min(remaining, 60.0) * 1000.0) + 1
     fds = <pollfd *>malloc(n * sizeof(pollfd))
     if fds == NULL:
         usleep(1000)
@@ -355,7 +385,8 @@ def reap(pids, timeout=None):
     ``timeout`` (seconds), returns only those that finished in time; the rest
     are left untouched and can be reaped later. Only the listed pids are ever
     reaped.
-    Raises ValueError for a pid <= 0, a duplicate pid or a bad timeout;
+    Raises TypeError for a non-integer pid or a non-real timeout; ValueError
+    for a pid <= 0, a duplicate pid or a negative, NaN or infinite timeout;
     ChildProcessError if some pid was not a child of this process (or was
     already reaped) -- its ``reaped`` attribute holds the pairs that were
     reaped all the same, and ``pids`` the pids that were not children.
@@ -365,14 +396,16 @@ def reap(pids, timeout=None):
     cdef int *c_status = NULL
     cdef int *c_pidfds = NULL
     cdef char *c_state = NULL
-    cdef double deadline = 0.0
+    cdef double deadline = 0.0, t = 0.0
     cdef bint has_timeout = timeout is not None
     cdef int rc
     cdef pid_t p
 
-    pid_list = [int(p) for p in pids]
+    pid_list = [PyNumber_Index(obj) for obj in pids]
     if has_timeout:
-        t = float(timeout)
+        if not isinstance(timeout, numbers.Real):
+            raise TypeError(f"timeout must be a number of seconds, not {type(timeout).__name__}")
+        t = timeout
         if math.isnan(t) or t < 0 or math.isinf(t):
             raise ValueError(f"timeout must be a finite number >= 0, not {timeout!r}")
     seen = set()
@@ -497,7 +530,7 @@ def _c_fork_exit_loop(Py_ssize_t n):
     Raises OSError if fork fails.
     """
     cdef Py_ssize_t i, ok = 0
-    cdef pid_t pid
+    cdef pid_t pid = 0
     cdef int status
     with nogil:
         for i in range(n):
@@ -523,3 +556,5 @@ def _c_waitpid_loop(pids):
         with nogil:
             c_waitpid(p, &status, 0)
     return len(pids)
+
+include "_spawn.pxi"
