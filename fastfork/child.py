@@ -25,10 +25,41 @@ _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 # such fds are created and while forking, so no thread forks between a pipe's
 # creation and its registration.
 _owned_fds = set()
-_fd_lock = threading.Lock()
+
+
+class _ForkLock:
+    """A lock that every forked child gets back unlocked.
+
+    A child forked while it is held (by fastfork itself, or by another thread
+    when user code calls os.fork) must still be able to fork its own children.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._lock.release()
+
+    def reset(self):
+        self._lock = threading.Lock()
+
+
+_fd_lock = _ForkLock()
 
 # Children whose handle was dropped while they ran: reaped later, never left.
 _unreaped = []
+
+
+def _after_fork_in_child():
+    _fd_lock.reset()
+    _unreaped.clear()  # the parent's children, not ours
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
 
@@ -142,6 +173,10 @@ class Child:
         """Called once the process is reaped: drain and close its pipes."""
         self._drain()
 
+    def _close_fds(self):
+        """Close every fd this handle holds (the pidfd; subclasses add pipes)."""
+        self._close_pidfd()
+
     # ------------------------------------------------------------ state
 
     def _check_owner(self):
@@ -252,7 +287,7 @@ class Child:
         if not self._try_reap():
             warnings.warn(f"child {self.pid} is still running", ResourceWarning, source=self)
             _unreaped.append(self.pid)
-            self._close_pidfd()
+            self._close_fds()
 
 
 def wait_all(children, timeout=None, *, until_any=False):
@@ -308,6 +343,8 @@ def wait_all(children, timeout=None, *, until_any=False):
                     for fd in [fd for fd, (c, _) in owners.items() if c is child]:
                         poller.unregister(fd)
                         del owners[fd]
+                elif child in touched and child not in polling:
+                    polling.append(child)  # pidfd said exited, wait4 disagreed: poll it
             newly = [c for c in pending if c.finished]
             if newly:
                 done.extend(newly)

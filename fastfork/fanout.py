@@ -70,6 +70,10 @@ class FunctionChild(Child):
         self._drain()
         self._close_result_fd()
 
+    def _close_fds(self):
+        super()._close_fds()
+        self._close_result_fd()
+
     def result(self, timeout=None):
         """Wait for the child and return its function's return value.
 
@@ -102,9 +106,10 @@ class FunctionChild(Child):
         """Turn what the child sent (or failed to send) into (ok, value_or_error)."""
         frame = self._frame.frame()
         self._frame = FrameReader()  # free the bytes once decoded
-        if self.timed_out:
-            return False, self._error(f"timed out and was stopped ({describe_status(self.returncode)})")
         if frame is None:
+            if self.timed_out:
+                return False, self._error(
+                    f"timed out and was stopped ({describe_status(self.returncode)})")
             if self.lost:
                 return False, self._error("was reaped by someone else (ECHILD): its outcome is unknown")
             return False, self._error(f"{describe_status(self.returncode)} without a result")

@@ -546,3 +546,23 @@ def test_emfile_before_fork_is_a_clear_error_and_nothing_half_open():
     """)
     proc = procutil.run_python(code)
     assert proc.stdout.split() == ["OSError", "True", "0", "True"], proc.stderr
+
+
+def test_nested_fan_out_inside_a_child():
+    def inner(x):
+        return sum(fastfork.map(double, range(x)))
+    assert fastfork.map(inner, [3, 4], jobs=2) == [6, 12]
+
+
+def test_dropped_handle_is_reaped_later_not_leaked():
+    import gc
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        child = fastfork.start(time.sleep, 0.05)
+        pid = child.pid
+        del child
+        gc.collect()
+    time.sleep(0.2)
+    fastfork.start(double, 1).result()  # start() reaps dropped children
+    assert procutil.state(pid) is None
