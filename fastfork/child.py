@@ -123,7 +123,9 @@ class Child:
     so its exit status is unknown.
     """
 
-    def __init__(self, pid):
+    def __init__(self, pid, pidfd=None):
+        """Take charge of child ``pid``; ``pidfd``, if given, is a pidfd for it
+        that this handle now owns (e.g. received from a fork server)."""
         self.pid = pid
         self.returncode = None
         self.rusage = None
@@ -131,7 +133,9 @@ class Child:
         self._finished = False
         self._owner = os.getpid()
         self._pidfd = -1
-        if _HAVE_PIDFD:
+        if pidfd is not None:
+            self._pidfd = own_fd(pidfd)
+        elif _HAVE_PIDFD:
             try:
                 self._pidfd = own_fd(os.pidfd_open(pid))
             except OSError:

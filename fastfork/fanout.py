@@ -26,7 +26,8 @@ from fastfork.child import (Child, _fd_lock, check_timeout, close_inherited_fds,
                             close_owned, own_fd, reap_dropped, stop_all, wait_all)
 from fastfork.errors import ChildError, ForkError, describe_status
 
-__all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background"]
+__all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
+           "fan_out", "in_input_order"]
 
 # EX_SOFTWARE: the child's own machinery failed (e.g. the result pipe broke).
 _EXIT_INTERNAL = 70
@@ -272,6 +273,19 @@ def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=Fal
 
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
+    return fan_out(start_child, fn, iterable, jobs=jobs, timeout=timeout,
+                   return_exceptions=return_exceptions, fork_retries=fork_retries,
+                   grace=grace, die_with_parent=die_with_parent,
+                   print_traceback=print_traceback)
+
+
+def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
+            fork_retries=8, grace=1.0, die_with_parent=False, print_traceback=False):
+    """``as_completed`` with the function that starts one child as a parameter.
+
+    ``starter`` takes the arguments of ``start_child`` and returns a
+    FunctionChild; a fork server passes its own. Validates like as_completed.
+    """
     _check_callable(fn)
     jobs = _check_jobs(jobs)
     timeout = check_timeout(timeout, allow_zero=False)
@@ -279,11 +293,11 @@ def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=Fal
     if isinstance(fork_retries, bool) or not isinstance(fork_retries, int) or fork_retries < 0:
         raise ValueError(f"fork_retries must be an int >= 0, not {fork_retries!r}")
     items = enumerate(iter(iterable))
-    return _as_completed(fn, items, jobs, timeout, return_exceptions, fork_retries,
+    return _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_retries,
                          grace, die_with_parent, print_traceback)
 
 
-def _as_completed(fn, items, jobs, timeout, return_exceptions, fork_retries, grace,
+def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_retries, grace,
                   die_with_parent, print_traceback):
     running = {}          # FunctionChild -> deadline (or None)
     first_error = None
@@ -301,8 +315,8 @@ def _as_completed(fn, items, jobs, timeout, return_exceptions, fork_retries, gra
                         break
                 index, item = next_item
                 try:
-                    child = start_child(fn, (item,), None, die_with_parent=die_with_parent,
-                                        print_traceback=print_traceback, index=index, item=item)
+                    child = starter(fn, (item,), None, die_with_parent=die_with_parent,
+                                    print_traceback=print_traceback, index=index, item=item)
                 except OSError as exc:
                     if exc.errno not in _RETRYABLE:
                         raise
@@ -372,10 +386,15 @@ def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_
     ``return_exceptions``, each failed item's error is returned in its place.
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
-    results = dict(as_completed(
+    return in_input_order(as_completed(
         fn, iterable, jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
         fork_retries=fork_retries, grace=grace, die_with_parent=die_with_parent,
         print_traceback=print_traceback))
+
+
+def in_input_order(completed):
+    """Return the results of an ``as_completed``-style iterator as a list in input order."""
+    results = dict(completed)
     return [results[i] for i in range(len(results))]
 
 
