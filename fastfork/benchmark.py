@@ -105,15 +105,30 @@ def plan(args):
     return rows
 
 
+def new_result(workload, method, parent, n):
+    """Return the result dict of one row, not yet measured (status "ok", no rounds)."""
+    return {
+        "workload": workload.key, "title": workload.title, "method": method.name,
+        "kind": method.kind, "baseline": method.name == workload.baseline,
+        "parent": parent, "n": n, "parent_rss_mib": round(W.rss_mib(), 1),
+        "status": "ok", "reason": None, "seconds": [],
+    }
+
+
+def finish_result(result, seconds):
+    """Fill in ``result``'s statistics from the per-round ``seconds``; return it."""
+    n = result["n"]
+    median = statistics.median(seconds)
+    result.update(
+        seconds=list(seconds), rounds=len(seconds), median_s=median, best_s=min(seconds),
+        children_per_s=n / median if median > 0 else float("inf"), per_child_s=median / n)
+    return result
+
+
 def run_row(row, mode, fixed_rounds=None):
     """Measure one row; return its result dict (status ok, skipped or failed)."""
-    wl, m, n = row["workload"], row["method"], row["n"]
-    result = {
-        "workload": wl.key, "title": wl.title, "method": m.name, "kind": m.kind,
-        "baseline": m.name == wl.baseline, "parent": row["parent"], "n": n,
-        "parent_rss_mib": round(W.rss_mib(), 1), "status": "ok", "reason": None,
-        "seconds": [],
-    }
+    m, n = row["method"], row["n"]
+    result = new_result(row["workload"], m, row["parent"], n)
     reason = W.unavailable(m)
     if reason:
         result.update(status="skipped", reason=reason)
@@ -121,23 +136,19 @@ def run_row(row, mode, fixed_rounds=None):
     most, budget = ROUNDS[mode]
     if fixed_rounds:
         most, budget = fixed_rounds, float("inf")
+    seconds = []
     started = time.perf_counter()
     try:
-        while len(result["seconds"]) < most:
+        while len(seconds) < most:
             # Children forked by os.fork/multiprocessing must not inherit unflushed output.
             sys.stdout.flush()
-            result["seconds"].append(W.measure(m, n))
+            seconds.append(W.measure(m, n))
             if time.perf_counter() - started > budget:
                 break
     except Exception as exc:  # noqa: BLE001 - a failed workload is reported, not fatal
         result.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
         return result
-    median = statistics.median(result["seconds"])
-    result.update(
-        rounds=len(result["seconds"]), median_s=median, best_s=min(result["seconds"]),
-        children_per_s=n / median if median > 0 else float("inf"),
-        per_child_s=median / n)
-    return result
+    return finish_result(result, seconds)
 
 
 def add_ratios(results):
@@ -245,24 +256,16 @@ def _parent_label(r, parent_mib):
     return f"parent holding {parent_mib} MiB"
 
 
-def format_report(report):
-    """Return the human-readable table of ``report`` (as from ``build_report``)."""
-    m = report["machine"]
-    lines = [
-        f"fastfork bench  {report['date']}  {m['system']} {m['kernel']} {m['machine']}  "
-        f"{m['cpu_count']} CPUs  {m['implementation']} {m['python']}  "
-        f"fastfork {m['fastfork']}",
-        f"mode {report['mode']}: each row is the median of its rounds; ratio = children/s "
-        f"over the baseline (*) of its group, same run",
-    ]
-    width = max([len(r["method"]) for r in report["results"]] + [24])
+def format_rows(results, parent_mib):
+    """Return the table lines of ``results``: one block per workload, N and parent."""
+    width = max([len(r["method"]) for r in results] + [24])
+    lines = []
     group = None
-    for r in report["results"]:
+    for r in results:
         key = (r["workload"], r["parent"], r["n"])
         if key != group:
             group = key
-            lines += ["", f"{r['title']}: N={r['n']}, "
-                          f"{_parent_label(r, report['parent_mib'])} "
+            lines += ["", f"{r['title']}: N={r['n']}, {_parent_label(r, parent_mib)} "
                           f"(RSS {r['parent_rss_mib']:.0f} MiB)",
                       f"  {'method':<{width}}  {'children/s':>12}  {'per child':>10}  "
                       f"{'ratio':>8}  rounds"]
@@ -274,15 +277,35 @@ def format_report(report):
         else:
             label = "skipped: " if r["status"] == "skipped" else "FAILED: "
             lines.append(f"{mark} {r['method']:<{width}}  {label}{r['reason']}")
-    lines += ["", "targets (throughput ratio, same run)"]
-    tw = max(len(t["name"]) for t in report["targets"])
-    for t in report["targets"]:
+    return lines
+
+
+def format_targets(targets):
+    """Return the lines of the targets table (``evaluate_targets`` output)."""
+    lines = ["targets (throughput ratio, same run)"]
+    tw = max(len(t["name"]) for t in targets)
+    for t in targets:
         if t["met"] is None:
             lines.append(f"  {t['name']:<{tw}}  {'-':>8}  goal {t['goal_text']:<8}  "
                          f"n/a ({t['why']})")
         else:
             lines.append(f"  {t['name']:<{tw}}  {t['ratio']:>7.2f}x  goal {t['goal_text']:<8}  "
                          f"{'met' if t['met'] else 'MISSED'}")
+    return lines
+
+
+def format_report(report):
+    """Return the human-readable table of ``report`` (as from ``build_report``)."""
+    m = report["machine"]
+    lines = [
+        f"fastfork bench  {report['date']}  {m['system']} {m['kernel']} {m['machine']}  "
+        f"{m['cpu_count']} CPUs  {m['implementation']} {m['python']}  "
+        f"fastfork {m['fastfork']}",
+        f"mode {report['mode']}: each row is the median of its rounds; ratio = children/s "
+        f"over the baseline (*) of its group, same run",
+    ]
+    lines += format_rows(report["results"], report["parent_mib"])
+    lines += [""] + format_targets(report["targets"])
     return "\n".join(lines)
 
 
