@@ -1,0 +1,600 @@
+"""Run commands: ``spawn`` one (a ``Process``), ``spawn_many`` fans many out.
+
+On Linux a command's process is created with ``clone(CLONE_VM|CLONE_VFORK)``
+(``fastfork._core._spawn``, ``src/spawn.c``): it shares this process's memory
+until it execs, so starting a command costs the same from a 10 MB parent as
+from a 10 GB one. Other systems use a plain ``fork()`` with the same
+async-signal-safe child code (as costly as ``os.fork`` from a large parent).
+
+Conversion and validation happen here, before any process exists; the child
+then only applies the prepared plan and execs. Exec failures come back as the
+same ``OSError`` subclass, with the same ``filename``, as ``subprocess`` gives.
+
+Differences from ``subprocess`` worth knowing: the command starts with an
+empty signal mask (subprocess keeps the calling thread's); signals the
+interpreter ignores (SIGPIPE, SIGXFSZ) are reset to SIG_DFL as with
+``restore_signals=True``, other ignored signals stay ignored.
+"""
+import contextlib
+import dataclasses
+import errno
+import io
+import os
+import select
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+from fastfork import _core
+from fastfork.child import (Child, _fd_lock, _owned_fds, check_timeout, own_fd,
+                            reap_dropped, stop_all, wait_all)
+from fastfork.errors import TimeoutExpired
+
+__all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many"]
+
+# The same values as subprocess's, so either module's constants work here.
+PIPE = subprocess.PIPE
+STDOUT = subprocess.STDOUT
+DEVNULL = subprocess.DEVNULL
+
+# Create children with fork() instead of vfork-style clone (tests exercise the
+# fallback path of non-Linux systems with it).
+_USE_FORK = not _core._spawn_uses_vfork()
+
+_RETRYABLE = (errno.EAGAIN, errno.ENOMEM)
+# A write of at most PIPE_BUF bytes to a pipe that polls writable does not block.
+_PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+
+
+# ---------------------------------------------------------------- validation
+
+def _encode(value, what):
+    """Return ``value`` (str, bytes or os.PathLike) as bytes for the kernel.
+
+    Raises TypeError for another type, ValueError for an embedded NUL byte.
+    """
+    if isinstance(value, bytes):
+        encoded = value
+    elif isinstance(value, (str, os.PathLike)):
+        encoded = os.fsencode(value)
+    else:
+        raise TypeError(f"{what} must be str, bytes or os.PathLike, not {type(value).__name__}")
+    if b"\0" in encoded:
+        raise ValueError(f"embedded null byte in {what}: {value!r}")
+    return encoded
+
+
+def _encode_env(env):
+    """Return ``env`` (a mapping) as a list of b"KEY=value"; ValueError/TypeError if invalid."""
+    if not isinstance(env, Mapping):
+        raise TypeError(f"env must be a mapping, not {type(env).__name__}")
+    entries = []
+    for key, value in env.items():
+        key_b = _encode(key, "an environment variable name")
+        if not key_b or b"=" in key_b:
+            raise ValueError(f"illegal environment variable name: {key!r}")
+        entries.append(key_b + b"=" + _encode(value, f"environment variable {key!r}"))
+    return entries
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    """One command converted for the child: what _core._spawn takes."""
+
+    args: list          # argv as given (for results and errors)
+    paths: list         # candidate executables (bytes), after the PATH lookup
+    argv: list          # bytes
+    envp: list          # b"KEY=value", or None to inherit os.environ
+    cwd: bytes          # or None
+    exec_name: object   # the filename of an exec failure, as subprocess reports it
+    cwd_name: object    # the filename of a chdir failure
+
+
+def _prepare(argv, executable=None, env=None, cwd=None):
+    """Validate and convert one command; return a _Command.
+
+    The program is looked up on PATH (``env``'s PATH when ``env`` is given) as
+    subprocess does. Raises TypeError/ValueError for bad arguments.
+    """
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        raise TypeError("argv must be a sequence of arguments, not a single "
+                        f"{type(argv).__name__} (use [program] or shlex.split(command))")
+    try:
+        args = list(argv)
+    except TypeError:
+        raise TypeError(f"argv must be a sequence of arguments, not {type(argv).__name__}") from None
+    if not args:
+        raise ValueError("argv must not be empty")
+    argv_b = [_encode(a, "an argument") for a in args]
+    exec_name = args[0] if executable is None else executable
+    program = argv_b[0] if executable is None else _encode(executable, "executable")
+    envp = None if env is None else _encode_env(env)
+    cwd_b = None if cwd is None else _encode(cwd, "cwd")
+    if os.path.dirname(program):
+        paths = [program]
+    else:
+        # Like os._execvpe and subprocess: the directories of env's PATH.
+        paths = [os.path.join(os.fsencode(d), program) for d in os.get_exec_path(env)]
+    return _Command(args, paths, argv_b, envp, cwd_b, exec_name, cwd)
+
+
+def _check_fd_open(fd, what):
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(f"{what} must be an int fd, not {type(fd).__name__}")
+    if fd < 0:
+        raise ValueError(f"{what}: {fd} is not a valid fd")
+    try:
+        os.get_inheritable(fd)
+    except OSError:
+        raise ValueError(f"{what}: fd {fd} is not open") from None
+    return fd
+
+
+def _check_pass_fds(pass_fds):
+    """Return pass_fds as a sorted tuple of open fds; TypeError/ValueError otherwise."""
+    if isinstance(pass_fds, (str, bytes)):
+        raise TypeError("pass_fds must be a sequence of fds")
+    return tuple(sorted({_check_fd_open(fd, "pass_fds") for fd in pass_fds}))
+
+
+def _check_stdio(value, name):
+    """Validate a stdin/stdout/stderr argument; return it (a fileobj becomes its fd)."""
+    if value is None or (value in (PIPE, DEVNULL) and not isinstance(value, bool)):
+        return value
+    if value == STDOUT and not isinstance(value, bool):
+        if name != "stderr":
+            raise ValueError(f"STDOUT is only valid for stderr, not {name}")
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be None, PIPE, DEVNULL, an fd or a file object, not bool")
+    if isinstance(value, int):
+        return _check_fd_open(value, name)
+    fileno = getattr(value, "fileno", None)
+    if fileno is None:
+        raise TypeError(f"{name} must be None, PIPE, DEVNULL, an fd or a file object, "
+                        f"not {type(value).__name__}")
+    try:
+        fd = fileno()
+    except (OSError, ValueError) as exc:  # closed, or io.UnsupportedOperation
+        raise ValueError(f"{name} has no usable file descriptor: {exc}") from None
+    return _check_fd_open(fd, name)
+
+
+# ---------------------------------------------------------------- the handle
+
+class _PipeFileIO(io.FileIO):
+    """A pipe end fastfork owns: forgotten by fastfork's fork paths once closed."""
+
+    def close(self):
+        if not self.closed and self.closefd:
+            _owned_fds.discard(self.fileno())
+        super().close()
+
+
+def _pipe_file(fd, mode):
+    raw = _PipeFileIO(fd, mode)
+    return io.BufferedWriter(raw) if mode == "wb" else io.BufferedReader(raw)
+
+
+class Process(Child):
+    """A running command started by ``spawn``: a ``Child`` plus its pipes.
+
+    Attributes: ``args`` (argv as given); ``stdin``, ``stdout``, ``stderr``:
+    binary file objects for the pipes asked for with PIPE, else None. Waiting,
+    signalling and stopping are ``Child``'s (``returncode`` is -N after signal N).
+    """
+
+    def __init__(self, pid, args, stdin=None, stdout=None, stderr=None, *, capture_fds=()):
+        self.args = args
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        # spawn_many's capture: fd -> chunks, drained by the wait loop (the
+        # _readers hook) while the command runs, closed once it is reaped.
+        self._capture = {fd: [] for fd in capture_fds}
+        self._capture_reading = set(capture_fds)   # not at end of file yet
+        self._capture_open = bool(capture_fds)
+        self._comm = None  # communicate()'s state, kept across a timeout
+        super().__init__(pid)
+
+    # ------------------------------------------------------------ hooks
+
+    def _readers(self):
+        return {fd: self._capture[fd].append for fd in self._capture_reading}
+
+    def _read(self, fd, callback):
+        done = super()._read(fd, callback)
+        if done:
+            self._capture_reading.discard(fd)
+        return done
+
+    def _finish(self):
+        super()._finish()
+        self._close_capture()
+
+    def _close_capture(self):
+        if self._capture_open:
+            self._capture_open = False
+            self._capture_reading.clear()
+            for fd in self._capture:
+                _owned_fds.discard(fd)
+                os.close(fd)
+
+    def _captured(self, index):
+        """The bytes captured from capture_fds[index], or None."""
+        fds = list(self._capture)
+        if index >= len(fds):
+            return None
+        return b"".join(self._capture[fds[index]])
+
+    # ------------------------------------------------------------ public
+
+    def communicate(self, input=None, timeout=None):
+        """Send ``input`` to stdin, read stdout and stderr to the end, wait for the exit.
+
+        Both pipes are drained together (selectors), so output of any size
+        never deadlocks. Returns (stdout, stderr): bytes for a pipe, else None.
+        Raises fastfork.TimeoutExpired after ``timeout`` seconds; the command
+        keeps running and communicate() can be called again to go on.
+        Raises ValueError if ``input`` is given without stdin=PIPE.
+        """
+        timeout = check_timeout(timeout)
+        self._check_owner()
+        if input is not None and self.stdin is None and self._comm is None:
+            raise ValueError("input given but the process has no stdin pipe (stdin=PIPE)")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._comm is None:
+            self._comm = self._start_communicate(input)
+        chunks, pending_input = self._comm
+        with selectors.PollSelector() as selector:
+            for fileobj in (self.stdout, self.stderr):
+                if fileobj is not None and not fileobj.closed:
+                    selector.register(fileobj, selectors.EVENT_READ)
+            if pending_input is not None and self.stdin is not None and not self.stdin.closed:
+                selector.register(self.stdin, selectors.EVENT_WRITE)
+            while selector.get_map():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._raise_timeout(timeout)
+                for key, _ in selector.select(remaining):
+                    if key.fileobj is self.stdin:
+                        if self._feed_stdin(pending_input):
+                            selector.unregister(self.stdin)
+                            self.stdin.close()
+                    else:
+                        data = os.read(key.fd, 32768)
+                        if data:
+                            chunks[key.fileobj].append(data)
+                        else:
+                            selector.unregister(key.fileobj)
+                            key.fileobj.close()
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            self.wait(remaining)
+        except TimeoutExpired:
+            self._raise_timeout(timeout)
+        out = b"".join(chunks[self.stdout]) if self.stdout is not None else None
+        err = b"".join(chunks[self.stderr]) if self.stderr is not None else None
+        return out, err
+
+    def _start_communicate(self, input):
+        """Flush stdin (closing it when there is no input); return the buffers."""
+        chunks = {f: [] for f in (self.stdout, self.stderr) if f is not None}
+        pending = None
+        if self.stdin is not None and not self.stdin.closed:
+            # communicate() ignores a command that stopped reading (as subprocess).
+            with contextlib.suppress(BrokenPipeError):
+                self.stdin.flush()
+            if input:
+                pending = [memoryview(input).cast("B"), 0]
+            else:
+                with contextlib.suppress(BrokenPipeError):
+                    self.stdin.close()
+        return chunks, pending
+
+    def _feed_stdin(self, pending):
+        """Write the next piece of input; True when all is written (or the reader left)."""
+        view, offset = pending
+        try:
+            offset += os.write(self.stdin.fileno(), view[offset:offset + _PIPE_BUF])
+        except BrokenPipeError:
+            return True
+        pending[1] = offset
+        return offset >= len(view)
+
+    def _raise_timeout(self, timeout):
+        chunks = self._comm[0]
+        out = b"".join(chunks[self.stdout]) if self.stdout is not None else None
+        err = b"".join(chunks[self.stderr]) if self.stderr is not None else None
+        raise TimeoutExpired(self.pid, timeout, cmd=self.args, output=out, stderr=err)
+
+    def close_pipes(self):
+        """Close whichever of stdin, stdout, stderr are still open."""
+        for fileobj in (self.stdin, self.stdout, self.stderr):
+            if fileobj is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    fileobj.close()
+
+    def __exit__(self, *exc_info):
+        if os.getpid() != self._owner:
+            return
+        try:
+            # stdin first: a command reading it sees end of file.
+            if self.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self.stdin.close()
+            super().__exit__(*exc_info)
+        finally:
+            self.close_pipes()
+            self._close_capture()
+
+
+# ---------------------------------------------------------------- spawn
+
+def spawn(argv, *, executable=None, env=None, cwd=None, stdin=None, stdout=None,
+          stderr=None, pass_fds=(), close_fds=True, new_session=False, die_with_parent=False):
+    """Start a command; return its ``Process``.
+
+    ``argv``: a sequence of str/bytes/os.PathLike; ``argv[0]`` (or
+    ``executable``) is looked up on PATH like subprocess does. ``env``: a
+    mapping replacing the environment (None inherits). ``stdin``/``stdout``/
+    ``stderr``: None (inherit), PIPE, DEVNULL, an fd or a file object; also
+    ``stderr=STDOUT``. ``pass_fds`` stay open (and inheritable) in the command;
+    with ``close_fds`` every other fd above 2 is closed. ``new_session`` calls
+    setsid(). ``die_with_parent`` (Linux) has the kernel SIGKILL the command
+    when this process dies -- strictly, when the *thread* that called spawn
+    exits (PR_SET_PDEATHSIG), so call it from a long-lived thread.
+
+    Raises TypeError/ValueError for bad arguments before any process exists;
+    OSError like subprocess when the command cannot run (FileNotFoundError
+    with ``filename`` the program or the missing cwd, PermissionError, ...),
+    or when no process can be created (BlockingIOError for EAGAIN). Nothing
+    is left open or running then.
+    """
+    command = _prepare(argv, executable, env, cwd)
+    stdio = (_check_stdio(stdin, "stdin"), _check_stdio(stdout, "stdout"),
+             _check_stdio(stderr, "stderr"))
+    keep = _check_pass_fds(pass_fds)
+    sys.audit("fastfork.spawn", command.exec_name, command.args, cwd, env)
+    return _start(command, stdio, keep, bool(close_fds), bool(new_session),
+                  bool(die_with_parent))
+
+
+def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
+           die_with_parent=False, capture=False):
+    """Create the pipes, spawn ``command`` and wrap it in a Process.
+
+    ``stdio`` holds validated stdin/stdout/stderr values. With ``capture`` the
+    stdout/stderr pipe ends stay raw non-blocking fds drained by the wait loop.
+    """
+    reap_dropped()
+    registry = []
+    child_ends = []                 # closed in the parent once the child has them
+    parent_ends = [None, None, None]  # ours until a Process holds them
+    fds = [-1, -1, -1]
+    try:
+        with _fd_lock:
+            # Under _fd_lock no fork_call child can be created and inherit the
+            # child's pipe ends before they are closed here.
+            try:
+                for i, value in enumerate(stdio):
+                    if value is None:
+                        continue
+                    if value == PIPE:
+                        read_end, write_end = os.pipe()
+                        if i == 0:
+                            fds[0], parent_ends[0] = read_end, own_fd(write_end)
+                        else:
+                            fds[i], parent_ends[i] = write_end, own_fd(read_end)
+                        child_ends.append(fds[i])
+                    elif value == DEVNULL:
+                        fds[i] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                        child_ends.append(fds[i])
+                    elif value == STDOUT:
+                        fds[2] = fds[1] if fds[1] != -1 else 1
+                    else:
+                        fds[i] = value
+                _core._spawn(command.paths, command.argv, command.envp, command.cwd,
+                             fds, list(keep_fds), close_fds, new_session,
+                             signal.SIGKILL if die_with_parent else 0, registry,
+                             command.exec_name, command.cwd_name, _USE_FORK)
+            finally:
+                for fd in child_ends:
+                    os.close(fd)
+        capture_fds = ()
+        if capture:
+            capture_fds = tuple(fd for fd in parent_ends[1:] if fd is not None)
+            for fd in capture_fds:
+                os.set_blocking(fd, False)
+            files = [None, None, None]
+        else:
+            files = [None if fd is None else _pipe_file(fd, "wb" if i == 0 else "rb")
+                     for i, fd in enumerate(parent_ends)]
+        proc = Process(registry[0], command.args, *files, capture_fds=capture_fds)
+        parent_ends = [None, None, None]
+        return proc
+    except BaseException:
+        # The spawn failed, or a signal (Ctrl-C) landed right after it.
+        for pid in registry:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                _core.waitpid(pid, 0)
+        for fd in parent_ends:
+            if fd is not None:
+                _owned_fds.discard(fd)
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        raise
+
+
+# ---------------------------------------------------------------- spawn_many
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """How one command of ``spawn_many`` ended.
+
+    ``args`` and ``returncode`` (-N if killed by signal N), ``stdout`` and
+    ``stderr`` (bytes when captured, else None) mean what they mean in
+    ``subprocess.CompletedProcess``; ``duration`` is the wall time in seconds
+    from start to reaping; ``timed_out`` is True if the timeout stopped it;
+    ``error`` is the OSError if the command could not be started at all (then
+    ``returncode`` is 127 when the program was not found, else 126, as a shell
+    reports it).
+    """
+
+    args: list
+    returncode: int
+    stdout: bytes = None
+    stderr: bytes = None
+    duration: float = 0.0
+    timed_out: bool = False
+    error: OSError = None
+
+    @property
+    def ok(self):
+        """True if the command ran and exited 0."""
+        return self.returncode == 0
+
+    def check_returncode(self):
+        """Raise subprocess.CalledProcessError if the command failed (as CompletedProcess)."""
+        if self.error is not None:
+            raise self.error
+        if self.returncode:
+            raise subprocess.CalledProcessError(self.returncode, self.args,
+                                                self.stdout, self.stderr)
+
+
+def _check_jobs(jobs):
+    if jobs is None:
+        return os.cpu_count() or 1
+    if isinstance(jobs, bool) or not isinstance(jobs, int):
+        raise TypeError(f"jobs must be an int or None, not {type(jobs).__name__}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, not {jobs}")
+    return jobs
+
+
+def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=True,
+               grace=1.0, env=None, cwd=None, stdin=DEVNULL, new_session=False,
+               die_with_parent=False, spawn_retries=8, callback=None):
+    """Run many commands, at most ``jobs`` at once; return their results in input order.
+
+    ``commands``: argv sequences. Returns a list of ``CommandResult`` (one per
+    command, in input order). ``jobs`` defaults to the CPU count. ``timeout``
+    limits each command's run time: past it the command gets SIGTERM, then
+    SIGKILL after ``grace`` seconds. ``capture`` collects stdout and stderr
+    (bytes) instead of letting them through. With ``keep_going=False`` the
+    first failure (non-zero exit, timeout, cannot start) stops new launches:
+    the running commands finish, and the commands never started get None.
+    ``env`` is a mapping for every command, or a callable taking the command's
+    index and returning its mapping; ``cwd``, ``stdin`` (DEVNULL by default;
+    not PIPE), ``new_session`` and ``die_with_parent`` are as in ``spawn``.
+    Creating a process failing with EAGAIN/ENOMEM is retried up to
+    ``spawn_retries`` times with back-off. ``callback(index, result)``, if
+    given, is called as each command finishes.
+
+    Every command is validated before the first starts (TypeError/ValueError).
+    On any exception -- Ctrl-C, or one raised by ``callback`` -- every running
+    command is stopped (SIGTERM, ``grace``, SIGKILL) and reaped before it
+    propagates.
+    """
+    jobs = _check_jobs(jobs)
+    timeout = check_timeout(timeout, allow_zero=False)
+    grace = check_timeout(grace, "grace")
+    if isinstance(spawn_retries, bool) or not isinstance(spawn_retries, int) or spawn_retries < 0:
+        raise ValueError(f"spawn_retries must be an int >= 0, not {spawn_retries!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+    stdin = _check_stdio(stdin, "stdin")
+    if stdin == PIPE:
+        raise ValueError("spawn_many cannot give commands a stdin pipe")
+    if isinstance(commands, (str, bytes)):
+        raise TypeError("commands must be a sequence of argv sequences")
+    prepared = []
+    for index, argv in enumerate(commands):
+        command_env = env(index) if callable(env) else env
+        prepared.append(_prepare(argv, None, command_env, cwd))
+    output = PIPE if capture else None
+    stdio = (stdin, output, output)
+    return _run_many(prepared, jobs, timeout, grace, stdio, capture, keep_going, new_session,
+                     die_with_parent, spawn_retries, callback)
+
+
+def _start_failure(command, exc):
+    code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
+    return CommandResult(command.args, code, error=exc)
+
+
+def _run_many(prepared, jobs, timeout, grace, stdio, capture, keep_going, new_session,
+              die_with_parent, spawn_retries, callback):
+    results = [None] * len(prepared)
+    running = {}          # Process -> (index, start time, deadline or None)
+    next_index = 0
+    stopped = False       # a failure stopped new launches (keep_going=False)
+    retries = 0
+    backoff_until = 0.0
+
+    def finished(index, result):
+        nonlocal stopped
+        results[index] = result
+        if not keep_going and not result.ok:
+            stopped = True
+        if callback is not None:
+            callback(index, result)
+
+    try:
+        while True:
+            while (not stopped and next_index < len(prepared) and len(running) < jobs
+                   and time.monotonic() >= backoff_until):
+                command = prepared[next_index]
+                started = time.monotonic()
+                try:
+                    proc = _start(command, stdio, (), True, new_session, die_with_parent,
+                                  capture)
+                except OSError as exc:
+                    if exc.errno in _RETRYABLE and retries < spawn_retries:
+                        retries += 1
+                        backoff_until = time.monotonic() + min(0.005 * 2 ** retries, 0.5)
+                        continue
+                    retries = 0
+                    next_index += 1
+                    finished(next_index - 1, _start_failure(command, exc))
+                    continue
+                retries = 0
+                running[proc] = (next_index, started,
+                                 None if timeout is None else started + timeout)
+                next_index += 1
+            if not running:
+                if not stopped and next_index < len(prepared):
+                    time.sleep(max(0.0, backoff_until - time.monotonic()))
+                    continue
+                break
+            wait_for = None
+            deadlines = [d for _, _, d in running.values() if d is not None]
+            if deadlines:
+                wait_for = max(0.0, min(deadlines) - time.monotonic())
+            if not stopped and next_index < len(prepared) and backoff_until > time.monotonic():
+                pause = backoff_until - time.monotonic()
+                wait_for = pause if wait_for is None else min(wait_for, pause)
+            wait_all(list(running), wait_for, until_any=True)
+            now = time.monotonic()
+            for proc in list(running):
+                index, started, deadline = running[proc]
+                timed_out = False
+                if not proc.finished:
+                    if deadline is None or now < deadline:
+                        continue
+                    timed_out = True
+                    stop_all([proc], grace)
+                del running[proc]
+                finished(index, CommandResult(
+                    proc.args, proc.returncode, proc._captured(0), proc._captured(1),
+                    time.monotonic() - started, timed_out))
+        return results
+    finally:
+        if running:
+            stop_all(list(running), grace)
