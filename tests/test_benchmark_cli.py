@@ -169,14 +169,9 @@ def test_bad_arguments_are_refused_before_running(argv, capsys):
 
 
 def run_cli(argv):
-    """Run the bench command in a fresh interpreter; return the CompletedProcess."""
-    code = ("import argparse, sys\n"
-            "from fastfork import benchmark\n"
-            "p = argparse.ArgumentParser()\n"
-            "benchmark.add_arguments(p)\n"
-            "sys.exit(benchmark.main(p.parse_args(sys.argv[1:])))\n")
-    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True,
-                          text=True, timeout=60, cwd=procutil.PACKAGE_ROOT)
+    """Run ``python -m fastfork bench ARGV`` in a fresh interpreter; return the result."""
+    return subprocess.run([sys.executable, "-m", "fastfork", "bench", *argv],
+                          capture_output=True, text=True, timeout=60, cwd=procutil.PACKAGE_ROOT)
 
 
 def test_real_fork_and_reap_workloads_in_a_fresh_interpreter(tmp_path):
