@@ -1,0 +1,1054 @@
+"""fastfork._core against its os twins: fork, waitpid, wait, wait3, wait4, _exit;
+plus the batch ``reap`` and ``fork_call``.
+
+Each drop-in is run beside its ``os`` namesake on the same inputs in the same
+test. Tests that change process-wide state (signal handlers, interval timers,
+at-fork hooks, audit hooks, rlimits, cgroups, interpreter shutdown) run in a
+fresh interpreter through ``procutil.run_python``.
+"""
+import _imp
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import textwrap
+import threading
+import time
+import types
+import warnings
+
+import pytest
+
+import fastfork
+import procutil
+from fastfork import _core
+
+FORKS = pytest.mark.parametrize("fork", [os.fork, fastfork.fork], ids=["os", "fastfork"])
+
+
+def fork_and(fork, body):
+    """Fork with ``fork``; the child runs ``body()`` and exits with its result (99 if it raised)."""
+    pid = fork()
+    if pid == 0:
+        code = 99
+        try:
+            code = body()
+        finally:
+            os._exit(code)
+    return pid
+
+
+def twins(body, reaper):
+    """Fork the same child twice: once with os.fork, once with fastfork.fork."""
+    pids = fork_and(os.fork, body), fork_and(fastfork.fork, body)
+    reaper.extend(pids)
+    return pids
+
+
+def blocked_child(fork, reaper, code=0):
+    """Fork a child that exits with ``code`` once the returned write fd is closed."""
+    r, w = os.pipe()
+    pid = fork()
+    if pid == 0:
+        try:
+            os.close(w)
+            os.read(r, 1)
+        finally:
+            os._exit(code)
+    os.close(r)
+    reaper.append(pid)
+    return pid, w
+
+
+def exitcode(status):
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_script(code, **kwargs):
+    """Run ``code`` in a fresh interpreter; return the JSON it prints last."""
+    proc = procutil.run_python(textwrap.dedent(code), **kwargs)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ fork
+
+
+@FORKS
+def test_fork_returns_zero_in_child_and_pid_in_parent(fork, reaper):
+    r, w = os.pipe()
+    pid = fork()
+    if pid == 0:
+        try:
+            os.write(w, repr((type(pid).__name__, pid, os.getpid())).encode())
+        finally:
+            os._exit(0)
+    reaper.append(pid)
+    os.close(w)
+    assert type(pid) is int and pid > 0
+    assert pid in procutil.children()
+    with os.fdopen(r) as f:
+        assert f.read() == repr(("int", 0, pid))
+    assert os.waitpid(pid, 0) == (pid, 0)
+
+
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_fork_with_threads_only_forking_thread_survives_and_warns_like_os(where, reaper):
+    release = threading.Event()
+    idle = threading.Thread(target=release.wait)
+    idle.start()
+    results = {}
+
+    def child_view():
+        # 0 when the child holds exactly one thread, which threading sees as main.
+        ok = (threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
+              and threading.current_thread() is threading.main_thread())
+        return 0 if ok else 1
+
+    def do_fork(name, fork):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pid = fork_and(fork, child_view)
+        reaper.append(pid)
+        pid_text = str(os.getpid())
+        results[name] = (
+            [(w.category, str(w.message).replace(pid_text, "PID"), w.filename) for w in caught],
+            exitcode(os.waitpid(pid, 0)[1]))
+
+    try:
+        for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
+            if where == "main thread":
+                do_fork(name, fork)
+            else:
+                t = threading.Thread(target=do_fork, args=(name, fork))
+                t.start()
+                t.join()
+    finally:
+        release.set()
+        idle.join()
+    assert results["fastfork"] == results["os"]
+    warned, code = results["fastfork"]
+    assert code == 0
+    if sys.version_info >= (3, 12):
+        assert [(c, m) for c, m, _ in warned] == [(
+            DeprecationWarning,
+            "This process (pid=PID) is multi-threaded, use of fork() may lead to "
+            "deadlocks in the child.")]
+        assert warned[0][2] == __file__
+    else:
+        assert warned == []
+
+
+def test_fork_without_threads_does_not_warn(reaper):
+    for fork in (os.fork, fastfork.fork):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pid = fork_and(fork, lambda: 0)
+        reaper.append(pid)
+        os.waitpid(pid, 0)
+        assert [w for w in caught if w.category is DeprecationWarning] == []
+
+
+@FORKS
+def test_fork_waits_for_a_thread_holding_the_import_lock(fork, reaper):
+    # CPython's test_fork1.test_threaded_import_lock_fork: the child must see
+    # the complete module, never the partial one.
+    name = "fastfork_test_fake_module"
+    started = threading.Event()
+
+    def importer():
+        _imp.acquire_lock()
+        try:
+            sys.modules[name] = "partial"
+            started.set()
+            time.sleep(0.05)  # give the main thread time to reach fork()
+            sys.modules[name] = "complete"
+        finally:
+            _imp.release_lock()
+
+    t = threading.Thread(target=importer)
+    t.start()
+    try:
+        started.wait()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = fork_and(fork, lambda: 42 if __import__(name) == "complete" else 1)
+        reaper.append(pid)
+        t.join()
+        assert exitcode(os.waitpid(pid, 0)[1]) == 42
+    finally:
+        t.join()
+        sys.modules.pop(name, None)
+
+
+@FORKS
+def test_fork_while_a_thread_is_stuck_importing(fork, reaper, tmp_path, monkeypatch):
+    # A thread sits inside a module's import (holding that module's import
+    # lock); the child must still be able to import another module.
+    gate = types.ModuleType("fastfork_test_gate")
+    gate.started, gate.release = threading.Event(), threading.Event()
+    (tmp_path / "fastfork_test_blocking.py").write_text(
+        "import sys\n"
+        "sys.modules['fastfork_test_gate'].started.set()\n"
+        "sys.modules['fastfork_test_gate'].release.wait()\n")
+    (tmp_path / "fastfork_test_other.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "fastfork_test_gate", gate)
+    t = threading.Thread(target=__import__, args=("fastfork_test_blocking",))
+    t.start()
+    try:
+        gate.started.wait()
+
+        def child():
+            import fastfork_test_other
+            return fastfork_test_other.VALUE
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = fork_and(fork, child)
+        reaper.append(pid)
+        assert exitcode(fastfork.waitpid(pid, 0)[1]) == 42
+    finally:
+        gate.release.set()
+        t.join()
+        for mod in ("fastfork_test_blocking", "fastfork_test_other"):
+            sys.modules.pop(mod, None)
+
+
+def test_fork_reseeds_random_in_each_child(reaper):
+    import random
+    values = []
+    for _ in range(2):
+        r, w = os.pipe()
+        pid = fastfork.fork()
+        if pid == 0:
+            try:
+                os.write(w, repr(random.random()).encode())
+            finally:
+                os._exit(0)
+        reaper.append(pid)
+        os.close(w)
+        with os.fdopen(r) as f:
+            values.append(float(f.read()))
+        assert fastfork.waitpid(pid, 0) == (pid, 0)
+    assert values[0] != values[1]
+
+
+def test_at_fork_hooks_run_like_os_fork():
+    out = run_script("""
+        import json, os, fastfork
+        events = []
+        for tag in ("1", "2"):
+            os.register_at_fork(before=lambda t=tag: events.append("before" + t),
+                                after_in_parent=lambda t=tag: events.append("parent" + t),
+                                after_in_child=lambda t=tag: events.append("child" + t))
+        seen = {}
+        for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
+            del events[:]
+            r, w = os.pipe()
+            pid = fork()
+            if pid == 0:
+                os.write(w, json.dumps(events).encode())
+                os._exit(0)
+            os.close(w)
+            with os.fdopen(r) as f:
+                child = json.loads(f.read())
+            os.waitpid(pid, 0)
+            seen[name] = {"parent": list(events), "child": child}
+        print(json.dumps(seen))
+    """)
+    assert out["fastfork"] == out["os"]
+    # before hooks run in reverse registration order, after hooks in order.
+    assert out["fastfork"] == {"parent": ["before2", "before1", "parent1", "parent2"],
+                               "child": ["before2", "before1", "child1", "child2"]}
+
+
+def test_fork_raises_the_os_fork_audit_event():
+    out = run_script("""
+        import json, os, sys, fastfork
+        seen, refuse = [], []
+        def hook(event, args):
+            if event == "os.fork":
+                seen.append([event, list(args)])
+                if refuse:
+                    raise PermissionError("audit says no")
+        sys.addaudithook(hook)
+        out = {}
+        for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
+            del seen[:]
+            pid = fork()
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            refuse.append(1)
+            try:
+                fork()
+                refused = None
+            except PermissionError as e:
+                refused = str(e)
+            refuse.clear()
+            out[name] = [seen[:], refused]
+        print(json.dumps(out))
+    """)
+    assert out["fastfork"] == out["os"]
+    assert out["fastfork"] == [[["os.fork", []], ["os.fork", []]], "audit says no"]
+
+
+SHUTDOWN_SCRIPT = """
+import atexit, os, sys, fastfork
+fork = {{"os": os.fork, "fastfork": fastfork.fork}}["{which}"]
+
+def attempt():
+    try:
+        pid = fork()
+    except BaseException as e:
+        os.write(1, f"raised {{type(e).__name__}}: {{e}}\\n".encode())
+        return
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    os.write(1, b"forked\\n")
+
+if "{when}" == "atexit":
+    atexit.register(attempt)
+else:
+    class Finalized:
+        def __del__(self):
+            attempt()
+    Finalized.instance = Finalized()  # freed while the interpreter finalizes
+"""
+
+
+@pytest.mark.parametrize("when", ["atexit", "finalization"])
+def test_fork_at_interpreter_shutdown_behaves_like_os(when):
+    outcome = {}
+    for which in ("os", "fastfork"):
+        proc = procutil.run_python(SHUTDOWN_SCRIPT.format(which=which, when=when))
+        assert proc.returncode == 0, proc.stderr
+        outcome[which] = proc.stdout.strip()
+    if when == "atexit" and (3, 12, 0) <= sys.version_info[:3] < (3, 12, 2):
+        # 3.12.0/3.12.1 refused fork in atexit handlers, a regression fixed by
+        # gh-113964; fastfork follows the fixed behaviour.
+        assert outcome["fastfork"] == "forked"
+        return
+    assert outcome["fastfork"] == outcome["os"]
+    if when == "finalization" and sys.version_info >= (3, 12):
+        name = "PythonFinalizationError" if sys.version_info >= (3, 13) else "RuntimeError"
+        assert outcome["fastfork"] == f"raised {name}: can't fork at interpreter shutdown"
+    else:
+        assert outcome["fastfork"] == "forked"
+
+
+def test_fork_failure_raises_blocking_io_error_like_os():
+    # A pids cgroup full to its limit makes fork() fail with EAGAIN (root
+    # ignores RLIMIT_NPROC). A live thread makes 3.12+ warn even so, as os does.
+    if not os.access("/sys/fs/cgroup/pids", os.W_OK):
+        pytest.skip("no writable pids cgroup")
+    out = run_script("""
+        import json, os, threading, warnings, fastfork
+        base = "/sys/fs/cgroup/pids"
+        with open("/proc/self/cgroup") as f:
+            home = [l.split(":", 2)[2].strip() for l in f if l.split(":")[1] == "pids"][0]
+        cg = f"{base}/fastfork-coretests-{os.getpid()}"
+        os.mkdir(cg)
+        release = threading.Event()
+        t = threading.Thread(target=release.wait)
+        t.start()
+        out = {}
+        try:
+            with open(cg + "/cgroup.procs", "w") as f:
+                f.write(str(os.getpid()))
+            try:
+                with open(cg + "/pids.current") as f:
+                    current = f.read().strip()
+                with open(cg + "/pids.max", "w") as f:
+                    f.write(current)
+                for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always")
+                        try:
+                            pid = fork()
+                        except OSError as e:
+                            result = [type(e).__name__, e.errno, e.strerror]
+                        else:
+                            if pid == 0:
+                                os._exit(0)
+                            os.waitpid(pid, 0)
+                            result = "forked"
+                    out[name] = [result, [str(w.message).replace(str(os.getpid()), "PID")
+                                          for w in caught]]
+            finally:
+                with open(f"{base}{home}/cgroup.procs", "w") as f:
+                    f.write(str(os.getpid()))
+        finally:
+            release.set()
+            t.join()
+            os.rmdir(cg)
+        print(json.dumps(out))
+    """)
+    assert out["fastfork"] == out["os"]
+    assert out["fastfork"][0] == ["BlockingIOError", 11, os.strerror(11)]
+    assert len(out["fastfork"][1]) == (1 if sys.version_info >= (3, 12) else 0)
+
+
+# ------------------------------------------------------------------ wait family
+
+
+def test_waitpid_exit_and_signal_statuses_match_os(reaper):
+    cases = [lambda c=c: c for c in (0, 1, 42, 255)]
+    for body in cases:
+        a, b = twins(body, reaper)
+        ra, rb = os.waitpid(a, 0), fastfork.waitpid(b, 0)
+        assert type(rb) is tuple and [type(x) for x in rb] == [int, int]
+        assert (rb[0], exitcode(rb[1])) == (b, exitcode(ra[1])) == (b, body())
+        assert rb[1] == ra[1]
+    for sig in (signal.SIGTERM, signal.SIGKILL, signal.SIGUSR1):
+        def body(sig=sig):
+            if sig != signal.SIGKILL:
+                signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+            time.sleep(60)
+            return 1
+        a, b = twins(body, reaper)
+        ra, rb = os.waitpid(a, 0), fastfork.waitpid(b, 0)
+        assert rb == (b, ra[1])
+        assert exitcode(rb[1]) == -sig
+
+
+def test_waitpid_stopped_and_continued_statuses_match_os(reaper):
+    statuses = []
+    for fork, waitpid in ((os.fork, os.waitpid), (fastfork.fork, fastfork.waitpid)):
+        r, w = os.pipe()
+        pid = fork()
+        if pid == 0:
+            try:
+                os.close(w)
+                os.kill(os.getpid(), signal.SIGSTOP)
+                os.read(r, 1)
+            finally:
+                os._exit(5)
+        reaper.append(pid)
+        os.close(r)
+        stopped = waitpid(pid, os.WUNTRACED)
+        os.kill(pid, signal.SIGCONT)
+        continued = waitpid(pid, os.WCONTINUED)
+        os.close(w)
+        exited = waitpid(pid, 0)
+        statuses.append([s for _, s in (stopped, continued, exited)])
+        assert [p for p, _ in (stopped, continued, exited)] == [pid] * 3
+    assert statuses[0] == statuses[1]
+    stopped, continued, exited = statuses[1]
+    assert os.WIFSTOPPED(stopped) and os.WSTOPSIG(stopped) == signal.SIGSTOP
+    assert os.WIFCONTINUED(continued)
+    assert exitcode(exited) == 5
+
+
+def test_wnohang_with_nothing_ready_returns_zeros_like_os(reaper):
+    pid, w = blocked_child(os.fork, reaper, code=3)
+    try:
+        assert fastfork.waitpid(pid, os.WNOHANG) == os.waitpid(pid, os.WNOHANG) == (0, 0)
+        got, want = fastfork.wait3(os.WNOHANG), os.wait3(os.WNOHANG)
+        assert got == want and got[:2] == (0, 0) and all(v == 0 for v in got[2])
+        assert type(got[2]) is resource.struct_rusage
+        got, want = fastfork.wait4(pid, os.WNOHANG), os.wait4(pid, os.WNOHANG)
+        assert got == want and got[:2] == (0, 0) and all(v == 0 for v in got[2])
+        assert type(got[2]) is resource.struct_rusage
+    finally:
+        os.close(w)
+    assert exitcode(fastfork.waitpid(pid, 0)[1]) == 3
+
+
+def _busy_child():
+    # Some page faults and CPU time so the rusage fields are not all zero.
+    sum(len(bytearray(4096)) for _ in range(2000))
+    return 9
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda pid: os.wait4(pid, 0), id="os.wait4"),
+    pytest.param(lambda pid: fastfork.wait4(pid, 0), id="fastfork.wait4"),
+    pytest.param(lambda pid: os.wait3(0), id="os.wait3"),
+    pytest.param(lambda pid: fastfork.wait3(0), id="fastfork.wait3"),
+])
+def test_wait3_wait4_rusage_is_the_childs(call, reaper):
+    # The kernel adds a reaped child's usage to RUSAGE_CHILDREN: the delta
+    # across the call must equal the struct_rusage returned, field by field.
+    pid = fork_and(os.fork, _busy_child)
+    reaper.append(pid)
+    assert procutil.children() == {pid}
+    while procutil.state(pid) != "Z":
+        time.sleep(0.001)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    got_pid, status, ru = call(pid)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert (got_pid, exitcode(status)) == (pid, 9)
+    assert type(ru) is resource.struct_rusage
+    assert [type(v) for v in ru] == [float, float] + [int] * 14
+    for field in ("ru_minflt", "ru_majflt", "ru_inblock", "ru_oublock", "ru_nvcsw",
+                  "ru_nivcsw", "ru_nswap", "ru_nsignals"):
+        assert getattr(after, field) - getattr(before, field) == getattr(ru, field), field
+    for field in ("ru_utime", "ru_stime"):
+        assert math.isclose(getattr(after, field) - getattr(before, field),
+                            getattr(ru, field), abs_tol=2e-6), field
+    assert ru.ru_minflt > 0 and ru.ru_maxrss > 0
+
+
+@pytest.mark.parametrize("wait", [os.wait, fastfork.wait], ids=["os", "fastfork"])
+def test_wait_reaps_any_child(wait, reaper):
+    pid = fork_and(fastfork.fork, lambda: 17)
+    reaper.append(pid)
+    assert procutil.children() == {pid}
+    got = wait()
+    assert type(got) is tuple and got[0] == pid and exitcode(got[1]) == 17
+    with pytest.raises(ChildProcessError) as err:
+        wait()
+    assert err.value.errno == 10
+
+
+class Index:
+    """An integer-like object (has __index__), accepted where os accepts ints."""
+
+    def __index__(self):
+        return -1
+
+
+BAD_CALLS = [
+    ("waitpid", ("x", 0)), ("waitpid", (1.5, 0)), ("waitpid", (None, 0)),
+    ("waitpid", (1, "x")), ("waitpid", (1, 0.0)), ("waitpid", (2**40, 0)),
+    ("waitpid", (-2**40, 0)), ("waitpid", (1, 2**40)), ("waitpid", (1,)), ("waitpid", ()),
+    ("waitpid", (1, 0, 0)),
+    ("waitpid", (1, 0)), ("waitpid", (0, 0)), ("waitpid", (-1, 0)), ("waitpid", (-1, os.WNOHANG)),
+    ("waitpid", (Index(), 0)), ("waitpid", (2**31 - 1, 0)), ("waitpid", (1, 0x7fff0000)),
+    ("wait", ()), ("wait", (0,)),
+    ("wait3", (0,)), ("wait3", (os.WNOHANG,)), ("wait3", ("x",)), ("wait3", (1.0,)),
+    ("wait3", (2**40,)), ("wait3", (0x7fff0000,)), ("wait3", ()),
+    ("wait4", (1, 0)), ("wait4", (-1, os.WNOHANG)), ("wait4", ("x", 0)), ("wait4", (1.0, 0)),
+    ("wait4", (2**40, 0)), ("wait4", (1, 0x7fff0000)), ("wait4", (1,)),
+    ("fork", (1,)),
+]
+
+
+@pytest.mark.parametrize("name,args", BAD_CALLS, ids=[f"{n}{a!r}" for n, a in BAD_CALLS])
+def test_bad_calls_fail_like_os(name, args):
+    # No children here: every call that gets past argument checking is ECHILD/EINVAL.
+    outcome = []
+    for mod in (os, fastfork):
+        try:
+            outcome.append(("returned", getattr(mod, name)(*args)))
+        except Exception as e:
+            outcome.append((type(e), getattr(e, "errno", None)))
+    assert outcome[1] == outcome[0]
+    assert outcome[1][0] != "returned"  # every case here fails
+
+
+def test_keyword_arguments_accepted_like_os():
+    for mod in (os, fastfork):
+        with pytest.raises(TypeError):
+            mod.waitpid(pid=1, options=0)  # positional-only
+        with pytest.raises(ChildProcessError):
+            mod.wait3(options=0)
+        with pytest.raises(ChildProcessError):
+            mod.wait4(pid=1, options=0)
+
+
+@pytest.mark.parametrize("code", [0, 1, 42, 255, 256, 257, -1, 2**31 - 1, -2**31,
+                                  2**31, "1", 1.5, None, Index()])
+def test_exit_codes_and_argument_errors_like_os(code, reaper):
+    def child(exit_fn):
+        def body():
+            try:
+                exit_fn(code)
+            except TypeError:
+                return 200
+            except OverflowError:
+                return 201
+            return 202
+        return body
+
+    a = fork_and(os.fork, child(os._exit))
+    b = fork_and(fastfork.fork, child(fastfork._exit))
+    reaper.extend([a, b])
+    sa, sb = os.waitpid(a, 0)[1], os.waitpid(b, 0)[1]
+    assert sb == sa
+
+
+def test_exit_skips_cleanup_and_buffers(reaper, tmp_path):
+    # Like os._exit: no atexit handlers, no flushing of Python buffers.
+    out = tmp_path / "out"
+    for exit_fn in (os._exit, fastfork._exit):
+        def body(exit_fn=exit_fn):
+            import atexit
+            f = open(out, "a", buffering=1 << 16)
+            f.write("lost")
+            atexit.register(lambda: open(out, "a").write("atexit"))
+            exit_fn(4)
+        pid = fork_and(fastfork.fork, body)
+        reaper.append(pid)
+        assert exitcode(os.waitpid(pid, 0)[1]) == 4
+    assert not out.exists() or out.read_text() == ""
+
+
+# ------------------------------------------------------------------ signals
+
+
+EINTR_SCRIPT = """
+import json, os, signal, time, fastfork
+hits = 0
+def count(signum, frame):
+    global hits
+    hits += 1
+signal.signal(signal.SIGALRM, count)
+
+def child(code):
+    pid = os.fork()  # interval timers are not inherited across fork
+    if pid == 0:
+        time.sleep(0.1)
+        os._exit(code)
+    return pid
+
+def first(r):
+    return list(r[:2])
+
+calls = {
+    "os.waitpid": lambda p: first(os.waitpid(p, 0)),
+    "waitpid": lambda p: first(fastfork.waitpid(p, 0)),
+    "os.wait": lambda p: first(os.wait()),
+    "wait": lambda p: first(fastfork.wait()),
+    "os.wait3": lambda p: first(os.wait3(0)),
+    "wait3": lambda p: first(fastfork.wait3(0)),
+    "os.wait4": lambda p: first(os.wait4(p, 0)),
+    "wait4": lambda p: first(fastfork.wait4(p, 0)),
+    "reap": lambda p: list(fastfork.reap([p])[0]),
+    "reap_timeout": lambda p: list(fastfork.reap([p], timeout=30)[0]),
+}
+out = {}
+for code, (name, call) in enumerate(calls.items(), start=1):
+    pid = child(code)
+    hits = 0
+    signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+    try:
+        got = call(pid)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    out[name] = [got == [pid, code << 8], hits]
+
+# A timeout that expires while interrupted returns what finished: nothing.
+pid = child(99)
+hits = 0
+signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
+try:
+    early = fastfork.reap([pid], timeout=0.03)
+finally:
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+out["reap_expired"] = [early == [] and fastfork.reap([pid]) == [(pid, 99 << 8)], hits]
+print(json.dumps(out))
+"""
+
+
+def test_eintr_from_an_interval_timer_during_every_wait_call():
+    # The handler count only grows past 1 if handlers run while the call is
+    # blocked (repeated SIGALRMs coalesce while no handler runs).
+    out = run_script(EINTR_SCRIPT)
+    assert set(out) == {"os.waitpid", "waitpid", "os.wait", "wait", "os.wait3", "wait3",
+                        "os.wait4", "wait4", "reap", "reap_timeout", "reap_expired"}
+    for name, (right_result, hits) in out.items():
+        assert right_result, name
+        assert hits >= 2, (name, hits)
+
+
+def test_keyboard_interrupt_during_a_blocked_wait_propagates():
+    out = run_script("""
+        import json, os, signal, fastfork
+        def interrupt(signum, frame):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, interrupt)
+        calls = {
+            "os.waitpid": lambda p: os.waitpid(p, 0),
+            "waitpid": lambda p: fastfork.waitpid(p, 0),
+            "wait": lambda p: fastfork.wait(),
+            "wait3": lambda p: fastfork.wait3(0),
+            "wait4": lambda p: fastfork.wait4(p, 0),
+            "reap": lambda p: fastfork.reap([p]),
+            "reap_timeout": lambda p: fastfork.reap([p], timeout=30),
+        }
+        out = {}
+        for name, call in calls.items():
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                os.read(r, 1)
+                os._exit(3)
+            os.close(r)
+            signal.setitimer(signal.ITIMER_REAL, 0.05)
+            try:
+                call(pid)
+                what = "returned"
+            except KeyboardInterrupt:
+                what = "KeyboardInterrupt"
+            with open(f"/proc/{pid}/stat") as f:
+                alive = f.read().rpartition(")")[2].split()[0] != "Z"
+            os.close(w)
+            out[name] = [what, alive, os.waitstatus_to_exitcode(fastfork.waitpid(pid, 0)[1])]
+        print(json.dumps(out))
+    """)
+    assert out == {name: ["KeyboardInterrupt", True, 3] for name in
+                   ("os.waitpid", "waitpid", "wait", "wait3", "wait4", "reap", "reap_timeout")}
+
+
+def test_sigchld_ignored_gives_child_process_error_like_os():
+    out = run_script("""
+        import json, os, signal, fastfork
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children reap themselves
+        calls = {
+            "os.waitpid": lambda p: os.waitpid(p, 0),
+            "waitpid": lambda p: fastfork.waitpid(p, 0),
+            "os.wait": lambda p: os.wait(),
+            "wait": lambda p: fastfork.wait(),
+            "os.wait3": lambda p: os.wait3(0),
+            "wait3": lambda p: fastfork.wait3(0),
+            "os.wait4": lambda p: os.wait4(p, 0),
+            "wait4": lambda p: fastfork.wait4(p, 0),
+            "reap": lambda p: fastfork.reap([p]),
+            "reap_timeout": lambda p: fastfork.reap([p], timeout=30),
+        }
+        out = {}
+        for name, call in calls.items():
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            try:
+                call(pid)
+                out[name] = "returned"
+            except ChildProcessError as e:
+                out[name] = [type(e).__name__, e.errno, getattr(e, "pids", [pid]) == [pid],
+                             getattr(e, "reaped", [])]
+        print(json.dumps(out))
+    """)
+    assert len(out) == 10
+    assert all(v == ["ChildProcessError", 10, True, []] for v in out.values()), out
+
+
+# ------------------------------------------------------------------ reap
+
+
+def test_reap_returns_pairs_in_the_order_given(reaper):
+    pids = [fork_and(fastfork.fork, lambda c=c: c) for c in range(10)]
+    reaper.extend(pids)
+    order = pids[::2] + pids[1::2]
+    got = fastfork.reap(order)
+    assert type(got) is list and all(type(p) is tuple for p in got)
+    assert [p for p, _ in got] == order
+    assert [exitcode(s) for _, s in got] == [pids.index(p) for p in order]
+
+
+def test_reap_never_reaps_a_pid_not_listed(reaper):
+    listed = [fork_and(fastfork.fork, lambda: 1) for _ in range(2)]
+    other = fork_and(fastfork.fork, lambda: 2)
+    reaper.extend(listed + [other])
+    assert [exitcode(s) for _, s in fastfork.reap(listed)] == [1, 1]
+    while procutil.state(other) != "Z":
+        time.sleep(0.001)
+    assert procutil.state(other) == "Z"  # exited but not reaped by reap(listed)
+    assert exitcode(os.waitpid(other, 0)[1]) == 2
+
+
+@pytest.mark.parametrize("args,error", [
+    (([5, 5],), ValueError), (([0],), ValueError), (([-1],), ValueError),
+    (([1, -3],), ValueError), ((["7"],), TypeError), (([1.5],), TypeError),
+    (([None],), TypeError), ((5,), TypeError), (([2**40],), OverflowError),
+    (([1], -1), ValueError), (([1], math.nan), ValueError), (([1], math.inf), ValueError),
+    (([1], -math.inf), ValueError), (([1], "1"), TypeError), (([1], [1]), TypeError),
+])
+def test_reap_rejects_bad_arguments_before_waiting(args, error, reaper):
+    # A real, already exited child listed first must stay unreaped.
+    pid = fork_and(fastfork.fork, lambda: 0)
+    reaper.append(pid)
+    while procutil.state(pid) != "Z":
+        time.sleep(0.001)
+    pids, *rest = args
+    if isinstance(pids, list):
+        pids = [pid] + pids
+    with pytest.raises(error):
+        fastfork.reap(pids, *rest)
+    assert procutil.state(pid) == "Z"
+    assert os.waitpid(pid, 0) == (pid, 0)
+
+
+def test_reap_empty_and_timeout_zero(reaper):
+    assert fastfork.reap([]) == [] == fastfork.reap([], timeout=0)
+    pid, w = blocked_child(fastfork.fork, reaper, code=6)
+    try:
+        assert fastfork.reap([pid], timeout=0) == []
+        assert fastfork.reap((p for p in [pid]), timeout=0.0) == []
+    finally:
+        os.close(w)
+    assert fastfork.reap([pid], timeout=30) == [(pid, 6 << 8)]
+
+
+def test_reap_not_our_child_keeps_partial_results(reaper):
+    gone = fork_and(fastfork.fork, lambda: 0)
+    os.waitpid(gone, 0)  # already reaped: ECHILD from now on
+    kids = [fork_and(fastfork.fork, lambda c=c: c) for c in (3, 4)]
+    reaper.extend(kids)
+    for timeout in (None, 30):
+        batch = [kids.pop(0), 1, gone] if timeout is None else [1, kids.pop(0)]
+        with pytest.raises(ChildProcessError) as err:
+            fastfork.reap(batch, timeout)
+        assert err.value.errno == 10 and isinstance(err.value, OSError)
+        assert err.value.pids == [p for p in batch if p in (1, gone)]
+        (child,) = [p for p in batch if p not in (1, gone)]
+        assert err.value.reaped == [(child, (3 if timeout is None else 4) << 8)]
+
+
+def test_reap_with_timeout_returns_only_finished_children(reaper):
+    quick = [fork_and(fastfork.fork, lambda: 1) for _ in range(3)]
+    reaper.extend(quick)
+    slow, w = blocked_child(fastfork.fork, reaper, code=2)
+    try:
+        got = fastfork.reap([quick[0], slow] + quick[1:], timeout=0.2)
+        assert got == [(p, 1 << 8) for p in quick]
+        assert procutil.state(slow) not in (None, "Z")  # still running, untouched
+    finally:
+        os.close(w)
+    assert fastfork.reap([slow], timeout=30) == [(slow, 2 << 8)]
+
+
+def test_reap_a_large_batch(reaper):
+    # 500 children wait on one pipe; reap (pidfd path) is already blocked when
+    # a thread closes the last write end, so every exit is seen while waiting.
+    n = 500
+    r, w = os.pipe()
+    pids = []
+    for i in range(n):
+        pid = fastfork.fork()
+        if pid == 0:
+            try:
+                os.close(w)
+                os.read(r, 1)
+            finally:
+                os._exit(i % 256)
+        pids.append(pid)
+    reaper.extend(pids)
+    os.close(r)
+    first_half = fastfork.reap(pids[:10], timeout=0)
+    assert first_half == []
+    closer = threading.Timer(0.05, os.close, args=(w,))
+    closer.start()
+    try:
+        got = fastfork.reap(pids[: n // 2], timeout=60)
+    finally:
+        closer.join()
+    got += fastfork.reap(pids[n // 2:])
+    assert [p for p, _ in got] == pids
+    assert [exitcode(s) for _, s in got] == [i % 256 for i in range(n)]
+
+
+@pytest.mark.parametrize("call", [
+    pytest.param(lambda pid: fastfork.reap([pid]), id="reap"),
+    pytest.param(lambda pid: fastfork.reap([pid], timeout=60), id="reap_timeout"),
+    pytest.param(lambda pid: [fastfork.waitpid(pid, 0)], id="waitpid"),
+    pytest.param(lambda pid: [fastfork.wait4(pid, 0)[:2]], id="wait4"),
+])
+def test_blocking_waits_release_the_gil(call, reaper):
+    # The child exits 0 only if a Python thread makes progress while the call
+    # blocks; if the GIL were held it would give up after 10 s and exit 1.
+    r, w = os.pipe()
+    pid = fastfork.fork()
+    if pid == 0:
+        try:
+            os.close(w)
+            import select
+            ready, _, _ = select.select([r], [], [], 10)
+        finally:
+            os._exit(0 if ready else 1)
+    reaper.append(pid)
+    os.close(r)
+    main = threading.get_ident()
+
+    def worker():
+        # Once the main thread's innermost frame is the lambda, it is in (or
+        # about to enter) the C call; sleeping then hands the GIL over, and the
+        # worker only wakes again if the call releases it.
+        while sys._current_frames()[main].f_code is not call.__code__:
+            time.sleep(0.001)
+        for _ in range(5):
+            time.sleep(0.01)
+        os.write(w, b"x")
+
+    t = threading.Thread(target=worker)
+    try:
+        t.start()
+        got = call(pid)
+    finally:
+        t.join()
+        os.close(w)
+    assert got == [(pid, 0)]
+
+
+def test_reap_timeout_without_pidfds_falls_back_to_polling():
+    # With the fd table full, pidfd_open fails (EMFILE) part-way: the first
+    # pending child gets the one free slot, the next does not.
+    out = run_script("""
+        import json, os, resource, fastfork
+        r, w = os.pipe()
+        pids = []
+        for code in (1, 2, 3):
+            pid = os.fork()
+            if pid == 0:
+                os.close(w)
+                if code != 1:
+                    os.read(r, 1)
+                os._exit(code)
+            pids.append(pid)
+        os.close(r)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        fillers = []
+        try:
+            while True:
+                fillers.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        os.close(fillers.pop())
+        partial = fastfork.reap(pids, timeout=0.2)
+        os.close(w)
+        rest = fastfork.reap(pids[1:], timeout=30)
+        links = []
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                links.append(os.readlink(f"/proc/self/fd/{fd}"))
+            except FileNotFoundError:  # listdir's own fd
+                pass
+        print(json.dumps([partial == [(pids[0], 1 << 8)],
+                          rest == [(pids[1], 2 << 8), (pids[2], 3 << 8)],
+                          [link for link in links if "pidfd" in link]]))
+    """)
+    assert out == [True, True, []]  # right results, no pidfd left open
+
+
+def test_reap_huge_timeout_does_not_overflow(reaper):
+    pid = fork_and(fastfork.fork, lambda: 8)
+    reaper.append(pid)
+    assert fastfork.reap([pid], timeout=1e300) == [(pid, 8 << 8)]
+
+
+# ------------------------------------------------------------------ fork_call
+
+
+class Boom(BaseException):
+    pass
+
+
+def _raise(exc):
+    def fn():
+        raise exc
+    return fn
+
+
+@pytest.mark.parametrize("fn,code", [
+    (lambda: 0, 0), (lambda: 7, 7), (lambda: 255, 255),
+    (lambda: None, 70), (lambda: "3", 70), (lambda: 256, 70), (lambda: -1, 70),
+    (lambda: 3.0, 70), (_raise(SystemExit(0)), 70), (_raise(SystemExit(4)), 70),
+    (_raise(KeyboardInterrupt()), 70), (_raise(Boom()), 70), (_raise(ValueError()), 70),
+    (lambda: os._exit(12), 12),
+], ids=["0", "7", "255", "None", "str", "256", "-1", "float", "SystemExit0", "SystemExit4",
+        "KeyboardInterrupt", "BaseException", "ValueError", "os._exit"])
+def test_fork_call_child_never_returns(fn, code, reaper):
+    me = os.getpid()
+    registry = [123]
+    pid = _core.fork_call(fn, registry)
+    if os.getpid() != me:  # the child came back from fork_call: a bug
+        os._exit(99)
+    reaper.append(pid)
+    assert registry == [123, pid]
+    assert type(pid) is int and pid > 0
+    assert exitcode(fastfork.waitpid(pid, 0)[1]) == code
+
+
+@pytest.mark.parametrize("fn,registry", [
+    (None, []), (42, []), (lambda: 0, ()), (lambda: 0, None), (lambda: 0, {}),
+])
+def test_fork_call_rejects_bad_arguments_before_forking(fn, registry):
+    before = procutil.children()
+    with pytest.raises(TypeError):
+        _core.fork_call(fn, registry)
+    assert procutil.children() == before
+
+
+def test_fork_call_pdeathsig_kills_the_child_when_its_parent_dies():
+    # A middle process fork_calls a grandchild and exits. This interpreter is a
+    # child subreaper, so the orphaned grandchild is reparented to it and its
+    # real status is reaped here: SIGKILL with pdeathsig; its own exit (5, once
+    # released) without; 70 when the middle died before the grandchild could
+    # ask for the signal (forced with an at-fork hook that waits for that).
+    out = run_script("""
+        import ctypes, json, os, signal, time, fastfork
+        from fastfork import _core
+        PR_SET_CHILD_SUBREAPER = 36
+        assert ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        out = {}
+        for case, sig in (("kill", signal.SIGKILL), ("none", 0), ("died_first", signal.SIGKILL)):
+            hold_r, hold_w = os.pipe()  # the grandchild waits on this
+            info_r, info_w = os.pipe()  # the middle reports the grandchild's pid
+            ready_r, ready_w = os.pipe()  # the grandchild is running fn
+            middle = os.fork()
+            if middle == 0:
+                gc, registry = None, []
+                try:
+                    os.close(info_r)
+                    me = os.getpid()
+                    def grandchild():
+                        for fd in (info_w, hold_w):
+                            os.close(fd)
+                        os.write(ready_w, b"r")
+                        os.read(hold_r, 1)
+                        return 5
+                    if case == "died_first":
+                        def wait_for_orphaning():
+                            while os.getppid() == me:
+                                time.sleep(0.001)
+                        os.register_at_fork(after_in_child=wait_for_orphaning)
+                    gc = _core.fork_call(grandchild, registry, pdeathsig=sig)
+                    if case != "died_first":
+                        os.read(ready_r, 1)
+                    os.write(info_w, str(gc).encode())
+                finally:
+                    os._exit(0 if registry == [gc] else 1)
+            for fd in (info_w, hold_r, ready_r):
+                os.close(fd)
+            with os.fdopen(info_r) as f:
+                gc = int(f.read())
+            survived = None
+            try:
+                middle_code = os.waitstatus_to_exitcode(fastfork.waitpid(middle, 0)[1])
+                if case == "none":
+                    with open(f"/proc/{gc}/stat") as f:
+                        survived = f.read().rpartition(")")[2].split()[0] != "Z"
+                    os.close(hold_w)
+                    hold_w = None
+                got = fastfork.reap([gc], timeout=10)
+            finally:
+                os.close(ready_w)
+                if hold_w is not None:
+                    os.close(hold_w)
+                try:
+                    os.kill(gc, signal.SIGKILL)
+                    os.waitpid(gc, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+            out[case] = [middle_code, survived, [os.waitstatus_to_exitcode(s) for _, s in got]]
+        print(json.dumps(out))
+    """)
+    assert out == {"kill": [0, None, [-signal.SIGKILL]], "none": [0, True, [5]],
+                   "died_first": [0, None, [70]]}
+
+
+def test_fork_call_returns_pid_and_registry_in_parent(reaper):
+    registry = []
+    pid = _core.fork_call(lambda: 0, registry)
+    reaper.append(pid)
+    assert registry == [pid]
+    assert fastfork.reap(registry) == [(pid, 0)]
