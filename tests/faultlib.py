@@ -12,7 +12,8 @@
 - ``pids_cgroup(n)`` / ``memory_cgroup(bytes)``: a temporary cgroup, removed on
   exit; its ``join_code`` moves the interpreter (or child) running it inside.
 - Child-side helpers, for code running in those interpreters: ``shim()``
-  (ctypes handle on the shim's controls) and ``leak_report()``.
+  (ctypes handle on the shim's controls), ``leak_report()`` and ``report()``;
+  test side: ``contained()`` runs such code and checks what it reported.
 
 Signals, rlimits and cgroups are only ever changed in those child interpreters,
 never in the pytest process.
@@ -20,6 +21,7 @@ never in the pytest process.
 import atexit
 import contextlib
 import ctypes
+import json
 import os
 import re
 import shutil
@@ -342,3 +344,40 @@ def leak_report(before_fds=None):
     if before_fds is not None:
         report["new_fds"] = procutil.open_fds() - set(before_fds)
     return report
+
+
+REPORT_TAG = "FASTFORK-TEST-REPORT "
+
+
+def report(value, fds_before):
+    """Child side: print ``value`` with this process's leaks (children, zombies, fds).
+
+    Call once at the end of the code, after the fan-out; ``contained`` checks
+    that exactly one process printed it (no child ran on into parent code).
+    """
+    leaks = {k: sorted(v) for k, v in leak_report(fds_before).items() if v}
+    print(REPORT_TAG + json.dumps({"pid": os.getpid(), "value": value, "leaks": leaks}),
+          flush=True)
+
+
+def contained(*pieces, runner=None, **kwargs):
+    """Run the code ``pieces`` (each dedented, then joined) with ``runner``.
+
+    ``runner`` is run_contained by default (or run_with_shim, run_with_seccomp,
+    given their arguments in ``kwargs``). Returns the value the code passed to
+    ``report()``.
+
+    Fails the test unless the interpreter exited 0, nothing was left for the
+    subreaper, exactly one process printed a report and it found no leaked
+    child, zombie or fd.
+    """
+    import textwrap
+    code = "\n".join(textwrap.dedent(piece) for piece in pieces)
+    result = (runner or run_contained)(code, **kwargs)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stderr}"
+    assert result.leftover == 0, f"left {result.leftover} processes behind\n{result.stderr}"
+    reports = [json.loads(line[len(REPORT_TAG):]) for line in result.stdout.splitlines()
+               if line.startswith(REPORT_TAG)]
+    assert len(reports) == 1, f"{len(reports)} processes reported:\n{result.stdout}"
+    assert reports[0]["leaks"] == {}, reports[0]["leaks"]
+    return reports[0]["value"]
