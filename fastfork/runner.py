@@ -38,7 +38,8 @@ def add_arguments(parser):
                         help="stop a command after S seconds (SIGTERM, then SIGKILL)")
     parser.add_argument("-k", "--keep-going", action="store_true",
                         help="go on launching after a command fails")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
+    # dest "argv": fastfork.cli keeps the subcommand's name in "command".
+    parser.add_argument("argv", nargs=argparse.REMAINDER, metavar="COMMAND",
                         help="-- COMMAND ARGS... (without it: one command per stdin line)")
     return parser
 
@@ -122,7 +123,7 @@ def _summary(commands, results, elapsed, stream):
 def main(args):
     """Run ``fastfork run`` with parsed ``args``; return the exit status."""
     stderr = sys.stderr
-    command = list(args.command)
+    command = list(args.argv)
     if command and command[0] == "--":
         command = command[1:]
     try:
