@@ -21,7 +21,7 @@ except ImportError as _err:  # pragma: no cover - depends on how it was installe
 from fastfork._core import _exit, fork, reap, wait, wait3, wait4, waitpid
 from fastfork.child import Child
 from fastfork.fanout import FunctionChild, as_completed, background, map, start, start_child
-from fastfork.spawn import (DEVNULL, PIPE, STDOUT, CommandResult, Process, spawn,
+from fastfork.commands import (DEVNULL, PIPE, STDOUT, CommandResult, Process, spawn,
                             spawn_many)
 from fastfork.errors import (ChildError, FastforkError, ForkError, ServerError,
                              TimeoutExpired)

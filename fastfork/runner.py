@@ -21,7 +21,7 @@ import sys
 import time
 
 from fastfork.errors import describe_status
-from fastfork.spawn import spawn_many
+from fastfork.commands import spawn_many
 
 __all__ = ["add_arguments", "build_parser", "main"]
 

@@ -16,8 +16,8 @@ import faultlib
 import procutil
 from fastfork import DEVNULL, PIPE, STDOUT, spawn, spawn_many
 
-# fastfork.spawn is the function; the module is reached through importlib.
-spawn_mod = importlib.import_module("fastfork.spawn")
+# The module behind fastfork.spawn and spawn_many.
+spawn_mod = importlib.import_module("fastfork.commands")
 
 
 @pytest.fixture(params=["vfork", "fork"])
@@ -91,7 +91,7 @@ def test_stdio_sources_that_are_low_fds_are_not_clobbered(creation):
     # must not overwrite each other (CPython issue #12607).
     code = ("import os, sys\n"
             "import importlib\n"
-            "s = importlib.import_module('fastfork.spawn')\n"
+            "s = importlib.import_module('fastfork.commands')\n"
             "from fastfork import spawn\n"
             "s._USE_FORK = os.environ.get('FF_TEST_FORK') == '1'\n"
             "p = spawn(['sh', '-c', 'echo O; echo E >&2'], stdout=2, stderr=1)\n"
@@ -431,7 +431,7 @@ def test_exec_path_cannot_create_a_process_seccomp():
     """RELIABILITY case 3: clone fails -- a clean BlockingIOError, nothing left open."""
     code = textwrap.dedent("""
         import importlib, os, procutil
-        s = importlib.import_module("fastfork.spawn")
+        s = importlib.import_module("fastfork.commands")
         from fastfork import spawn, spawn_many, PIPE
         before = procutil.open_fds()
         for use_fork in (False, True):
