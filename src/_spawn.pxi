@@ -214,3 +214,53 @@ def _spawn(list paths, list argv, list envp, bytes cwd, stdio, keep_fds,
         free(c_argv)
         free(c_envp)
         free(c_keep)
+
+
+def _c_spawn_loop(Py_ssize_t n, bytes path=b"/bin/true"):
+    """The exec path's physical limit: n times ff_spawn(path) + waitpid, all in C.
+
+    Each round makes its error pipe as ``_spawn`` does, inherits stdio and
+    the environment, and closes other fds. Returns how many children exited
+    0. For benchmarks only. Raises OSError if a process cannot be created.
+    """
+    cdef ff_spawn_plan plan
+    cdef char *argv[2]
+    cdef int pipefd[2]
+    cdef Py_ssize_t i, ok = 0
+    cdef pid_t pid = 0
+    cdef int status = 0, err = 0
+    cdef bint failed = False
+    argv[0] = path
+    argv[1] = NULL
+    memset(&plan, 0, sizeof(plan))
+    plan.paths = argv
+    plan.argv = argv
+    plan.stdio[0] = plan.stdio[1] = plan.stdio[2] = -1
+    plan.close_fds = 1
+    plan.max_fd = <int>sysconf(_SC_OPEN_MAX)
+    plan.parent = getpid()
+    with nogil:
+        for i in range(n):
+            if pipe2(pipefd, O_CLOEXEC) < 0:
+                err = errno
+                failed = True
+                break
+            plan.errpipe = pipefd[1]
+            pid = ff_spawn(&plan)
+            err = errno
+            close(pipefd[0])
+            close(pipefd[1])
+            if pid < 0:
+                failed = True
+                break
+            _reap_status(pid, &status)
+            if status == 0:
+                ok += 1
+    if failed:
+        _raise_errno(err)
+    return ok
+
+
+cdef void _reap_status(pid_t pid, int *status) noexcept nogil:
+    while c_waitpid(pid, status, 0) < 0 and errno == EINTR:
+        pass
