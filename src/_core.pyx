@@ -37,6 +37,14 @@ cdef extern from "<sys/wait.h>" nogil:
     pid_t c_wait3 "wait3"(int *status, int options, rusage *usage)
     pid_t c_wait4 "wait4"(pid_t pid, int *status, int options, rusage *usage)
 
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct sigset_t:
+        pass
+    int sigfillset(sigset_t *s)
+    int pthread_sigmask(int how, const sigset_t *s, sigset_t *old)
+    int SIG_BLOCK
+    int SIG_SETMASK
+
 cdef extern from "<sys/prctl.h>" nogil:
     int prctl(int option, unsigned long arg2, unsigned long arg3,
               unsigned long arg4, unsigned long arg5)
@@ -159,23 +167,34 @@ cdef pid_t _fork_checked() except -1:
     """
     cdef pid_t pid
     cdef int saved_errno
+    cdef sigset_t all_signals, saved_mask
     # Same checks in the same order as CPython's os_fork_impl: shutdown
     # first, then the audit event.
     if _refuse_at_shutdown and sys.is_finalizing():
         raise _FinalizationError("can't fork at interpreter shutdown")
     sys.audit("os.fork")
+    # Unlike os.fork, hold signals back while the at-fork hooks run: a Python
+    # signal handler would otherwise run inside a hook, and what it raises
+    # (KeyboardInterrupt) would be printed as "Exception ignored" and lost.
+    # Held signals are delivered when the mask is restored, after the hooks.
+    sigfillset(&all_signals)
+    pthread_sigmask(SIG_BLOCK, &all_signals, &saved_mask)
     PyOS_BeforeFork()
     pid = c_fork()
     saved_errno = errno
     if pid == 0:
         PyOS_AfterFork_Child()
+        pthread_sigmask(SIG_SETMASK, &saved_mask, NULL)
         return 0
-    # os.fork warns in the parent even when fork() failed.
-    if _warn_threads and _warn_before_hooks:
-        _warn_if_threaded()
-    PyOS_AfterFork_Parent()
-    if _warn_threads and not _warn_before_hooks:
-        _warn_if_threaded()
+    try:
+        # os.fork warns in the parent even when fork() failed.
+        if _warn_threads and _warn_before_hooks:
+            _warn_if_threaded()
+        PyOS_AfterFork_Parent()
+        if _warn_threads and not _warn_before_hooks:
+            _warn_if_threaded()
+    finally:
+        pthread_sigmask(SIG_SETMASK, &saved_mask, NULL)
     if pid < 0:
         _raise_errno(saved_errno)
     return pid

@@ -566,3 +566,23 @@ def test_dropped_handle_is_reaped_later_not_leaked():
     time.sleep(0.2)
     fastfork.start(double, 1).result()  # start() reaps dropped children
     assert procutil.state(pid) is None
+
+
+def test_signal_during_at_fork_hook_is_not_lost():
+    # os.fork runs a Python signal handler inside the hook and loses what it raises
+    # ("Exception ignored"); fastfork holds signals until the hooks are done.
+    code = textwrap.dedent("""
+        import os, signal, time, fastfork, procutil
+        def interrupt(*args):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGUSR1, interrupt)
+        os.register_at_fork(after_in_parent=lambda: os.kill(os.getpid(), signal.SIGUSR1))
+        try:
+            fastfork.start(time.sleep, 30)
+            print("lost")
+        except KeyboardInterrupt:
+            print("raised", len(procutil.children()))
+    """)
+    proc = procutil.run_python(code)
+    assert proc.stdout.split() == ["raised", "0"], proc.stderr
+    assert "Exception ignored" not in proc.stderr
