@@ -209,6 +209,8 @@ def fork():
     Raises OSError (BlockingIOError for EAGAIN) if fork() fails, and
     RuntimeError during interpreter shutdown. On Python 3.12+ warns with
     DeprecationWarning when other threads are running, as os.fork does.
+    One deliberate difference: a signal arriving while the at-fork hooks run
+    is handled after them, so what its handler raises is not lost.
     """
     return _fork_checked()
 
