@@ -25,10 +25,16 @@ from fastfork.commands import (DEVNULL, PIPE, STDOUT, CommandResult, Process, sp
                             spawn_many)
 from fastfork.errors import (ChildError, FastforkError, ForkError, ServerError,
                              TimeoutExpired)
+from fastfork.server import ForkServer, ServerChild
+from fastfork.shared import PrivateBuffer, SharedBuffer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ForkServer",
+    "ServerChild",
+    "PrivateBuffer",
+    "SharedBuffer",
     "CommandResult",
     "DEVNULL",
     "PIPE",

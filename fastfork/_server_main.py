@@ -1,0 +1,220 @@
+"""The ForkServer process: import the preload modules once, freeze, fork per request.
+
+Run by ``ForkServer`` as a fresh interpreter (``python -c`` calling ``main(fd)``)
+with one end of a SOCK_SEQPACKET socketpair; see ``_server_proto`` for the
+messages. Single-threaded: one poll loop over the socket and the children's
+pidfds. The server is the only one that reaps its children; it reports each
+outcome to the caller, and kills them all when the caller goes away.
+"""
+import errno
+import gc
+import importlib
+import io
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import traceback
+
+from fastfork import _core
+from fastfork import _server_proto as proto
+from fastfork._result import ERROR, error_payload, write_frame
+from fastfork.fanout import _flush_stdio, _run_in_child
+from fastfork.shared import SharedBuffer
+
+_HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+# Without pidfds, how often (ms) the server polls its children with WNOHANG.
+_POLL_MS = 20
+
+
+class _Unpickler(pickle.Unpickler):
+    """Unpickles a request, mapping SharedBuffer references onto the memfds sent along."""
+
+    def __init__(self, file, buffer_fds):
+        super().__init__(file)
+        self._buffer_fds = buffer_fds
+
+    def persistent_load(self, pid):
+        tag, index, size = pid
+        if tag != "fastfork.SharedBuffer":
+            raise pickle.UnpicklingError(f"unknown persistent id {tag!r}")
+        return SharedBuffer._map_fd(self._buffer_fds[index], size)
+
+
+def _load_request(inline, payload_fd, buffer_fds):
+    """Return (fn, args, kwargs) from the inline bytes or the payload memfd."""
+    if inline is None:
+        with os.fdopen(payload_fd, "rb", closefd=False) as f:
+            inline = f.read()
+    return _Unpickler(io.BytesIO(inline), buffer_fds).load()
+
+
+def _grandchild(inherited, result_fd, inline, payload_fd, buffer_fds, print_traceback):
+    """The forked child's life: unpickle the call, run it, report; returns the exit code."""
+    # The server ignores SIGINT (Ctrl-C is the caller's business); a child
+    # behaves like one forked by the caller.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for fd in inherited:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    try:
+        fn, args, kwargs = _load_request(inline, payload_fd, buffer_fds)
+    except BaseException as exc:
+        try:
+            write_frame(result_fd, ERROR, error_payload(
+                exc, "could not unpickle the function or its arguments in the fork server"))
+        finally:
+            _flush_stdio()
+        return 1
+    return _run_in_child(fn, args, kwargs, result_fd, print_traceback)
+
+
+class _Server:
+    """The request loop."""
+
+    def __init__(self, sock):
+        self.sock = sock
+        self.live = {}        # pid -> (req_id, pidfd or -1)
+        self.by_pidfd = {}    # pidfd -> pid
+        self.poller = select.poll()
+        self.poller.register(sock.fileno(), select.POLLIN)
+
+    def serve(self):
+        """Serve until the caller closes its end; then kill and reap every child."""
+        try:
+            while True:
+                blind = any(pidfd < 0 for _, pidfd in self.live.values())
+                for fd, _ in self.poller.poll(_POLL_MS if blind else None):
+                    if fd == self.sock.fileno():
+                        if not self.handle_request():
+                            return
+                    else:
+                        self.reap(self.by_pidfd[fd])
+                if blind:
+                    for pid, (_, pidfd) in list(self.live.items()):
+                        if pidfd < 0:
+                            self.reap(pid)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the caller is gone
+        finally:
+            self.shutdown()
+
+    def handle_request(self):
+        """Handle one message; False when the caller has gone (EOF)."""
+        message, fds, fds_lost = proto.recv(self.sock)
+        if message is None:
+            return False
+        kind = message[0]
+        if kind == "start":
+            _, req_id, inline, print_traceback = message
+            if fds_lost or not fds:
+                for fd in fds:
+                    os.close(fd)
+                proto.send(self.sock, ("failed", req_id, errno.EMFILE,
+                                       "the fork server ran out of file descriptors"))
+            else:
+                self.start(req_id, inline, print_traceback, fds)
+        elif kind == "signal":
+            _, req_id, signum = message
+            for pid, (rid, _) in self.live.items():
+                if rid == req_id:
+                    # Not reaped yet (only this loop reaps), so the pid is still ours.
+                    os.kill(pid, signum)
+        return True
+
+    def start(self, req_id, inline, print_traceback, fds):
+        """Fork the child for one request and report its pid (and pidfd)."""
+        result_fd = fds[0]
+        payload_fd = fds[1] if inline is None else -1
+        buffer_fds = fds[2:] if inline is None else fds[1:]
+        inherited = [self.sock.fileno(), *self.by_pidfd]
+        registry = []
+        try:
+            _flush_stdio()
+            _core.fork_call(
+                lambda: _grandchild(inherited, result_fd, inline, payload_fd, buffer_fds,
+                                    print_traceback),
+                registry, signal.SIGKILL)
+        except OSError as exc:
+            proto.send(self.sock, ("failed", req_id, exc.errno, exc.strerror))
+            return
+        finally:
+            for fd in fds:
+                os.close(fd)
+        pid = registry[0]
+        pidfd = -1
+        if _HAVE_PIDFD:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                pidfd = -1  # EMFILE: fall back to polling this one
+        self.live[pid] = (req_id, pidfd)
+        if pidfd >= 0:
+            self.by_pidfd[pidfd] = pid
+            self.poller.register(pidfd, select.POLLIN)
+        proto.send(self.sock, ("started", req_id, pid), [pidfd] if pidfd >= 0 else [])
+
+    def reap(self, pid):
+        """Reap ``pid`` if it has exited and report its outcome."""
+        try:
+            done, status, rusage = os.wait4(pid, os.WNOHANG)
+            returncode = os.waitstatus_to_exitcode(status) if done else None
+        except ChildProcessError:  # cannot happen unless SIGCHLD was set to SIG_IGN
+            done, returncode, rusage = pid, None, None
+        if not done:
+            return
+        req_id, pidfd = self.live.pop(pid)
+        if pidfd >= 0:
+            self.poller.unregister(pidfd)
+            del self.by_pidfd[pidfd]
+            os.close(pidfd)
+        proto.send(self.sock, ("exited", req_id, returncode, rusage))
+
+    def shutdown(self):
+        """SIGKILL and reap every child still running."""
+        for pid, (_, pidfd) in self.live.items():
+            try:
+                if pidfd >= 0:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid, (_, pidfd) in list(self.live.items()):
+            try:
+                _core.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            if pidfd >= 0:
+                os.close(pidfd)
+        self.live.clear()
+
+
+def main(fd):
+    """Serve the caller on socket ``fd``; returns the process exit code."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    sock = socket.socket(fileno=fd)
+    os.set_inheritable(fd, False)
+    message, _, _ = proto.recv(sock)
+    if message is None:
+        return 0
+    _, path, preload = message
+    sys.path[:] = path
+    try:
+        for name in preload:
+            importlib.import_module(name)
+    except BaseException:
+        proto.send(sock, ("error", traceback.format_exc()))
+        return 1
+    # Keep the children's refcount and GC writes off the pages they share with
+    # the server (gc.freeze docs: "use it before a POSIX fork() call").
+    gc.collect()
+    gc.freeze()
+    proto.send(sock, ("ready", os.getpid()))
+    _Server(sock).serve()
+    return 0

@@ -1,0 +1,526 @@
+"""ForkServer: fork short Python tasks from a small, preloaded process.
+
+A fork costs in proportion to the parent's memory (page tables are copied);
+a big program that forks many short tasks pays that every time. A
+``ForkServer`` is a fresh interpreter, started once, that imports the
+``preload`` modules, calls ``gc.freeze()`` and then forks one child per
+request -- each fork costs what forking that small process costs.
+
+The server is exec'd (``sys.executable``), not forked from the caller: it is
+small whenever it is created, and holds none of the caller's memory, threads,
+locks or fds. The price is one interpreter start-up (~50-100 ms) and that
+functions and arguments travel pickled: functions by reference, so they must
+be importable by module and name in the server (not a lambda, not defined in
+the ``__main__`` script). The child does not see the caller's state after the
+server started; pass what it needs as arguments. A ``SharedBuffer`` passed as
+an argument is shared for real: its memfd is sent along.
+
+The caller and the server talk over a SOCK_SEQPACKET socketpair. Each child's
+result pipe is made by the caller, its write end passed to the server with
+SCM_RIGHTS, so results go straight from the child to the caller. The server
+sends each child's pidfd back, so the caller waits on and signals the child
+through the pidfd (never a pid that could be recycled); the server reaps the
+child and reports its exit status and rusage.
+"""
+import contextlib
+import errno
+import io
+import itertools
+import os
+import pickle
+import select
+import signal
+import socket
+import sys
+import threading
+import warnings
+import weakref
+
+from fastfork import _core
+from fastfork import _server_proto as proto
+from fastfork import fanout
+from fastfork.child import (Child, _fd_lock, check_timeout, close_inherited_fds,
+                            close_owned, own_fd, stop_all)
+from fastfork.errors import ServerError
+from fastfork.shared import SharedBuffer
+
+__all__ = ["ForkServer", "ServerChild"]
+
+# The directory holding the fastfork package, put first on the server's path
+# so that it runs this very fastfork whatever the caller's sys.path says.
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pidfd_exited(pidfd, timeout=0.0):
+    """True if the process behind ``pidfd`` has exited (within ``timeout`` seconds)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
+class _Pickler(pickle.Pickler):
+    """Pickles a call; SharedBuffers become references to their memfds."""
+
+    def __init__(self, file):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.fds = []
+
+    def persistent_id(self, obj):
+        if not isinstance(obj, SharedBuffer):
+            return None
+        fd = obj.fileno()
+        if fd < 0:
+            raise TypeError("an anonymous SharedBuffer (no memfd on this system) "
+                            "cannot reach a fork server's children")
+        self.fds.append(fd)
+        return ("fastfork.SharedBuffer", len(self.fds) - 1, len(obj))
+
+
+def _pickle_call(fn, args, kwargs):
+    """Return (payload bytes, SharedBuffer fds); TypeError if it cannot be pickled."""
+    out = io.BytesIO()
+    pickler = _Pickler(out)
+    try:
+        pickler.dump((fn, args, kwargs))
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        raise TypeError(
+            f"cannot send {fanout._short_repr(fn)} and its arguments to the fork server: "
+            f"{exc} (functions travel pickled by reference: define them at module "
+            "level in an importable module)") from exc
+    if len(pickler.fds) > proto.MAX_FDS - 2:
+        raise ValueError(f"at most {proto.MAX_FDS - 2} SharedBuffers per call")
+    return out.getvalue(), pickler.fds
+
+
+class _Connection:
+    """One running server process: its socket, its handle, the replies due."""
+
+    def __init__(self, preload, start_timeout):
+        self.lock = threading.RLock()
+        self.dead = False
+        self.replies = {}                            # req_id -> None (waiting) or reply
+        self.children = weakref.WeakValueDictionary()  # req_id -> ServerChild
+        self.ids = itertools.count(1)
+        self.process = None
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            own_fd(self.sock.fileno())
+            self._launch(theirs)
+        finally:
+            theirs.close()
+        try:
+            proto.send(self.sock, ("init", list(sys.path), tuple(preload)))
+            message = self._first_message(start_timeout)
+        except BaseException:
+            self.close(grace=0)
+            raise
+        if message[0] != "ready":
+            self.close(grace=0)
+            raise ServerError("the fork server failed to start:\n" + message[1])
+        self.pid = message[1]
+
+    def _launch(self, theirs):
+        fd = theirs.fileno()
+        code = (f"import sys; sys.path.insert(0, {_PACKAGE_ROOT!r}); "
+                f"from fastfork._server_main import main; sys.exit(main({fd}))")
+        argv = [sys.executable, "-c", code]
+
+        def exec_server():
+            close_inherited_fds()
+            os.set_inheritable(fd, True)
+            os.execv(argv[0], argv)
+
+        # PR_SET_PDEATHSIG fires when the *thread* that forked exits (prctl(2)),
+        # so only a server started from the main thread gets it; otherwise the
+        # server relies on seeing EOF on the socket when the caller dies.
+        deathsig = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
+        registry = []
+        with _fd_lock:
+            fanout._flush_stdio()
+            _core.fork_call(exec_server, registry, deathsig)
+        self.process = Child(registry[0])
+
+    def _first_message(self, timeout):
+        poller = select.poll()
+        poller.register(self.sock.fileno(), select.POLLIN)
+        if not poller.poll(None if timeout is None else timeout * 1000):
+            raise ServerError(f"the fork server did not start within {timeout} seconds")
+        message, _, _ = proto.recv(self.sock)
+        if message is None:
+            self.process.wait(5)
+            raise ServerError(f"the fork server {self.process.pid} "
+                              f"{fanout.describe_status(self.process.returncode)} while starting")
+        return message
+
+    # ------------------------------------------------------------ messages
+
+    def send(self, message, fds=()):
+        """Send a message; ServerError if the server is gone."""
+        if self.dead:
+            raise ServerError(f"the fork server {self.pid} died")
+        try:
+            proto.send(self.sock, message, fds)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self._mark_dead()
+            raise ServerError(f"the fork server {self.pid} died") from exc
+
+    def pump(self, until=None):
+        """Read and dispatch the server's messages.
+
+        Without ``until``, reads what is waiting and returns. With it, blocks
+        until ``until()`` is true (returns True) or the server dies (False).
+        """
+        with self.lock:
+            while True:
+                if until is not None and until():
+                    return True
+                if self.dead:
+                    return False
+                try:
+                    message, fds, _ = proto.recv(self.sock, block=False)
+                except BlockingIOError:
+                    if until is None:
+                        return False
+                    select.select([self.sock], [], [])
+                    continue
+                except ConnectionResetError:
+                    message, fds = None, []
+                if message is None:
+                    self._mark_dead()
+                    continue
+                self._dispatch(message, fds)
+
+    def _dispatch(self, message, fds):
+        kind, req_id = message[0], message[1]
+        if kind in ("started", "failed"):
+            if req_id in self.replies:
+                self.replies[req_id] = (message, fds)
+            elif kind == "started":
+                # Its caller was interrupted before the reply came: nobody owns it.
+                self._kill_orphan(req_id, fds)
+        elif kind == "exited":
+            child = self.children.get(req_id)
+            if child is not None:
+                child._status = (message[2], message[3])
+
+    def _kill_orphan(self, req_id, fds):
+        if fds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fds[0], signal.SIGKILL)
+            for fd in fds:
+                os.close(fd)
+        else:
+            with contextlib.suppress(ServerError):
+                self.send(("signal", req_id, signal.SIGKILL))
+
+    def _mark_dead(self):
+        self.dead = True
+
+    # ------------------------------------------------------------ requests
+
+    def request_start(self, payload, buffer_fds, print_traceback):
+        """Ask the server to fork a child; return (req_id, pid, pidfd, result read fd).
+
+        Raises ServerError if the server is gone, OSError if its fork failed.
+        """
+        read_fd = write_fd = payload_fd = -1
+        try:
+            with _fd_lock:
+                read_fd, write_fd = os.pipe()
+                own_fd(read_fd)
+                own_fd(write_fd)
+            fds = [write_fd]
+            inline = payload
+            if len(payload) > proto.INLINE_MAX:
+                payload_fd = os.memfd_create("fastfork-call", os.MFD_CLOEXEC)
+                with os.fdopen(payload_fd, "wb", closefd=False) as f:
+                    f.write(payload)
+                fds.append(payload_fd)
+                inline = None
+            fds.extend(buffer_fds)
+            with self.lock:
+                req_id = next(self.ids)
+                self.replies[req_id] = None
+                try:
+                    self.send(("start", req_id, inline, print_traceback), fds)
+                    # The fds are in flight now; our copies can go.
+                    close_owned(write_fd)
+                    write_fd = -1
+                    if not self.pump(lambda: self.replies[req_id] is not None):
+                        raise ServerError(f"the fork server {self.pid} died")
+                finally:
+                    reply = self.replies.pop(req_id)
+                    if reply is not None and sys.exc_info()[0] is not None:
+                        self._kill_orphan(req_id, reply[1])
+            (kind, *rest), pidfds = reply
+            if kind == "failed":
+                raise OSError(rest[1], rest[2])
+            pidfd = pidfds[0] if pidfds else -1
+            fd, read_fd = read_fd, -1
+            os.set_blocking(fd, False)
+            return req_id, rest[1], pidfd, fd
+        finally:
+            for fd in (read_fd, write_fd):
+                if fd >= 0:
+                    close_owned(fd)
+            if payload_fd >= 0:
+                os.close(payload_fd)
+
+    def close(self, grace=5.0):
+        """Close the socket (the server kills its children and exits) and reap it."""
+        with self.lock:
+            self.dead = True
+            if self.sock is not None:
+                sock, self.sock = self.sock, None
+                close_owned(sock.detach())
+        if self.process is not None and not self.process.finished:
+            with contextlib.suppress(Exception):
+                self.process.wait(grace)
+            self.process.stop(0)
+
+
+class ServerChild(fanout.FunctionChild):
+    """A child forked by a ForkServer: the same interface as FunctionChild.
+
+    It is not this process's child: its pidfd came from the server (which
+    opened it before it could reap the pid) and the server reports its exit
+    status and rusage. ``server_died`` is True if the server died before
+    reporting; ``result()`` then raises ServerError.
+    """
+
+    def __init__(self, connection, req_id, pid, pidfd, result_fd, *, index=None, item=None):
+        self._conn = connection
+        self._req_id = req_id
+        self._status = None
+        self.server_died = False
+        super().__init__(pid, result_fd, index=index, item=item)
+        # FunctionChild opened a pidfd by pid, which may already name another
+        # process (the server may have reaped the pid): use the server's.
+        self._close_pidfd()
+        self._pidfd = own_fd(pidfd) if pidfd >= 0 else -1
+
+    def _try_reap(self):
+        """Finish the child once the server has reported it; True once finished."""
+        if self._finished:
+            return True
+        conn = self._conn
+        conn.pump()
+        if self._status is None and self._pidfd >= 0 and _pidfd_exited(self._pidfd):
+            # It has exited: the server reaps it and reports at once.
+            conn.pump(lambda: self._status is not None)
+        if self._status is None:
+            if not conn.dead:
+                return False
+            # The server died; its children get SIGKILL (PR_SET_PDEATHSIG).
+            if self._pidfd >= 0 and not _pidfd_exited(self._pidfd, 5.0):
+                return False
+            self.lost = self.server_died = True
+        else:
+            self.returncode, self.rusage = self._status
+            self.lost = self.returncode is None
+        self._finished = True
+        self._close_pidfd()
+        self._finish()
+        return True
+
+    def send_signal(self, sig):
+        """Send ``sig`` to the child (through its pidfd, or through the server)."""
+        self._check_owner()
+        if self._finished:
+            return
+        if self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, sig)
+        elif not self._conn.dead:
+            with contextlib.suppress(ServerError):
+                self._conn.send(("signal", self._req_id, int(sig)))
+
+    def _decode(self):
+        if self.server_died and self._frame.frame() is None:
+            return False, ServerError(
+                f"the fork server {self._conn.pid} died before child {self.pid} "
+                f"reported{'' if self.index is None else f' (item {self.index})'}")
+        return super()._decode()
+
+    def __del__(self):
+        if getattr(self, "_owner", None) != os.getpid() or self._finished:
+            return
+        if not self._try_reap():
+            warnings.warn(f"child {self.pid} of the fork server is still running",
+                          ResourceWarning, source=self)
+            # The server reaps it; only our fds are ours to close.
+            self._close_fds()
+
+
+class ForkServer:
+    """A small preloaded process that forks the children for ``start``/``map``.
+
+    ``ForkServer(preload=(), *, start_timeout=60.0)``: ``preload`` names
+    modules the server imports once, before ``gc.freeze()``; every child finds
+    them imported. The server starts on ``open()``, on entering ``with``, or
+    lazily on first use; create it early (its start-up takes one interpreter
+    launch). ``close()`` (or leaving ``with``) stops every child it made and
+    the server; the object cannot be used after that. If this process dies,
+    the server and its children die too. If the server dies, calls in flight
+    fail with ServerError and the next call starts a new server.
+
+    Raises TypeError for a bad ``preload``.
+    """
+
+    __module__ = "fastfork"
+
+    def __init__(self, preload=(), *, start_timeout=60.0):
+        if isinstance(preload, (str, bytes)):
+            raise TypeError("preload must be a sequence of module names, not a single string")
+        preload = tuple(preload)
+        for name in preload:
+            if not isinstance(name, str):
+                raise TypeError(f"preload names must be str, not {type(name).__name__}")
+        self._preload = preload
+        self._start_timeout = check_timeout(start_timeout, "start_timeout", allow_zero=False)
+        self._lock = threading.Lock()
+        self._conn = None
+        self._closed = False
+        self._owner = os.getpid()
+        self._children = weakref.WeakSet()
+
+    def __repr__(self):
+        if self._closed:
+            state = "closed"
+        elif self._conn is None or self._conn.dead:
+            state = "not running"
+        else:
+            state = f"pid={self._conn.pid}"
+        return f"<fastfork.ForkServer {state} preload={self._preload!r}>"
+
+    @property
+    def pid(self):
+        """The server's pid, or None when it is not running."""
+        conn = self._conn
+        return None if conn is None or conn.dead else conn.pid
+
+    def _check_usable(self):
+        if os.getpid() != self._owner:
+            raise RuntimeError(f"this ForkServer belongs to process {self._owner}")
+        if self._closed:
+            raise ValueError("the ForkServer is closed")
+
+    def _connection(self):
+        """The running server, started (or restarted after it died) if need be."""
+        self._check_usable()
+        with self._lock:
+            conn = self._conn
+            if conn is not None and not conn.dead:
+                conn.pump()  # notice a server that died while idle
+            if conn is None or conn.dead:
+                if conn is not None:
+                    conn.close(grace=0)
+                self._conn = conn = _Connection(self._preload, self._start_timeout)
+            return conn
+
+    def open(self):
+        """Start the server now (if it is not running); return self.
+
+        Raises ServerError if it cannot start (e.g. a preload import fails;
+        the server's traceback is in the message).
+        """
+        self._connection()
+        return self
+
+    def close(self, grace=1.0):
+        """Stop every child this server made (SIGTERM, ``grace`` s, SIGKILL) and the server.
+
+        Closing twice is harmless.
+        """
+        if os.getpid() != self._owner:
+            return
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            conn, self._conn = self._conn, None
+        children = [c for c in list(self._children) if not c.finished]
+        if children and conn is not None and not conn.dead:
+            stop_all(children, grace)
+        if conn is not None:
+            conn.close()
+        for child in children:
+            child._try_reap()
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    # ------------------------------------------------------------ the fan-out API
+
+    def start_child(self, fn, args=(), kwargs=None, *, die_with_parent=True,
+                    print_traceback=False, index=None, item=None):
+        """Have the server fork a child that runs ``fn(*args, **kwargs)``; return its ServerChild.
+
+        Like ``fastfork.start_child``; the child always dies with the server
+        and the server with this process (``die_with_parent`` is accepted for
+        the same signature). Raises TypeError for a non-callable or what
+        cannot be pickled, before anything is sent; ServerError if the server
+        dies; OSError if its fork fails.
+        """
+        fanout._check_callable(fn)
+        kwargs = {} if kwargs is None else kwargs
+        if not isinstance(kwargs, dict):
+            raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+        payload, buffer_fds = _pickle_call(fn, tuple(args), kwargs)
+        conn = self._connection()
+        req_id, pid, pidfd, result_fd = conn.request_start(payload, buffer_fds,
+                                                           print_traceback)
+        try:
+            child = ServerChild(conn, req_id, pid, pidfd, result_fd, index=index, item=item)
+        except BaseException:
+            conn._kill_orphan(req_id, [pidfd] if pidfd >= 0 else [])
+            close_owned(result_fd)
+            raise
+        with conn.lock:
+            conn.children[req_id] = child
+        self._children.add(child)
+        return child
+
+    def start(self, fn, /, *args, **kwargs):
+        """Run ``fn(*args, **kwargs)`` in a child of the server; return its ServerChild."""
+        return self.start_child(fn, args, kwargs)
+
+    def as_completed(self, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
+                     fork_retries=8, grace=1.0, print_traceback=False):
+        """``fastfork.as_completed`` with the children forked by the server.
+
+        Yields (index, result) as children finish. Raises ServerError if the
+        server dies meanwhile (every running child is stopped first).
+        """
+        self._check_usable()
+        return fanout.fan_out(self.start_child, fn, iterable, jobs=jobs, timeout=timeout,
+                              return_exceptions=return_exceptions,
+                              fork_retries=fork_retries, grace=grace,
+                              print_traceback=print_traceback)
+
+    def map(self, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
+            fork_retries=8, grace=1.0, print_traceback=False):
+        """``fastfork.map`` with the children forked by the server.
+
+        Returns the results in input order; ChildError on a failed item (or,
+        with ``return_exceptions``, the error in its place). Raises ServerError
+        if the server dies meanwhile (every running child is stopped first).
+        """
+        return fanout.in_input_order(self.as_completed(
+            fn, iterable, jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
+            fork_retries=fork_retries, grace=grace, print_traceback=print_traceback))
+
+    @contextlib.contextmanager
+    def background(self, fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0):
+        """``fastfork.background`` with the child forked by the server."""
+        fanout._check_callable(fn)
+        grace = check_timeout(grace, "grace")
+        stop_signal = signal.Signals(stop_signal)
+        child = self.start_child(fn, args, kwargs)
+        try:
+            yield child
+        finally:
+            stop_all([child], grace, sig=stop_signal)
