@@ -46,7 +46,9 @@ class _Unpickler(pickle.Unpickler):
 def _load_request(inline, payload_fd, buffer_fds):
     """Return (fn, args, kwargs) from the inline bytes or the payload memfd."""
     if inline is None:
+        # The caller's write left the shared file offset at the end.
         with os.fdopen(payload_fd, "rb", closefd=False) as f:
+            f.seek(0)
             inline = f.read()
     return _Unpickler(io.BytesIO(inline), buffer_fds).load()
 
