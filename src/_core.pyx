@@ -85,7 +85,10 @@ cdef extern from "<time.h>" nogil:
     int CLOCK_MONOTONIC
 
 
-cdef object _struct_rusage = None
+# Resolved at import: a lazy import fails during interpreter shutdown, when a
+# __del__ may still reap a child with wait3/wait4.
+import resource
+cdef object _struct_rusage = resource.struct_rusage
 cdef bint _warn_threads = sys.version_info >= (3, 12)
 # os.fork warns before PyOS_AfterFork_Parent on 3.12 and after it from 3.13
 # (so that hooks run with the world started again): same order here.
@@ -106,10 +109,6 @@ cdef int _raise_errno(int err) except -1:
 
 cdef object _make_rusage(rusage *ru):
     """Build a resource.struct_rusage exactly as os.wait3/os.wait4 do."""
-    global _struct_rusage
-    if _struct_rusage is None:
-        import resource
-        _struct_rusage = resource.struct_rusage
     return _struct_rusage((
         ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6,
         ru.ru_stime.tv_sec + ru.ru_stime.tv_usec * 1e-6,
@@ -501,7 +500,11 @@ def reap(pids, timeout=None):
 
 # ---------------------------------------------------------------- fork_call
 
-def fork_call(fn, registry, int pdeathsig=0):
+cdef extern from "<signal.h>" nogil:
+    int NSIG
+
+
+def fork_call(fn, registry, pdeathsig=0):
     """Fork; in the child run ``fn()`` and ``_exit`` with what it returns.
 
     The child never returns from this call: whatever ``fn`` does -- returns a
@@ -515,23 +518,34 @@ def fork_call(fn, registry, int pdeathsig=0):
     send that signal to the child when the parent dies (Linux); a child whose
     parent died before that took effect exits at once.
 
-    Raises OSError if fork fails, RuntimeError at interpreter shutdown.
+    Raises TypeError for a non-callable ``fn``, a non-list ``registry`` or a
+    non-integer ``pdeathsig``; ValueError for a ``pdeathsig`` that is not a
+    signal number (or 0); OSError if fork fails; RuntimeError at interpreter
+    shutdown.
     """
     cdef pid_t parent = getpid()
     cdef pid_t pid
     cdef int code = 70
+    cdef int c_sig
     if not callable(fn):
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
     if not isinstance(registry, list):
         raise TypeError("registry must be a list")
+    c_sig = PyNumber_Index(pdeathsig)
+    if not 0 <= c_sig < NSIG:
+        # Checked here: prctl() would only fail in the child, unnoticed.
+        raise ValueError(f"pdeathsig must be 0 or a signal number, not {pdeathsig!r}")
+    if sys.is_finalizing():
+        # Unlike os.fork on 3.10/3.11, the library never starts a child during
+        # shutdown, on any version: the child would run a half-torn-down runtime.
+        raise _FinalizationError("can't fork at interpreter shutdown")
     pid = _fork_checked()
     if pid != 0:
         registry.append(pid)
         return pid
     try:
-        if pdeathsig > 0:
-            prctl(PR_SET_PDEATHSIG, pdeathsig, 0, 0, 0)
-            if getppid() != parent:
+        if c_sig > 0:
+            if prctl(PR_SET_PDEATHSIG, c_sig, 0, 0, 0) != 0 or getppid() != parent:
                 c_exit(70)
         result = fn()
         if isinstance(result, int) and 0 <= result <= 255:

@@ -421,6 +421,33 @@ def test_fork_at_interpreter_shutdown_behaves_like_os(when):
         assert outcome["fastfork"] == "audit\nforked"
 
 
+def test_fork_call_refuses_and_wait4_works_at_interpreter_shutdown():
+    # The library never starts a child while the interpreter finalizes, on any
+    # version (os.fork still does on 3.10/3.11); reaping one still works.
+    proc = procutil.run_python(textwrap.dedent("""
+        import os, fastfork
+        from fastfork import _core
+        pid = os.fork()
+        if pid == 0:
+            os._exit(3)
+
+        class Finalized:
+            def __del__(self, os=os, fork_call=_core.fork_call, wait4=fastfork.wait4,
+                        RuntimeError=RuntimeError, pid=pid):
+                registry = []
+                try:
+                    fork_call(lambda: 0, registry)
+                    refused = "forked"
+                except RuntimeError as e:
+                    refused = str(e)
+                got, status, ru = wait4(pid, 0)
+                os.write(1, f"{refused}|{registry}|{got == pid}|{status >> 8}|{ru.ru_maxrss > 0}".encode())
+        Finalized.instance = Finalized()
+    """))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "can't fork at interpreter shutdown|[]|True|3|True", proc.stderr
+
+
 def test_fork_failure_raises_blocking_io_error_like_os():
     # A pids cgroup full to its limit makes fork() fail with EAGAIN (root
     # ignores RLIMIT_NPROC). A live thread makes 3.12+ warn even so, as os does.
@@ -1048,14 +1075,19 @@ def test_fork_call_child_never_returns(fn, code, reaper):
     assert exitcode(fastfork.waitpid(pid, 0)[1]) == code
 
 
-@pytest.mark.parametrize("fn,registry", [
-    (None, []), (42, []), (lambda: 0, ()), (lambda: 0, None), (lambda: 0, {}),
+@pytest.mark.parametrize("args,error", [
+    ((None, []), TypeError), ((42, []), TypeError), ((lambda: 0, ()), TypeError),
+    ((lambda: 0, None), TypeError), ((lambda: 0, {}), TypeError),
+    ((lambda: 0, [], 9.0), TypeError), ((lambda: 0, [], "9"), TypeError),
+    ((lambda: 0, [], -1), ValueError), ((lambda: 0, [], signal.NSIG), ValueError),
+    ((lambda: 0, [], 2**40), OverflowError),
 ])
-def test_fork_call_rejects_bad_arguments_before_forking(fn, registry):
+def test_fork_call_rejects_bad_arguments_before_forking(args, error):
     before = procutil.children()
-    with pytest.raises(TypeError):
-        _core.fork_call(fn, registry)
+    with pytest.raises(error):
+        _core.fork_call(*args)
     assert procutil.children() == before
+    assert args[1] in ([], (), None, {})  # nothing recorded
 
 
 def test_fork_call_pdeathsig_kills_the_child_when_its_parent_dies():
