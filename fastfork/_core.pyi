@@ -1,6 +1,6 @@
 """Type stubs for fastfork._core, the compiled core."""
 import resource
-from typing import Callable, Iterable, NoReturn, SupportsIndex
+from typing import Callable, Iterable, NoReturn, Sequence, SupportsIndex
 
 def fork() -> int: ...
 def waitpid(pid: SupportsIndex, options: SupportsIndex, /) -> tuple[int, int]: ...
@@ -18,3 +18,22 @@ def fork_call(
 ) -> int: ...
 def _c_fork_exit_loop(n: int) -> int: ...
 def _c_waitpid_loop(pids: Iterable[int]) -> int: ...
+
+# The exec path (src/_spawn.pxi), used by fastfork.commands / fastfork.spawn.
+def _spawn_uses_vfork() -> bool: ...
+def _spawn(
+    paths: list[bytes],
+    argv: list[bytes],
+    envp: list[bytes] | None,
+    cwd: bytes | None,
+    stdio: Sequence[int],
+    keep_fds: Sequence[int],
+    close_fds: bool,
+    new_session: bool,
+    pdeathsig: int,
+    registry: list[int],
+    exec_name: str | bytes | None = None,
+    cwd_name: str | bytes | None = None,
+    use_fork: bool = False,
+) -> int: ...
+def _c_spawn_loop(n: int, path: bytes = b"/bin/true") -> int: ...
