@@ -409,7 +409,9 @@ def reap(pids, timeout=None):
     for a pid <= 0, a duplicate pid or a negative, NaN or infinite timeout;
     ChildProcessError if some pid was not a child of this process (or was
     already reaped) -- its ``reaped`` attribute holds the pairs that were
-    reaped all the same, and ``pids`` the pids that were not children.
+    reaped all the same, and ``pids`` the pids that were not children. An
+    exception raised by a signal handler while waiting (KeyboardInterrupt)
+    also carries ``reaped``, so no exit status is lost.
     """
     cdef Py_ssize_t n, i
     cdef pid_t *c_pids = NULL
@@ -474,7 +476,12 @@ def reap(pids, timeout=None):
             if rc == 0:
                 break
             # EINTR: run the signal handlers (Ctrl-C raises here) and go on.
-            PyErr_CheckSignals_or_raise()
+            try:
+                PyErr_CheckSignals_or_raise()
+            except BaseException as exc:
+                # Those already reaped cannot be waited for again: hand them over.
+                exc.reaped = [(c_pids[i], c_status[i]) for i in range(n) if c_state[i] == 1]
+                raise
 
         reaped = [(c_pids[i], c_status[i]) for i in range(n) if c_state[i] == 1]
         for i in range(n):
@@ -510,7 +517,7 @@ def fork_call(fn, registry, pdeathsig=0):
     The child never returns from this call: whatever ``fn`` does -- returns a
     non-int, raises SystemExit, KeyboardInterrupt or any BaseException -- it
     ends in ``_exit`` (70, EX_SOFTWARE, when ``fn`` raised or returned a
-    non-int). No Python bytecode runs between fork() returning and ``fn``
+    non-int), after flushing sys.stdout and sys.stderr. No Python bytecode runs between fork() returning and ``fn``
     being called, so no signal handler can raise in that gap.
 
     In the parent the child's pid is appended to ``registry`` (a list) before
@@ -553,7 +560,19 @@ def fork_call(fn, registry, pdeathsig=0):
     except BaseException:
         code = 70
     finally:
+        _flush_stdio()
         c_exit(code)
+
+
+cdef void _flush_stdio() noexcept:
+    """Flush sys.stdout and sys.stderr before _exit; never raises."""
+    for name in ("stdout", "stderr"):
+        try:
+            stream = getattr(sys, name)
+            if stream is not None:
+                stream.flush()
+        except BaseException:
+            pass
 
 
 # ---------------------------------------------------------------- C limits

@@ -1164,3 +1164,29 @@ def test_fork_call_returns_pid_and_registry_in_parent(reaper):
     reaper.append(pid)
     assert registry == [pid]
     assert fastfork.reap(registry) == [(pid, 0)]
+
+
+def test_reap_interrupted_hands_over_what_it_already_reaped():
+    out = run_script("""
+        import json, os, signal, time, fastfork
+        fast = os.fork()
+        if fast == 0:
+            os._exit(3)
+        slow = os.fork()
+        if slow == 0:
+            time.sleep(30)
+            os._exit(0)
+        time.sleep(0.1)  # the fast child has exited
+        def interrupt(*args):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        try:
+            fastfork.reap([fast, slow])
+            reaped = None
+        except KeyboardInterrupt as exc:
+            reaped = exc.reaped
+        os.kill(slow, signal.SIGKILL)
+        print(json.dumps([reaped == [(fast, 3 << 8)], fastfork.reap([slow]) == [(slow, 9)]]))
+    """)
+    assert out == [True, True]
