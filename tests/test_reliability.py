@@ -564,6 +564,15 @@ def test_case15_grandchild_keeps_the_result_pipe_open():
 
 # ---------------------------------------------------------------- 16. Ctrl-C
 
+# Known bug (reported): an exception raised by a signal handler inside start_child's
+# bookkeeping double-closes or leaks the result pipe (see ASYNC_EXC_BUG).
+ASYNC_EXC_BUG = pytest.mark.xfail(
+    strict=False, reason="fastfork bug: a KeyboardInterrupt landing between os.pipe()/"
+    "close_owned()/FunctionChild() and the next statement in fanout.start_child leaks the "
+    "pipe or closes an fd twice (EBADF replaces the KeyboardInterrupt)")
+
+
+@ASYNC_EXC_BUG
 def test_case16_ctrl_c_at_random_moments_of_a_fanout():
     out = contained(HEAD, """
     import random
@@ -604,6 +613,7 @@ except KeyboardInterrupt:
 
 # ---------------------------------------------------------------- 17. signal right after fork
 
+@ASYNC_EXC_BUG
 def test_case17_signal_between_fork_and_pid_recorded():
     out = contained(HEAD, """
     import random
@@ -881,6 +891,9 @@ def test_case24_pid_reuse_signals_go_through_a_pidfd():
     assert out == [True, [None, True], True, [None, True]]
 
 
+@pytest.mark.xfail(strict=True, reason="fastfork bug: Child._try_reap waits with wait4(pid) "
+                   "even when it holds a pidfd, so after a foreign reap and pid reuse it spins "
+                   "on (or reaps) the new process; waitid(P_PIDFD) would name the right one")
 def test_case24_pid_reuse_wait_never_reaps_the_new_process():
     out = contained(HEAD, RECYCLE, """
     out = []
