@@ -71,7 +71,7 @@ def report(request):
     write(f"forkserver benchmarks (parent holding 1 GiB; N={N_TASKS} tasks, "
           f"{N_FORKS} forks; jobs={JOBS})")
     for name, seconds in _per_task.items():
-        write(f"  {name:<40} {seconds * 1e3:9.3f} ms per task")
+        write(f"  {name:<40} {seconds * 1e3:9.3f} ms per child")
     targets = [
         ("ForkServer.map vs fastfork.map (big parent)", "fastfork.map", "ForkServer.map", 20),
         ("ForkServer.map vs multiprocessing forkserver", "multiprocessing forkserver",
@@ -83,6 +83,10 @@ def report(request):
          "fork, 1 GiB SharedBuffer", 30),
         ("fork with PrivateBuffer vs bytearray", "fork, 1 GiB bytearray",
          "fork, 1 GiB PrivateBuffer (huge pages)", None),
+        ("fresh parent: SharedBuffer vs bytearray", "fork, fresh parent, 1 GiB bytearray",
+         "fork, fresh parent, 1 GiB SharedBuffer", 30),
+        ("fresh parent: PrivateBuffer vs bytearray", "fork, fresh parent, 1 GiB bytearray",
+         "fork, fresh parent, 1 GiB PrivateBuffer (huge pages)", None),
     ]
     for label, slow, fast, target in targets:
         if slow in _per_task and fast in _per_task:
@@ -189,3 +193,52 @@ def test_fork_holding_1gib(benchmark, kind):
         if hasattr(buf, "close"):
             buf.close()
         del buf
+
+
+# The same fork loop in a fresh interpreter holding only the buffer: without
+# the test runner's own ~50-100 MB (whose page tables every fork above also
+# copies), this shows what the kind of memory alone costs.
+_FRESH_PARENT = """
+import os, sys
+import fastfork
+kind = sys.argv[1]
+size = 1 << 30
+buf = {"bytearray": lambda: bytearray(size), "SharedBuffer": lambda: fastfork.SharedBuffer(size),
+       "PrivateBuffer (huge pages)": lambda: fastfork.PrivateBuffer(size, hugepages=True)}[kind]()
+view = memoryview(buf)
+chunk = b"\\x5a" * (1 << 20)
+for off in range(0, size, len(chunk)):
+    view[off:off + len(chunk)] = chunk
+view.release()
+print("ready", flush=True)
+for line in sys.stdin:
+    for _ in range(int(line)):
+        pid = fastfork.fork()
+        if pid == 0:
+            os._exit(0)
+        fastfork.waitpid(pid, 0)
+    print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("kind", ["bytearray", "SharedBuffer", "PrivateBuffer (huge pages)"])
+def test_fork_holding_1gib_fresh_parent(benchmark, kind):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastfork.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", _FRESH_PARENT, kind], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+
+        def forks():
+            proc.stdin.write(f"{N_FORKS}\n")
+            proc.stdin.flush()
+            assert proc.stdout.readline().strip() == "done"
+        benchmark.group = "forkserver: fork + exit + reap, fresh parent holding 1 GiB"
+        benchmark.name = f"fork, fresh parent, 1 GiB {kind}"
+        benchmark.pedantic(forks, rounds=3, iterations=1)
+        if not benchmark.disabled:
+            _per_task[benchmark.name] = benchmark.stats.stats.median / N_FORKS
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
