@@ -5,6 +5,7 @@ so a recycled pid is never signalled; elsewhere it polls with WNOHANG and a
 capped exponential back-off on the monotonic clock. Subclasses attach pipes
 that must be drained while the child runs (results, captured output).
 """
+import errno
 import math
 import os
 import select
@@ -19,43 +20,25 @@ from fastfork.errors import TimeoutExpired
 __all__ = ["Child", "wait_all", "stop_all"]
 
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
+_HAVE_WAITID_PIDFD = _HAVE_PIDFD
 
 # Fds fastfork holds open in this process (pipes, pidfds). A forked child closes
-# them all first, so it never holds a sibling's pipe. _fd_lock is held while
-# such fds are created and while forking, so no thread forks between a pipe's
-# creation and its registration.
+# them all first, so it never holds a sibling's pipe. Code that creates such
+# fds in Python holds _fd_lock until they are registered, so no fastfork fork
+# in another thread happens in between.
 _owned_fds = set()
-
-
-class _ForkLock:
-    """A lock that every forked child gets back unlocked.
-
-    A child forked while it is held (by fastfork itself, or by another thread
-    when user code calls os.fork) must still be able to fork its own children.
-    """
-
-    def __init__(self):
-        self._lock = threading.Lock()
-
-    def __enter__(self):
-        self._lock.acquire()
-        return self
-
-    def __exit__(self, *exc_info):
-        self._lock.release()
-
-    def reset(self):
-        self._lock = threading.Lock()
-
-
-_fd_lock = _ForkLock()
+_fd_lock = threading.Lock()
 
 # Children whose handle was dropped while they ran: reaped later, never left.
 _unreaped = []
 
 
 def _after_fork_in_child():
-    _fd_lock.reset()
+    # A child forked while the lock was held (by fastfork's own fork, or by
+    # another thread when user code calls os.fork) must be able to fork too.
+    # Only one thread survives a fork, so no one else can hold it here.
+    if _fd_lock.locked():
+        _fd_lock.release()
     _unreaped.clear()  # the parent's children, not ours
 
 
@@ -125,7 +108,8 @@ class Child:
 
     def __init__(self, pid, pidfd=None):
         """Take charge of child ``pid``; ``pidfd``, if given, is a pidfd for it
-        that this handle now owns (e.g. received from a fork server)."""
+        that this handle now owns (e.g. received from a fork server). A
+        subclass may pass pid None for a handle whose process is made later."""
         self.pid = pid
         self.returncode = None
         self.rusage = None
@@ -135,7 +119,7 @@ class Child:
         self._pidfd = -1
         if pidfd is not None:
             self._pidfd = own_fd(pidfd)
-        elif _HAVE_PIDFD:
+        elif _HAVE_PIDFD and pid is not None:
             try:
                 self._pidfd = own_fd(os.pidfd_open(pid))
             except OSError:
@@ -199,7 +183,7 @@ class Child:
         if self._finished:
             return True
         try:
-            pid, status, rusage = _core.wait4(self.pid, os.WNOHANG)
+            pid, status, rusage = self._wait4_nohang()
         except ChildProcessError:
             # Reaped elsewhere (SIGCHLD ignored, or a foreign waitpid): the exit
             # status is gone for good. Report it as unknown rather than hang.
@@ -215,6 +199,22 @@ class Child:
         self._close_pidfd()
         self._finish()
         return True
+
+    def _wait4_nohang(self):
+        """wait4(WNOHANG) for this child, through the pidfd where there is one.
+
+        By pidfd, a pid that was reaped elsewhere and reused can never be taken
+        for this child.
+        """
+        global _HAVE_WAITID_PIDFD
+        if self._pidfd >= 0 and _HAVE_WAITID_PIDFD:
+            try:
+                return _core._wait_pidfd(self._pidfd, os.WNOHANG)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _HAVE_WAITID_PIDFD = False  # Linux 5.3: pidfd_open but no P_PIDFD
+        return _core.wait4(self.pid, os.WNOHANG)
 
     @property
     def finished(self):
@@ -288,7 +288,9 @@ class Child:
     def __del__(self):
         if getattr(self, "_owner", None) != os.getpid() or self._finished:
             return
-        if not self._try_reap():
+        if self.pid is None:  # never started (the fork failed)
+            self._close_fds()
+        elif not self._try_reap():
             warnings.warn(f"child {self.pid} is still running", ResourceWarning, source=self)
             _unreaped.append(self.pid)
             self._close_fds()

@@ -22,8 +22,8 @@ import traceback
 
 from fastfork import _core
 from fastfork._result import ERROR, OK, FrameReader, error_payload, write_frame
-from fastfork.child import (Child, _fd_lock, check_timeout, close_inherited_fds,
-                            close_owned, own_fd, reap_dropped, stop_all, wait_all)
+from fastfork.child import (Child, _owned_fds, check_timeout, close_inherited_fds,
+                            close_owned, reap_dropped, stop_all, wait_all)
 from fastfork.errors import ChildError, ForkError, describe_status
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
@@ -41,14 +41,16 @@ class FunctionChild(Child):
     and ``timed_out`` (True if a fan-out's timeout stopped it).
     """
 
-    def __init__(self, pid, result_fd, *, index=None, item=None):
+    def __init__(self, pid=None, result_fd=-1, *, index=None, item=None, pidfd=None):
+        # pid None: an unstarted handle that _core.fork_with_pipe fills in.
         self._result_fd = result_fd
+        self._write_fd = -1
         self._frame = FrameReader()
         self._outcome = None
         self.index = index
         self.item = item
         self.timed_out = False
-        super().__init__(pid)
+        super().__init__(pid, pidfd)
 
     def _readers(self):
         if self._result_fd < 0:
@@ -74,6 +76,17 @@ class FunctionChild(Child):
     def _close_fds(self):
         super()._close_fds()
         self._close_result_fd()
+        if self._write_fd >= 0:
+            close_owned(self._write_fd)
+            self._write_fd = -1
+
+    def _abandon(self):
+        """Undo a start that an exception cut short: kill, reap, close everything."""
+        if self.pid is not None and not self.finished:
+            with contextlib.suppress(OSError):
+                self.kill()
+            stop_all([self], 0)
+        self._close_fds()
 
     def result(self, timeout=None):
         """Wait for the child and return its function's return value.
@@ -188,12 +201,15 @@ def _check_callable(fn):
 
 
 def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
-                print_traceback=False, index=None, item=None):
+                print_traceback=False, index=None, item=None, launched=None):
     """Fork a child that runs ``fn(*args, **kwargs)``; return its FunctionChild.
 
     ``die_with_parent`` (Linux) has the kernel SIGKILL the child when this
     process dies. ``print_traceback`` also prints a failing child's traceback
     to its own stderr (it always travels to the parent inside ChildError).
+    ``launched``, a list, gets the handle appended as soon as the process
+    exists (before any signal handler can run), for callers that must stop
+    every child they started whatever interrupts them.
     Raises TypeError for a non-callable; OSError if the pipe or fork fails
     (nothing is left open or running then).
     """
@@ -202,37 +218,22 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
     if not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
     reap_dropped()
-    registry = []
-    read_fd = write_fd = -1
+    child = FunctionChild(index=index, item=item)
 
     def child_main():
-        close_inherited_fds(keep={write_fd})
-        return _run_in_child(fn, args, kwargs, write_fd, print_traceback)
+        close_inherited_fds(keep={child._write_fd})
+        return _run_in_child(fn, args, kwargs, child._write_fd, print_traceback)
 
     try:
-        with _fd_lock:
-            read_fd, write_fd = os.pipe()
-            own_fd(read_fd)
-            own_fd(write_fd)
-            _flush_stdio()
-            _core.fork_call(child_main, registry,
-                            signal.SIGKILL if die_with_parent else 0)
-        close_owned(write_fd)
-        write_fd = -1
-        os.set_blocking(read_fd, False)
-        child = FunctionChild(registry[0], read_fd, index=index, item=item)
-        read_fd = -1
+        _flush_stdio()
+        # Pipe, fork and bookkeeping happen in one C call that records each
+        # step on ``child``: a signal handler raising anywhere (Ctrl-C) can
+        # neither leak the pipe nor lose the process.
+        _core.fork_with_pipe(child_main, child, _owned_fds, [] if launched is None else launched,
+                             signal.SIGKILL if die_with_parent else 0)
         return child
     except BaseException:
-        # Fork failed, or a signal (Ctrl-C) landed right after it: leave nothing behind.
-        for pid in registry:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                _core.waitpid(pid, 0)
-        for fd in (read_fd, write_fd):
-            if fd >= 0:
-                close_owned(fd)
+        child._abandon()
         raise
 
 
@@ -283,8 +284,9 @@ def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions
             fork_retries=8, grace=1.0, die_with_parent=False, print_traceback=False):
     """``as_completed`` with the function that starts one child as a parameter.
 
-    ``starter`` takes the arguments of ``start_child`` and returns a
-    FunctionChild; a fork server passes its own. Validates like as_completed.
+    ``starter`` takes the arguments of ``start_child`` (``launched``
+    included) and returns a FunctionChild; a fork server passes its own.
+    Validates like as_completed.
     """
     _check_callable(fn)
     jobs = _check_jobs(jobs)
@@ -299,6 +301,7 @@ def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions
 
 def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_retries, grace,
                   die_with_parent, print_traceback):
+    launched = []         # every child started: stopped in the end, whatever happens
     running = {}          # FunctionChild -> deadline (or None)
     first_error = None
     next_item = None      # an (index, item) whose fork is being retried
@@ -316,7 +319,8 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
                 index, item = next_item
                 try:
                     child = starter(fn, (item,), None, die_with_parent=die_with_parent,
-                                    print_traceback=print_traceback, index=index, item=item)
+                                    print_traceback=print_traceback, index=index, item=item,
+                                    launched=launched)
                 except OSError as exc:
                     if exc.errno not in _RETRYABLE:
                         raise
@@ -359,6 +363,7 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
                     child.timed_out = True
                     stop_all([child], grace)
                 del running[child]
+                launched.remove(child)
                 try:
                     value = child.result()
                 except ChildError as err:
@@ -371,8 +376,7 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
         if first_error is not None:
             raise first_error
     finally:
-        if running:
-            stop_all(list(running), grace)
+        stop_all([child for child in launched if not child.finished], grace)
 
 
 def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_retries=8,

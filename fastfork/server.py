@@ -456,7 +456,7 @@ class ForkServer:
     # ------------------------------------------------------------ the fan-out API
 
     def start_child(self, fn, args=(), kwargs=None, *, die_with_parent=True,
-                    print_traceback=False, index=None, item=None):
+                    print_traceback=False, index=None, item=None, launched=None):
         """Have the server fork a child that runs ``fn(*args, **kwargs)``; return its ServerChild.
 
         Like ``fastfork.start_child``; the child always dies with the server
@@ -482,6 +482,8 @@ class ForkServer:
         with conn.lock:
             conn.children[req_id] = child
         self._children.add(child)
+        if launched is not None:
+            launched.append(child)
         return child
 
     def start(self, fn, /, *args, **kwargs):

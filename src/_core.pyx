@@ -64,6 +64,15 @@ cdef extern from "<sys/syscall.h>" nogil:
 
 cdef extern from "<unistd.h>" nogil:
     int close(int fd)
+    int pipe2(int *fds, int flags)
+
+cdef extern from "<fcntl.h>" nogil:
+    int fcntl(int fd, int cmd, ...)
+    int F_GETFL
+    int F_SETFL
+    int F_DUPFD_CLOEXEC
+    int O_CLOEXEC
+    int O_NONBLOCK
 
 cdef extern from "<stdlib.h>" nogil:
     void *malloc(size_t size)
@@ -309,6 +318,63 @@ def wait4(pid, options):
         if errno != EINTR:
             _raise_errno(errno)
         PyErr_CheckSignals_or_raise()
+
+
+cdef extern from "<signal.h>" nogil:
+    ctypedef struct siginfo_t:
+        int si_code
+        int si_status
+        pid_t si_pid
+    int CLD_EXITED
+    int CLD_KILLED
+    int CLD_DUMPED
+
+cdef extern from *:
+    """
+    #include <sys/wait.h>
+    #ifndef P_PIDFD
+    #define P_PIDFD 3  /* Linux 5.4+, uapi value; older glibc headers lack it */
+    #endif
+    """
+    int P_PIDFD
+    int WEXITED
+    long SYS_waitid
+
+
+def _wait_pidfd(int pidfd, int options):
+    """Reap the child a pidfd names: waitid(P_PIDFD) with rusage (Linux 5.4+).
+
+    Unlike wait4(pid), this can never take a different process that was
+    given the same pid after the child was reaped elsewhere.
+    Returns (pid, status, resource.struct_rusage) like wait4 -- status in
+    waitpid's encoding; (0, 0, zeroed rusage) with WNOHANG and the child still
+    running. Raises ChildProcessError if it was already reaped, OSError otherwise.
+    """
+    cdef siginfo_t info
+    cdef rusage ru
+    cdef long rc
+    cdef int status = 0
+    while True:
+        memset(&info, 0, sizeof(info))
+        memset(&ru, 0, sizeof(ru))
+        with nogil:
+            # The raw syscall: glibc's waitid() has no rusage argument.
+            rc = syscall(SYS_waitid, P_PIDFD, pidfd, &info, WEXITED | options, &ru)
+        if rc >= 0:
+            break
+        if errno != EINTR:
+            _raise_errno(errno)
+        PyErr_CheckSignals_or_raise()
+    if info.si_pid == 0:
+        memset(&ru, 0, sizeof(ru))
+        return 0, 0, _make_rusage(&ru)
+    if info.si_code == CLD_EXITED:
+        status = (info.si_status & 0xff) << 8
+    elif info.si_code == CLD_KILLED:
+        status = info.si_status & 0x7f
+    elif info.si_code == CLD_DUMPED:
+        status = (info.si_status & 0x7f) | 0x80
+    return info.si_pid, status, _make_rusage(&ru)
 
 
 cdef int PyErr_CheckSignals_or_raise() except -1:
@@ -573,6 +639,47 @@ cdef void _flush_stdio() noexcept:
                 stream.flush()
         except BaseException:
             pass
+
+
+def fork_with_pipe(fn, handle, set owned, list launched, pdeathsig=0):
+    """fork_call for a child that reports over a pipe, with every step recorded
+    on ``handle`` before any Python code can run.
+
+    Makes a close-on-exec pipe and stores its ends as ``handle._result_fd`` and
+    ``handle._write_fd`` (both added to the ``owned`` set), then forks. The
+    child runs ``fn()`` (which finds its write end on its copy of ``handle``)
+    and ends in ``_exit`` exactly as with fork_call. In the parent the write
+    end is closed, the read end made non-blocking, ``handle.pid`` and
+    ``handle._pidfd`` (a pidfd, or -1 where there is none) set, and ``handle``
+    appended to ``launched``; returns the pid.
+
+    Whatever a signal handler raises afterwards, everything this call created
+    can be found on ``handle``. Raises OSError if the pipe or fork fails
+    (``handle`` then holds the pipe for the caller to close).
+    """
+    cdef int fds[2]
+    cdef int pidfd, flags
+    cdef pid_t pid
+    if pipe2(fds, O_CLOEXEC) < 0:
+        _raise_errno(errno)
+    owned.add(fds[0])
+    owned.add(fds[1])
+    handle._result_fd = fds[0]
+    handle._write_fd = fds[1]
+    pid = fork_call(fn, [], pdeathsig)
+    # Parent only: fork_call never returns in the child.
+    handle.pid = pid
+    close(fds[1])
+    owned.discard(fds[1])
+    handle._write_fd = -1
+    flags = fcntl(fds[0], F_GETFL)
+    fcntl(fds[0], F_SETFL, flags | O_NONBLOCK)
+    pidfd = _pidfd_open(pid)
+    if pidfd >= 0:
+        owned.add(pidfd)
+    handle._pidfd = pidfd
+    launched.append(handle)
+    return pid
 
 
 # ---------------------------------------------------------------- C limits

@@ -11,13 +11,7 @@ from posix.unistd cimport read as c_read, sysconf, _SC_OPEN_MAX
 
 import os as _os
 
-cdef extern from "<fcntl.h>" nogil:
-    int fcntl(int fd, int cmd, ...)
-    int F_DUPFD_CLOEXEC
-    int O_CLOEXEC
-
-cdef extern from "<unistd.h>" nogil:
-    int pipe2(int *fds, int flags)
+# fcntl, F_DUPFD_CLOEXEC, O_CLOEXEC and pipe2 are declared in _core.pyx.
 
 cdef extern from "spawn.h" nogil:
     ctypedef struct ff_spawn_plan:
