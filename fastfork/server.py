@@ -293,11 +293,12 @@ class ServerChild(fanout.FunctionChild):
         self._req_id = req_id
         self._status = None
         self.server_died = False
-        super().__init__(pid, result_fd, index=index, item=item)
-        # FunctionChild opened a pidfd by pid, which may already name another
-        # process (the server may have reaped the pid): use the server's.
-        self._close_pidfd()
-        self._pidfd = own_fd(pidfd) if pidfd >= 0 else -1
+        # The server's pidfd, opened before it could reap the pid: one opened
+        # here by pid might already name another process.
+        super().__init__(pid, result_fd, index=index, item=item,
+                         pidfd=pidfd if pidfd >= 0 else None)
+        if pidfd < 0:
+            self._close_pidfd()  # none from the server: never open one by pid
 
     def _try_reap(self):
         """Finish the child once the server has reported it; True once finished."""
