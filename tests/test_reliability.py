@@ -568,12 +568,11 @@ def test_case15_grandchild_keeps_the_result_pipe_open():
 
 # ---------------------------------------------------------------- 16. Ctrl-C
 
-# Known bugs (reported): the parent's own KeyboardInterrupt is swallowed when it lands
-# while a result is unpickled (FunctionChild._decode catches BaseException), and one
-# landing in _ForkLock.__enter__ right after acquire() leaves the fork lock held.
+# Known bug (reported): the parent's own KeyboardInterrupt is swallowed when it lands
+# while a result is unpickled (FunctionChild._decode catches BaseException).
 ASYNC_EXC_BUG = pytest.mark.xfail(
-    strict=False, reason="fastfork bugs: Ctrl-C during FunctionChild._decode becomes a "
-    "per-item ChildError; Ctrl-C inside _ForkLock.__enter__ leaves _fd_lock held (hang)")
+    strict=False, reason="fastfork bug: a Ctrl-C landing while FunctionChild._decode "
+    "unpickles a result becomes a per-item ChildError instead of a KeyboardInterrupt")
 
 
 @ASYNC_EXC_BUG
