@@ -130,13 +130,13 @@ class FunctionChild(Child):
         kind, payload = frame
         try:
             data = pickle.loads(payload)
-        except BaseException as exc:
+        except Exception as exc:  # not BaseException: a Ctrl-C here must propagate
             return False, self._error(f"sent a result that could not be unpickled: {exc!r}")
         if kind == OK:
             return True, data
         cause = None
         if data["exception"] is not None:
-            with contextlib.suppress(BaseException):
+            with contextlib.suppress(Exception):
                 cause = pickle.loads(data["exception"])
         err = self._error(f"{data['stage']}: {data['exc_type']}: {data['message']}",
                           exc_type=data["exc_type"], remote_traceback=data["traceback"])
@@ -147,14 +147,14 @@ class FunctionChild(Child):
 def _short_repr(item, limit=80):
     try:
         text = repr(item)
-    except BaseException:
+    except Exception:
         text = f"<{type(item).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _flush_stdio():
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BaseException):
+        with contextlib.suppress(Exception):
             if stream is not None:
                 stream.flush()
 

@@ -78,17 +78,7 @@ def tools():
     return built
 
 
-def child_env(env=None, unbuffered=True):
-    """The environment of a child interpreter, as ``procutil.run_python`` builds it."""
-    result = dict(os.environ)
-    result["PYTHONPATH"] = os.pathsep.join(
-        [procutil.PACKAGE_ROOT, os.path.dirname(os.path.abspath(__file__))]
-        + ([result["PYTHONPATH"]] if result.get("PYTHONPATH") else []))
-    if not unbuffered:
-        result.pop("PYTHONUNBUFFERED", None)
-    if env:
-        result.update(env)
-    return result
+child_env = procutil.child_env
 
 
 def run_contained(code, *, launcher=(), env=None, timeout=60, input=None, unbuffered=True,

@@ -92,20 +92,29 @@ def kill_and_reap(pids, timeout=5.0):
     return alive
 
 
+def child_env(env=None, unbuffered=True):
+    """The environment of a child interpreter that imports this fastfork.
+
+    ``unbuffered=False`` removes PYTHONUNBUFFERED, for stdio flushing tests;
+    ``env`` entries are added last.
+    """
+    result = dict(os.environ)
+    result["PYTHONPATH"] = os.pathsep.join(
+        [PACKAGE_ROOT, os.path.dirname(os.path.abspath(__file__))]
+        + ([result["PYTHONPATH"]] if result.get("PYTHONPATH") else []))
+    if not unbuffered:
+        result.pop("PYTHONUNBUFFERED", None)
+    if env:
+        result.update(env)
+    return result
+
+
 def run_python(code, *, env=None, timeout=60, check=False, input=None, unbuffered=True):
     """Run ``code`` in a fresh interpreter importing this fastfork.
 
-    Returns the CompletedProcess (text mode). ``unbuffered=False`` removes
-    PYTHONUNBUFFERED from the child's environment, for stdio flushing tests.
+    Returns the CompletedProcess (text mode); see child_env for ``env`` and
+    ``unbuffered``.
     """
-    child_env = dict(os.environ)
-    child_env["PYTHONPATH"] = os.pathsep.join(
-        [PACKAGE_ROOT, os.path.dirname(os.path.abspath(__file__))]
-        + ([child_env["PYTHONPATH"]] if child_env.get("PYTHONPATH") else []))
-    if not unbuffered:
-        child_env.pop("PYTHONUNBUFFERED", None)
-    if env:
-        child_env.update(env)
     return subprocess.run(
-        [sys.executable, "-c", code], env=child_env, timeout=timeout, check=check,
-        capture_output=True, text=True, input=input)
+        [sys.executable, "-c", code], env=child_env(env, unbuffered), timeout=timeout,
+        check=check, capture_output=True, text=True, input=input)
