@@ -12,7 +12,6 @@ import select
 import signal
 import threading
 import time
-import warnings
 
 from fastfork import _core
 from fastfork.errors import TimeoutExpired
@@ -43,6 +42,7 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+_core._register_child_state(_owned_fds, _unreaped)
 
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
 
@@ -285,15 +285,12 @@ class Child:
         if os.getpid() == self._owner:
             self.stop()
 
-    def __del__(self):
-        if getattr(self, "_owner", None) != os.getpid() or self._finished:
-            return
-        if self.pid is None:  # never started (the fork failed)
-            self._close_fds()
-        elif not self._try_reap():
-            warnings.warn(f"child {self.pid} is still running", ResourceWarning, source=self)
-            _unreaped.append(self.pid)
-            self._close_fds()
+    # The handle's fds, closed by the finalizer if it is dropped unfinished.
+    _fd_attrs = ("_pidfd",)
+    # False where another process reaps the child (a fork server's children).
+    _reaps_own_pid = True
+    # In C: a Python __del__ would swallow a Ctrl-C that lands while it runs.
+    __del__ = _core.finalize_child
 
 
 def wait_all(children, timeout=None, *, until_any=False):

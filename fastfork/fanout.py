@@ -41,6 +41,8 @@ class FunctionChild(Child):
     and ``timed_out`` (True if a fan-out's timeout stopped it).
     """
 
+    _fd_attrs = ("_pidfd", "_result_fd", "_write_fd")
+
     def __init__(self, pid=None, result_fd=-1, *, index=None, item=None, pidfd=None):
         # pid None: an unstarted handle that _core.fork_with_pipe fills in.
         self._result_fd = result_fd

@@ -33,7 +33,6 @@ import signal
 import socket
 import sys
 import threading
-import warnings
 import weakref
 
 from fastfork import _core
@@ -343,14 +342,8 @@ class ServerChild(fanout.FunctionChild):
                 f"reported{'' if self.index is None else f' (item {self.index})'}")
         return super()._decode()
 
-    def __del__(self):
-        if getattr(self, "_owner", None) != os.getpid() or self._finished:
-            return
-        if not self._try_reap():
-            warnings.warn(f"child {self.pid} of the fork server is still running",
-                          ResourceWarning, source=self)
-            # The server reaps it; only our fds are ours to close.
-            self._close_fds()
+    # The server reaps it; only our fds are ours to close when dropped.
+    _reaps_own_pid = False
 
 
 class ForkServer:

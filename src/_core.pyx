@@ -682,6 +682,57 @@ def fork_with_pipe(fn, handle, set owned, list launched, pdeathsig=0):
     return pid
 
 
+cdef object _owned_fds_set = None
+cdef object _dropped_pids = None
+
+
+def _register_child_state(set owned_fds, list dropped_pids):
+    """Tell finalize_child where fastfork.child keeps its fd set and dropped pids."""
+    global _owned_fds_set, _dropped_pids
+    _owned_fds_set = owned_fds
+    _dropped_pids = dropped_pids
+
+
+def finalize_child(self):
+    """``Child.__del__``, in C: close the handle's fds; remember a running child.
+
+    A finalizer written in Python would run signal handlers, and whatever
+    they raised (Ctrl-C) would be lost as "Exception ignored"; this one runs
+    no Python code (bar the ResourceWarning for a child dropped while
+    running). The fds are the attributes named by ``type(self)._fd_attrs``.
+    If ``type(self)._reaps_own_pid``, a child still running is queued in the
+    dropped list, to be reaped by the next start.
+    """
+    cdef pid_t pid
+    cdef int fd, status = 0
+    cdef siginfo_t info
+    cdef long rc
+    cdef bint running = False
+    if self.__dict__.get("_owner") != getpid() or self.__dict__.get("_finished", True):
+        return
+    cls = type(self)
+    if cls._reaps_own_pid and self.pid is not None:
+        pid = self.pid
+        fd = self._pidfd
+        if fd >= 0:
+            memset(&info, 0, sizeof(info))
+            rc = syscall(SYS_waitid, P_PIDFD, fd, &info, WEXITED | WNOHANG, NULL)
+            running = rc == 0 and info.si_pid == 0
+        else:
+            running = c_waitpid(pid, &status, WNOHANG) == 0
+        if running and _dropped_pids is not None:
+            _dropped_pids.append(pid)
+    for name in cls._fd_attrs:
+        fd = self.__dict__.get(name, -1)
+        if fd >= 0:
+            close(fd)
+            if _owned_fds_set is not None:
+                _owned_fds_set.discard(fd)
+            self.__dict__[name] = -1
+    if running:
+        warnings.warn(f"child {self.pid} is still running", ResourceWarning, stacklevel=1)
+
+
 # ---------------------------------------------------------------- C limits
 
 def _c_fork_exit_loop(Py_ssize_t n):
