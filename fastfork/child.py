@@ -14,6 +14,7 @@ import threading
 import time
 
 from fastfork import _core
+from fastfork._checks import check_timeout
 from fastfork.errors import TimeoutExpired
 
 __all__ = ["Child", "wait_all", "stop_all"]
@@ -45,20 +46,6 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _core._register_child_state(_owned_fds, _unreaped)
 
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
-
-
-def check_timeout(timeout, name="timeout", allow_zero=True):
-    """Return ``timeout`` as a float (or None); ValueError/TypeError if invalid."""
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise TypeError(f"{name} must be a number or None, not {type(timeout).__name__}")
-    timeout = float(timeout)
-    if math.isnan(timeout) or math.isinf(timeout) or timeout < 0 or (
-            timeout == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
-                         f"not {timeout!r}")
-    return timeout
 
 
 def own_fd(fd):

@@ -29,7 +29,8 @@ import time
 from collections.abc import Mapping
 
 from fastfork import _core
-from fastfork.child import (Child, _fd_lock, _owned_fds, check_timeout, own_fd,
+from fastfork._checks import check_jobs, check_timeout
+from fastfork.child import (Child, _fd_lock, _owned_fds, own_fd,
                             reap_dropped, stop_all, wait_all)
 from fastfork.errors import TimeoutExpired
 
@@ -468,16 +469,6 @@ class CommandResult:
                                                 self.stdout, self.stderr)
 
 
-def _check_jobs(jobs):
-    if jobs is None:
-        return os.cpu_count() or 1
-    if isinstance(jobs, bool) or not isinstance(jobs, int):
-        raise TypeError(f"jobs must be an int or None, not {type(jobs).__name__}")
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, not {jobs}")
-    return jobs
-
-
 def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=True,
                grace=1.0, env=None, cwd=None, stdin=DEVNULL, new_session=False,
                die_with_parent=False, spawn_retries=8, callback=None):
@@ -502,7 +493,7 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
     command is stopped (SIGTERM, ``grace``, SIGKILL) and reaped before it
     propagates.
     """
-    jobs = _check_jobs(jobs)
+    jobs = check_jobs(jobs)
     timeout = check_timeout(timeout, allow_zero=False)
     grace = check_timeout(grace, "grace")
     if isinstance(spawn_retries, bool) or not isinstance(spawn_retries, int) or spawn_retries < 0:

@@ -13,7 +13,6 @@ while it waits, so large results never deadlock.
 import contextlib
 import errno
 import itertools
-import os
 import pickle
 import signal
 import sys
@@ -22,7 +21,8 @@ import traceback
 
 from fastfork import _core
 from fastfork._result import ERROR, OK, FrameReader, error_payload, write_frame
-from fastfork.child import (Child, _owned_fds, check_timeout, close_inherited_fds,
+from fastfork._checks import check_callable, check_jobs, check_timeout
+from fastfork.child import (Child, _owned_fds, close_inherited_fds,
                             close_owned, reap_dropped, stop_all, wait_all)
 from fastfork.errors import ChildError, ForkError, describe_status
 
@@ -197,11 +197,6 @@ def _run_in_child(fn, args, kwargs, result_fd, print_traceback):
     return code
 
 
-def _check_callable(fn):
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, not {type(fn).__name__}")
-
-
 def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
                 print_traceback=False, index=None, item=None, launched=None):
     """Fork a child that runs ``fn(*args, **kwargs)``; return its FunctionChild.
@@ -215,7 +210,7 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
     Raises TypeError for a non-callable; OSError if the pipe or fork fails
     (nothing is left open or running then).
     """
-    _check_callable(fn)
+    check_callable(fn)
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
@@ -246,16 +241,6 @@ def start(fn, /, *args, **kwargs):
     Raises TypeError for a non-callable; OSError if fork fails.
     """
     return start_child(fn, args, kwargs)
-
-
-def _check_jobs(jobs):
-    if jobs is None:
-        return os.cpu_count() or 1
-    if isinstance(jobs, bool) or not isinstance(jobs, int):
-        raise TypeError(f"jobs must be an int or None, not {type(jobs).__name__}")
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, not {jobs}")
-    return jobs
 
 
 def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
@@ -290,8 +275,8 @@ def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions
     included) and returns a FunctionChild; a fork server passes its own.
     Validates like as_completed.
     """
-    _check_callable(fn)
-    jobs = _check_jobs(jobs)
+    check_callable(fn)
+    jobs = check_jobs(jobs)
     timeout = check_timeout(timeout, allow_zero=False)
     grace = check_timeout(grace, "grace")
     if isinstance(fork_retries, bool) or not isinstance(fork_retries, int) or fork_retries < 0:
@@ -415,7 +400,7 @@ def background(fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0,
     ``die_with_parent`` (default True, Linux) kills it if this process dies.
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
-    _check_callable(fn)
+    check_callable(fn)
     grace = check_timeout(grace, "grace")
     stop_signal = signal.Signals(stop_signal)
     child = start_child(fn, args, kwargs, die_with_parent=die_with_parent)

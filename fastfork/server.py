@@ -23,7 +23,6 @@ through the pidfd (never a pid that could be recycled); the server reaps the
 child and reports its exit status and rusage.
 """
 import contextlib
-import errno
 import io
 import itertools
 import os
@@ -38,7 +37,8 @@ import weakref
 from fastfork import _core
 from fastfork import _server_proto as proto
 from fastfork import fanout
-from fastfork.child import (Child, _fd_lock, check_timeout, close_inherited_fds,
+from fastfork._checks import check_callable, check_timeout
+from fastfork.child import (Child, _fd_lock, close_inherited_fds,
                             close_owned, own_fd, stop_all)
 from fastfork.errors import ServerError
 from fastfork.shared import SharedBuffer
@@ -459,7 +459,7 @@ class ForkServer:
         cannot be pickled, before anything is sent; ServerError if the server
         dies; OSError if its fork fails.
         """
-        fanout._check_callable(fn)
+        check_callable(fn)
         kwargs = {} if kwargs is None else kwargs
         if not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
@@ -512,7 +512,7 @@ class ForkServer:
     @contextlib.contextmanager
     def background(self, fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0):
         """``fastfork.background`` with the child forked by the server."""
-        fanout._check_callable(fn)
+        check_callable(fn)
         grace = check_timeout(grace, "grace")
         stop_signal = signal.Signals(stop_signal)
         child = self.start_child(fn, args, kwargs)

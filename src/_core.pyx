@@ -34,7 +34,6 @@ cdef extern from "Python.h":
 
 cdef extern from "<sys/wait.h>" nogil:
     pid_t c_wait "wait"(int *status)
-    pid_t c_wait3 "wait3"(int *status, int options, rusage *usage)
     pid_t c_wait4 "wait4"(pid_t pid, int *status, int options, rusage *usage)
 
 cdef extern from "<signal.h>" nogil:
@@ -279,21 +278,7 @@ def wait3(options):
     Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
     ready, (0, 0, zeroed rusage). Raises ChildProcessError when there is no child.
     """
-    cdef int c_options = PyNumber_Index(options)
-    cdef int status = 0
-    cdef pid_t res
-    cdef rusage ru
-    while True:
-        memset(&ru, 0, sizeof(ru))
-        with nogil:
-            res = c_wait3(&status, c_options, &ru)
-        if res >= 0:
-            if res == 0:
-                memset(&ru, 0, sizeof(ru))
-            return res, status, _make_rusage(&ru)
-        if errno != EINTR:
-            _raise_errno(errno)
-        PyErr_CheckSignals_or_raise()
+    return _wait4(-1, PyNumber_Index(options))
 
 
 def wait4(pid, options):
@@ -302,15 +287,21 @@ def wait4(pid, options):
     Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
     ready, (0, 0, zeroed rusage). Raises ChildProcessError (ECHILD) or OSError.
     """
-    cdef pid_t c_pid = PyNumber_Index(pid)
-    cdef int c_options = PyNumber_Index(options)
+    return _wait4(PyNumber_Index(pid), PyNumber_Index(options))
+
+
+cdef object _wait4(pid_t pid, int options):
+    """wait4() with the GIL released, retried on EINTR after running signal handlers.
+
+    wait3(options) is wait4(-1, options).
+    """
     cdef int status = 0
     cdef pid_t res
     cdef rusage ru
     while True:
         memset(&ru, 0, sizeof(ru))
         with nogil:
-            res = c_wait4(c_pid, &status, c_options, &ru)
+            res = c_wait4(pid, &status, options, &ru)
         if res >= 0:
             if res == 0:
                 memset(&ru, 0, sizeof(ru))

@@ -1,9 +1,7 @@
 """fastfork.spawn: commands started vfork-style (and by the fork fallback), compared with subprocess."""
 import os
 import signal
-import stat
 import subprocess
-import sys
 import textwrap
 import time
 
