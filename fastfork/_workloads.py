@@ -12,12 +12,14 @@ starting the next, so they are compared like for like.
 import collections
 import concurrent.futures
 import dataclasses
+import importlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import subprocess
 import sys
 import time
+import types
 
 import fastfork
 from fastfork import _core
@@ -132,14 +134,28 @@ def _reap_quietly(pids):
 
 
 def resolve(path):
-    """Return the object named by ``path`` ("fastfork.map", "_core.x") or None."""
+    """Return the object named by ``path`` ("fastfork.map", "_core.x"), or None.
+
+    Submodules of fastfork are imported on the way ("fastfork.server.ForkServer").
+    """
     head, _, rest = path.partition(".")
     obj = {"fastfork": fastfork, "_core": _core}[head]
     for part in rest.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
+        found = getattr(obj, part, None)
+        if found is None and isinstance(obj, types.ModuleType):
+            try:
+                found = importlib.import_module(f"{obj.__name__}.{part}")
+            except ImportError:
+                return None
+        if found is None:
             return None
+        obj = found
     return obj
+
+
+def first(need):
+    """Return the first object that resolves among the "a|b" alternatives of ``need``."""
+    return next(f for f in map(resolve, need.split("|")) if f is not None)
 
 
 def unavailable(method):
@@ -369,8 +385,7 @@ C_SPAWN_LOOP = "_core._c_spawn_loop|_core._c_vfork_exec_loop|_core._c_spawn_exec
 
 
 def _exec_c(n):
-    fn = next(f for f in map(resolve, C_SPAWN_LOOP.split("|")) if f is not None)
-    fn(n)
+    first(C_SPAWN_LOOP)(n)
 
 
 EXEC = Workload(
@@ -416,8 +431,14 @@ def _startup_forkserver(n):
     _mp_process_window(multiprocessing.get_context("forkserver"), _task, n)
 
 
+# Public name first; the module path until it is exported.
+FORK_SERVER = "fastfork.ForkServer|fastfork.server.ForkServer"
+SHARED_BUFFER = "fastfork.SharedBuffer|fastfork.shared.SharedBuffer"
+PRIVATE_BUFFER = "fastfork.PrivateBuffer|fastfork.shared.PrivateBuffer"
+
+
 def _server_prepare(n):
-    server = fastfork.ForkServer(preload=("fastfork._workloads",))
+    server = first(FORK_SERVER)(preload=("fastfork._workloads",))
     try:
         server.map(_noop, range(1), jobs=1)  # make sure it has started: not timed
     except BaseException:
@@ -442,7 +463,7 @@ STARTUP = Workload(
         Method("os.fork per task", "stdlib", _startup_fork),
         Method("fastfork.map", "fastfork", _startup_map, requires=("fastfork.map",)),
         Method("fastfork.ForkServer.map", "fastfork", _startup_server, _server_prepare,
-               _server_close, requires=("fastfork.ForkServer",)),
+               _server_close, requires=(FORK_SERVER,)),
         Method("multiprocessing forkserver", "stdlib", _startup_forkserver, _forkserver_ready),
         Method("multiprocessing spawn", "stdlib", _startup_spawn),
     ),
@@ -488,11 +509,11 @@ def memory_workload(mib):
             Method("bytearray", "stdlib", run, holding(lambda: allocate_parent(mib)),
                    _close_buffer),
             Method("fastfork.SharedBuffer", "fastfork", run,
-                   holding(lambda: _touch(fastfork.SharedBuffer(size))), _close_buffer,
-                   requires=("fastfork.SharedBuffer",)),
+                   holding(lambda: _touch(first(SHARED_BUFFER)(size))), _close_buffer,
+                   requires=(SHARED_BUFFER,)),
             Method("fastfork.PrivateBuffer (huge pages)", "fastfork", run,
-                   holding(lambda: _touch(fastfork.PrivateBuffer(size))), _close_buffer,
-                   requires=("fastfork.PrivateBuffer",)),
+                   holding(lambda: _touch(first(PRIVATE_BUFFER)(size))), _close_buffer,
+                   requires=(PRIVATE_BUFFER,)),
         ),
         # Run from the small parent only: the buffer is the big memory.
         sizes={"quick": (), "default": (10,), "full": (30,)},
