@@ -101,7 +101,8 @@ class Child:
         self.returncode = None
         self.rusage = None
         self.lost = False
-        self._finished = False
+        self._reaped = False    # the exit status has been collected
+        self._finished = False  # ... and every fd of the handle closed
         self._owner = os.getpid()
         self._pidfd = -1
         if pidfd is not None:
@@ -161,30 +162,32 @@ class Child:
                 "it cannot be used from another process")
 
     def _close_pidfd(self):
-        if self._pidfd >= 0:
-            close_owned(self._pidfd)
-            self._pidfd = -1
+        _core.close_fd_attr(self, "_pidfd")
 
     def _try_reap(self):
         """Reap the child if it has exited, without blocking; True once finished."""
         if self._finished:
             return True
-        try:
-            pid, status, rusage = self._wait4_nohang()
-        except ChildProcessError:
-            # Reaped elsewhere (SIGCHLD ignored, or a foreign waitpid): the exit
-            # status is gone for good. Report it as unknown rather than hang.
-            self.lost = True
-            pid = self.pid
-            status = rusage = None
-        if pid == 0:
-            return False
-        if status is not None:
-            self.returncode = os.waitstatus_to_exitcode(status)
-            self.rusage = rusage
-        self._finished = True
+        if not self._reaped:
+            try:
+                pid, status, rusage = self._wait4_nohang()
+            except ChildProcessError:
+                # Reaped elsewhere (SIGCHLD ignored, or a foreign waitpid): the exit
+                # status is gone for good. Report it as unknown rather than hang.
+                self.lost = True
+                pid = self.pid
+                status = rusage = None
+            if pid == 0:
+                return False
+            if status is not None:
+                self.returncode = os.waitstatus_to_exitcode(status)
+                self.rusage = rusage
+            self._reaped = True
+        # Finished only once its fds are closed: if a signal handler raises
+        # in between, the next call (or stop_all) completes the job.
         self._close_pidfd()
         self._finish()
+        self._finished = True
         return True
 
     def _wait4_nohang(self):
@@ -238,7 +241,7 @@ class Child:
         Goes through the pidfd where there is one, so a recycled pid is never hit.
         """
         self._check_owner()
-        if self._finished:
+        if self._reaped or self._finished:
             return
         try:
             if self._pidfd >= 0:

@@ -23,7 +23,7 @@ from fastfork import _core
 from fastfork._result import ERROR, OK, FrameReader, error_payload, write_frame
 from fastfork._checks import check_callable, check_jobs, check_timeout
 from fastfork.child import (Child, _owned_fds, close_inherited_fds,
-                            close_owned, reap_dropped, stop_all, wait_all)
+                            reap_dropped, stop_all, wait_all)
 from fastfork.errors import ChildError, ForkError, describe_status
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
@@ -65,9 +65,7 @@ class FunctionChild(Child):
             self._close_result_fd()
 
     def _close_result_fd(self):
-        if self._result_fd >= 0:
-            close_owned(self._result_fd)
-            self._result_fd = -1
+        _core.close_fd_attr(self, "_result_fd")
 
     def _finish(self):
         # The child has exited, so everything it wrote is in the pipe now; a
@@ -78,9 +76,7 @@ class FunctionChild(Child):
     def _close_fds(self):
         super()._close_fds()
         self._close_result_fd()
-        if self._write_fd >= 0:
-            close_owned(self._write_fd)
-            self._write_fd = -1
+        _core.close_fd_attr(self, "_write_fd")
 
     def _abandon(self):
         """Undo a start that an exception cut short: kill, reap, close everything."""
@@ -363,7 +359,9 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
         if first_error is not None:
             raise first_error
     finally:
-        stop_all([child for child in launched if not child.finished], grace)
+        stop_all(launched, grace)
+        for child in launched:
+            child._close_fds()  # closed already, unless a signal cut that short
 
 
 def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_retries=8,

@@ -318,9 +318,9 @@ class ServerChild(fanout.FunctionChild):
         else:
             self.returncode, self.rusage = self._status
             self.lost = self.returncode is None
-        self._finished = True
         self._close_pidfd()
         self._finish()
+        self._finished = True
         return True
 
     def send_signal(self, sig):

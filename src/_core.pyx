@@ -34,6 +34,7 @@ cdef extern from "Python.h":
 
 cdef extern from "<sys/wait.h>" nogil:
     pid_t c_wait "wait"(int *status)
+    pid_t c_wait3 "wait3"(int *status, int options, rusage *usage)
     pid_t c_wait4 "wait4"(pid_t pid, int *status, int options, rusage *usage)
 
 cdef extern from "<signal.h>" nogil:
@@ -278,7 +279,7 @@ def wait3(options):
     Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
     ready, (0, 0, zeroed rusage). Raises ChildProcessError when there is no child.
     """
-    return _wait4(-1, PyNumber_Index(options))
+    return _wait_rusage(-1, PyNumber_Index(options), True)
 
 
 def wait4(pid, options):
@@ -287,13 +288,12 @@ def wait4(pid, options):
     Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
     ready, (0, 0, zeroed rusage). Raises ChildProcessError (ECHILD) or OSError.
     """
-    return _wait4(PyNumber_Index(pid), PyNumber_Index(options))
+    return _wait_rusage(PyNumber_Index(pid), PyNumber_Index(options), False)
 
 
-cdef object _wait4(pid_t pid, int options):
-    """wait4() with the GIL released, retried on EINTR after running signal handlers.
-
-    wait3(options) is wait4(-1, options).
+cdef object _wait_rusage(pid_t pid, int options, bint any_child):
+    """wait3() (``any_child``) or wait4(pid) with the GIL released, retried on
+    EINTR after running signal handlers; returns (pid, status, struct_rusage).
     """
     cdef int status = 0
     cdef pid_t res
@@ -301,7 +301,10 @@ cdef object _wait4(pid_t pid, int options):
     while True:
         memset(&ru, 0, sizeof(ru))
         with nogil:
-            res = c_wait4(pid, &status, options, &ru)
+            if any_child:
+                res = c_wait3(&status, options, &ru)
+            else:
+                res = c_wait4(pid, &status, options, &ru)
         if res >= 0:
             if res == 0:
                 memset(&ru, 0, sizeof(ru))
@@ -673,15 +676,32 @@ def fork_with_pipe(fn, handle, set owned, list launched, pdeathsig=0):
     return pid
 
 
-cdef object _owned_fds_set = None
-cdef object _dropped_pids = None
-
-
 def _register_child_state(set owned_fds, list dropped_pids):
     """Tell finalize_child where fastfork.child keeps its fd set and dropped pids."""
     global _owned_fds_set, _dropped_pids
     _owned_fds_set = owned_fds
     _dropped_pids = dropped_pids
+
+
+cdef object _owned_fds_set = None
+cdef object _dropped_pids = None
+
+
+def close_fd_attr(obj, str name):
+    """Close the fd held in ``obj.<name>`` and set the attribute to -1, atomically.
+
+    No Python code runs in between, so a signal handler raising (Ctrl-C) can
+    neither leave the fd open nor have it closed twice. The fd leaves the set
+    of fds fastfork owns. Does nothing if the attribute is -1 or missing.
+    """
+    cdef int fd
+    attrs = obj.__dict__
+    fd = attrs.get(name, -1)
+    if fd >= 0:
+        attrs[name] = -1
+        close(fd)
+        if _owned_fds_set is not None:
+            _owned_fds_set.discard(fd)
 
 
 def finalize_child(self):
@@ -714,12 +734,7 @@ def finalize_child(self):
         if running and _dropped_pids is not None:
             _dropped_pids.append(pid)
     for name in cls._fd_attrs:
-        fd = self.__dict__.get(name, -1)
-        if fd >= 0:
-            close(fd)
-            if _owned_fds_set is not None:
-                _owned_fds_set.discard(fd)
-            self.__dict__[name] = -1
+        close_fd_attr(self, name)
     if running:
         warnings.warn(f"child {self.pid} is still running", ResourceWarning, stacklevel=1)
 
