@@ -14,12 +14,17 @@ __all__ = ["OK", "ERROR", "write_frame", "error_payload", "FrameReader"]
 OK = b"R"
 ERROR = b"E"
 _HEADER = struct.Struct("!cQ")
+_SMALL = 1 << 16  # payloads up to this size are copied behind the header
 
 
 def write_frame(fd, kind, payload):
     """Write one frame to ``fd`` (blocking), retrying short writes."""
-    view = memoryview(_HEADER.pack(kind, len(payload)))
-    for chunk in (view, memoryview(payload)):
+    header = _HEADER.pack(kind, len(payload))
+    if len(payload) <= _SMALL:
+        chunks = (memoryview(header + payload),)  # one write(2) for the common case
+    else:
+        chunks = (memoryview(header), memoryview(payload))
+    for chunk in chunks:
         while chunk:
             written = os.write(fd, chunk)
             chunk = chunk[written:]
