@@ -363,13 +363,14 @@ def write_plot(report, path):
         rates = [r["children_per_s"] for r in sel]
         if max(rates) > 30 * min(rates):
             ax.set_xscale("log")
+            ax.minorticks_off()  # a narrow log range otherwise labels every minor tick
         for patch in ax.patches:
             ax.annotate(_fmt_rate(patch.get_width()), (patch.get_width(), patch.get_y()
                         + patch.get_height() / 2), xytext=(3, 0), textcoords="offset points",
                         va="center", fontsize=7)
         ax.set_xlabel("children per second (higher is better)")
         ax.set_title(sel[0]["title"], fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="best")
     ax = axes[len(panels)]
     for (wl, mname) in dict.fromkeys((r["workload"], r["method"]) for r in cost):
         pts = sorted((r["parent_rss_mib"], r["per_child_s"] * 1e3) for r in cost
@@ -381,7 +382,7 @@ def write_plot(report, path):
     ax.set_ylabel("ms per child (lower is better)")
     ax.set_title("fork cost vs parent size", fontsize=10)
     if cost:
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, loc="best")
     for extra in axes[len(panels) + 1:]:
         extra.set_visible(False)
     fig.suptitle(f"fastfork bench {report['date']}  {report['machine']['kernel']}  "
