@@ -194,15 +194,21 @@ def test_threads_warning_is_issued_around_the_after_fork_hooks_like_os():
     # 3.12 warns before the after_in_parent hooks run, 3.13 after them: a hook
     # that starts a thread makes the difference visible.
     out = run_script("""
-        import json, os, threading, warnings, fastfork
+        import json, os, threading, time, warnings, fastfork
         release, started = threading.Event(), []
         def start_thread():
             t = threading.Thread(target=release.wait)
             t.start()
             started.append(t)
         os.register_at_fork(after_in_parent=start_thread)
+
+        def kernel_threads():
+            with open("/proc/self/stat") as f:
+                return int(f.read().rpartition(")")[2].split()[17])
         out = {}
         for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
+            while kernel_threads() > 1:  # a joined thread can linger in the kernel a moment
+                time.sleep(0.001)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 pid = fork()
