@@ -568,14 +568,6 @@ def test_case15_grandchild_keeps_the_result_pipe_open():
 
 # ---------------------------------------------------------------- 16. Ctrl-C
 
-# Known bug (reported): the parent's own KeyboardInterrupt is swallowed when it lands
-# while a result is unpickled (FunctionChild._decode catches BaseException).
-ASYNC_EXC_BUG = pytest.mark.xfail(
-    strict=False, reason="fastfork bug: a Ctrl-C landing while FunctionChild._decode "
-    "unpickles a result becomes a per-item ChildError instead of a KeyboardInterrupt")
-
-
-@ASYNC_EXC_BUG
 def test_case16_ctrl_c_at_random_moments_of_a_fanout():
     out = contained(HEAD, """
     import random

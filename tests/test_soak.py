@@ -224,14 +224,6 @@ def _chaos(rounds, items, interrupt_rate=0.2, timeout=900):
                               errno="EAGAIN", every=25, timeout=timeout)
 
 
-# Known bug (reported): a Ctrl-C landing while the parent unpickles a result is
-# swallowed (FunctionChild._decode catches BaseException) and becomes a per-item error.
-DECODE_CTRL_C_BUG = pytest.mark.xfail(
-    strict=False, raises=(AssertionError, __import__("subprocess").TimeoutExpired),
-    reason="fastfork bug: a Ctrl-C during FunctionChild._decode becomes a per-item "
-    "ChildError instead of a KeyboardInterrupt")
-
-
 def test_chaos_mix_short():
     figures = _chaos(4, 60, interrupt_rate=0.0, timeout=120)
     assert figures["lost"] == 0, figures
@@ -276,7 +268,7 @@ def test_soak_100000_fork_reap_cycles_across_pid_wraparound():
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("interrupt_rate", [
-    0.0, pytest.param(0.2, marks=DECODE_CTRL_C_BUG, id="random-sigint")])
+    0.0, pytest.param(0.2, id="random-sigint")])
 def test_soak_chaos_mix(interrupt_rate):
     start = time.monotonic()
     figures = _chaos(100, 200, interrupt_rate)
