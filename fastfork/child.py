@@ -17,7 +17,7 @@ from fastfork import _core
 from fastfork._checks import check_timeout
 from fastfork.errors import TimeoutExpired
 
-__all__ = ["Child", "wait_all", "stop_all"]
+__all__ = ["Child", "Watcher", "wait_all", "stop_all"]
 
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 _HAVE_WAITID_PIDFD = _HAVE_PIDFD
@@ -283,6 +283,85 @@ class Child:
     __del__ = _core.finalize_child
 
 
+class Watcher:
+    """Polls the pidfds and pipes of a changing set of children.
+
+    One poll set lives across calls, so a fan-out registers a child's fds once
+    instead of on every wait. Children without a pidfd are polled with
+    WNOHANG and a capped exponential back-off.
+    """
+
+    def __init__(self, children=()):
+        self._poller = select.poll()
+        self._owners = {}    # fd -> (child, reader callback, or None for the pidfd)
+        self._polling = []   # children without a pidfd
+        self._backoff = _POLL_MIN
+        for child in children:
+            self.add(child)
+
+    def add(self, child):
+        """Watch ``child`` until it finishes."""
+        if child.finished:
+            return
+        if child._pidfd >= 0:
+            self._register(child._pidfd, child, None)
+        else:
+            self._polling.append(child)
+        for fd, callback in child._readers().items():
+            self._register(fd, child, callback)
+
+    def _register(self, fd, child, callback):
+        self._owners[fd] = (child, callback)
+        self._poller.register(fd, select.POLLIN)
+
+    def _forget_fd(self, fd):
+        del self._owners[fd]
+        self._poller.unregister(fd)
+
+    def forget(self, child):
+        """Stop watching ``child`` (before its fds are closed elsewhere)."""
+        for fd in [fd for fd, (owner, _) in self._owners.items() if owner is child]:
+            self._forget_fd(fd)
+        if child in self._polling:
+            self._polling.remove(child)
+
+    def step(self, timeout=None):
+        """Wait up to ``timeout`` seconds (None: no limit) for pipe data or an exit.
+
+        Drains the pipes that have data and reaps the children that exited.
+        Returns the children that finished in this step.
+        """
+        ms = None if timeout is None else timeout * 1000
+        if self._polling:
+            cap = self._backoff * 1000
+            ms = cap if ms is None else min(ms, cap)
+            self._backoff = min(self._backoff * 2, _POLL_MAX)
+        touched = []
+        for fd, _ in self._poller.poll(None if ms is None else math.ceil(ms)):
+            child, callback = self._owners[fd]
+            if callback is None:
+                # The pidfd is readable: the child has exited. Unregister first:
+                # reaping closes the pidfd and its number may be reused.
+                self._forget_fd(fd)
+                touched.append(child)
+            elif child._read(fd, callback):
+                self._forget_fd(fd)
+        finished = []
+        for child in dict.fromkeys(touched + self._polling):
+            if child._try_reap():
+                self.forget(child)
+                finished.append(child)
+            elif child not in self._polling:
+                self._polling.append(child)  # pidfd said exited, wait4 disagreed: poll it
+        return finished
+
+    def close(self):
+        """Stop watching every child."""
+        for fd in list(self._owners):
+            self._forget_fd(fd)
+        self._polling.clear()
+
+
 def wait_all(children, timeout=None, *, until_any=False):
     """Wait until every child (or, with ``until_any``, one) has finished.
 
@@ -291,63 +370,23 @@ def wait_all(children, timeout=None, *, until_any=False):
     caller checks ``finished``.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    pending = [c for c in children if not c.finished]
     done = [c for c in children if c.finished]
+    pending = [c for c in children if not c.finished]
     if not pending or (until_any and done):
         return done
-    poller = select.poll()
-    owners = {}  # fd -> (child, callback or None for the pidfd)
-    for child in pending:
-        if child._pidfd >= 0:
-            owners[child._pidfd] = (child, None)
-        for fd, callback in child._readers().items():
-            owners[fd] = (child, callback)
-    for fd in owners:
-        poller.register(fd, select.POLLIN)
-    polling = [c for c in pending if c._pidfd < 0]
-    backoff = _POLL_MIN
+    watcher = Watcher(pending)
     try:
         while pending:
-            if deadline is None:
-                ms = None
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                ms = remaining * 1000
-            if polling:
-                ms = backoff * 1000 if ms is None else min(ms, backoff * 1000)
-                backoff = min(backoff * 2, _POLL_MAX)
-            events = poller.poll(None if ms is None else math.ceil(ms))
-            touched = set()
-            for fd, _ in events:
-                child, callback = owners[fd]
-                if callback is None:
-                    # The pidfd is readable: the child has exited. Unregister first:
-                    # reaping closes the pidfd and its number may be reused.
-                    poller.unregister(fd)
-                    del owners[fd]
-                    touched.add(child)
-                elif child._read(fd, callback):
-                    poller.unregister(fd)
-                    del owners[fd]
-            for child in list(touched) + polling:
-                if child._try_reap():
-                    for fd in [fd for fd, (c, _) in owners.items() if c is child]:
-                        poller.unregister(fd)
-                        del owners[fd]
-                elif child in touched and child not in polling:
-                    polling.append(child)  # pidfd said exited, wait4 disagreed: poll it
-            newly = [c for c in pending if c.finished]
-            if newly:
-                done.extend(newly)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            if watcher.step(remaining):
+                done.extend(c for c in pending if c.finished)
                 pending = [c for c in pending if not c.finished]
-                polling = [c for c in polling if not c.finished]
                 if until_any:
                     break
     finally:
-        for fd in owners:
-            poller.unregister(fd)
+        watcher.close()
     return done
 
 

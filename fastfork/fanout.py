@@ -22,8 +22,8 @@ import traceback
 from fastfork import _core
 from fastfork._result import ERROR, OK, FrameReader, error_payload, write_frame
 from fastfork._checks import check_callable, check_jobs, check_timeout
-from fastfork.child import (Child, _owned_fds, close_inherited_fds,
-                            reap_dropped, stop_all, wait_all)
+from fastfork.child import (Child, Watcher, _owned_fds, close_inherited_fds,
+                            reap_dropped, stop_all)
 from fastfork.errors import ChildError, ForkError, describe_status
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
@@ -291,6 +291,7 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
     fork_failures = 0
     backoff_until = 0.0
     started = 0
+    watcher = Watcher()
     try:
         while True:
             # Launch while there is room, no failure stopped us, and no back-off.
@@ -324,6 +325,7 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
                 fork_failures = 0
                 started += 1
                 running[child] = None if timeout is None else time.monotonic() + timeout
+                watcher.add(child)
             if not running:
                 if next_item is not None and first_error is None:
                     time.sleep(max(0.0, backoff_until - time.monotonic()))
@@ -336,7 +338,7 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
             if next_item is not None and first_error is None:
                 pause = max(0.0, backoff_until - time.monotonic())
                 wait_for = pause if wait_for is None else min(wait_for, pause)
-            wait_all(list(running), wait_for, until_any=True)
+            watcher.step(wait_for)
             now = time.monotonic()
             for child in list(running):
                 if not child.finished:
@@ -344,6 +346,7 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
                     if deadline is None or now < deadline:
                         continue
                     child.timed_out = True
+                    watcher.forget(child)  # stopping it closes its fds
                     stop_all([child], grace)
                 del running[child]
                 launched.remove(child)
@@ -359,6 +362,7 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
         if first_error is not None:
             raise first_error
     finally:
+        watcher.close()
         stop_all(launched, grace)
         for child in launched:
             child._close_fds()  # closed already, unless a signal cut that short
