@@ -1,10 +1,22 @@
 """Test-wide guards: no test may leave a child process or an open fd behind."""
+import atexit
 import os
+import shutil
+import tempfile
 import time
 
 import pytest
 
 import procutil
+
+# Child interpreters started by the tests (python -c, python -m) put the current
+# directory first on sys.path. Run from a source checkout whose package is
+# installed elsewhere (the README's `pip install '.[test]' && pytest`), they
+# would import the unbuilt tree: work from an empty directory instead.
+if os.path.isdir("fastfork") and not os.path.samefile(procutil.PACKAGE_ROOT, os.getcwd()):
+    _workdir = tempfile.mkdtemp(prefix="fastfork-tests-")
+    atexit.register(shutil.rmtree, _workdir, True)
+    os.chdir(_workdir)
 
 
 @pytest.fixture(autouse=True)
