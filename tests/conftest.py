@@ -1,5 +1,4 @@
 """Test-wide guards: no test may leave a child process or an open fd behind."""
-import atexit
 import os
 import shutil
 import tempfile
@@ -9,14 +8,26 @@ import pytest
 
 import procutil
 
-# Child interpreters started by the tests (python -c, python -m) put the current
-# directory first on sys.path. Run from a source checkout whose package is
-# installed elsewhere (the README's `pip install '.[test]' && pytest`), they
-# would import the unbuilt tree: work from an empty directory instead.
-if os.path.isdir("fastfork") and not os.path.samefile(procutil.PACKAGE_ROOT, os.getcwd()):
-    _workdir = tempfile.mkdtemp(prefix="fastfork-tests-")
-    atexit.register(shutil.rmtree, _workdir, True)
-    os.chdir(_workdir)
+@pytest.fixture(autouse=True, scope="session")
+def away_from_the_source_tree():
+    """Run the tests from an empty directory when the package under test is installed.
+
+    Child interpreters started by the tests (python -c, python -m) put the
+    current directory first on sys.path: run from a source checkout whose
+    package is installed elsewhere (the README's `pip install '.[test]' &&
+    pytest`), they would import the unbuilt tree.
+    """
+    here = os.getcwd()
+    if not os.path.isdir("fastfork") or os.path.samefile(procutil.PACKAGE_ROOT, here):
+        yield
+        return
+    workdir = tempfile.mkdtemp(prefix="fastfork-tests-")
+    os.chdir(workdir)
+    try:
+        yield
+    finally:
+        os.chdir(here)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
