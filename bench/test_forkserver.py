@@ -24,6 +24,7 @@ import sys
 import pytest
 
 import fastfork
+from fastfork._workloads import _touch
 
 N_TASKS = 200
 N_FORKS = 20
@@ -40,15 +41,6 @@ _per_task = {}
 def task(i):
     """The short Python task."""
     return sum(range(1000))
-
-
-def _touched(buf):
-    """Write every page of ``buf`` so that it is resident; return it."""
-    chunk = b"\x5a" * (1 << 20)
-    with memoryview(buf) as view:
-        for off in range(0, len(view), len(chunk)):
-            view[off:off + len(chunk)] = chunk[:len(view) - off]
-    return buf
 
 
 @pytest.fixture
@@ -178,11 +170,11 @@ def _fork_loop(n):
 @pytest.mark.parametrize("kind", ["bytearray", "SharedBuffer", "PrivateBuffer (huge pages)"])
 def test_fork_holding_1gib(benchmark, kind):
     if kind == "bytearray":
-        buf = _touched(bytearray(GIB))
+        buf = _touch(bytearray(GIB))
     elif kind == "SharedBuffer":
-        buf = _touched(fastfork.SharedBuffer(GIB))
+        buf = _touch(fastfork.SharedBuffer(GIB))
     else:
-        buf = _touched(fastfork.PrivateBuffer(GIB, hugepages=True))
+        buf = _touch(fastfork.PrivateBuffer(GIB, hugepages=True))
     try:
         benchmark.group = "forkserver: fork + exit + reap holding 1 GiB"
         benchmark.name = f"fork, 1 GiB {kind}"
