@@ -2,7 +2,10 @@
 import math
 import os
 
-__all__ = ["check_callable", "check_jobs", "check_timeout"]
+__all__ = ["check_callable", "check_jobs", "check_timeout", "poll_ms", "MAX_WAIT"]
+
+# poll() takes an int of milliseconds: a longer wait is done in slices of this.
+MAX_WAIT = (2**31 - 1) / 1000
 
 
 def check_callable(fn):
@@ -34,3 +37,14 @@ def check_timeout(timeout, name="timeout", allow_zero=True):
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
                          f"not {timeout!r}")
     return timeout
+
+
+def poll_ms(timeout):
+    """Return ``timeout`` seconds as poll()'s milliseconds (None: no limit).
+
+    Capped at MAX_WAIT, so a huge timeout never overflows; callers loop until
+    their deadline anyway.
+    """
+    if timeout is None:
+        return None
+    return math.ceil(min(timeout, MAX_WAIT) * 1000)

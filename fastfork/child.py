@@ -6,7 +6,6 @@ capped exponential back-off on the monotonic clock. Subclasses attach pipes
 that must be drained while the child runs (results, captured output).
 """
 import errno
-import math
 import os
 import select
 import signal
@@ -14,7 +13,7 @@ import threading
 import time
 
 from fastfork import _core
-from fastfork._checks import check_timeout
+from fastfork._checks import check_timeout, poll_ms
 from fastfork.errors import TimeoutExpired
 
 __all__ = ["Child", "Watcher", "wait_all", "stop_all"]
@@ -331,13 +330,11 @@ class Watcher:
         Drains the pipes that have data and reaps the children that exited.
         Returns the children that finished in this step.
         """
-        ms = None if timeout is None else timeout * 1000
         if self._polling:
-            cap = self._backoff * 1000
-            ms = cap if ms is None else min(ms, cap)
+            timeout = self._backoff if timeout is None else min(timeout, self._backoff)
             self._backoff = min(self._backoff * 2, _POLL_MAX)
         touched = []
-        for fd, _ in self._poller.poll(None if ms is None else math.ceil(ms)):
+        for fd, _ in self._poller.poll(poll_ms(timeout)):
             child, callback = self._owners[fd]
             if callback is None:
                 # The pidfd is readable: the child has exited. Unregister first:

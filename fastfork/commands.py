@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping
 
 from fastfork import _core
-from fastfork._checks import check_jobs, check_timeout
+from fastfork._checks import MAX_WAIT, check_jobs, check_timeout
 from fastfork.child import (Child, _fd_lock, _owned_fds, own_fd,
                             reap_dropped, stop_all, wait_all)
 from fastfork.errors import TimeoutExpired
@@ -260,7 +260,8 @@ class Process(Child):
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     self._raise_timeout(timeout)
-                for key, _ in selector.select(remaining):
+                for key, _ in selector.select(None if remaining is None
+                                              else min(remaining, MAX_WAIT)):
                     if key.fileobj is self.stdin:
                         if self._feed_stdin(pending_input):
                             selector.unregister(self.stdin)

@@ -37,7 +37,7 @@ import weakref
 from fastfork import _core
 from fastfork import _server_proto as proto
 from fastfork import fanout
-from fastfork._checks import check_callable, check_timeout
+from fastfork._checks import check_callable, check_timeout, poll_ms
 from fastfork.child import (Child, _fd_lock, close_inherited_fds,
                             close_owned, own_fd, stop_all)
 from fastfork.errors import ServerError
@@ -54,7 +54,7 @@ def _pidfd_exited(pidfd, timeout=0.0):
     """True if the process behind ``pidfd`` has exited (within ``timeout`` seconds)."""
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
+    return bool(poller.poll(poll_ms(timeout)))
 
 
 class _Pickler(pickle.Pickler):
@@ -142,7 +142,7 @@ class _Connection:
     def _first_message(self, timeout):
         poller = select.poll()
         poller.register(self.sock.fileno(), select.POLLIN)
-        if not poller.poll(None if timeout is None else timeout * 1000):
+        if not poller.poll(poll_ms(timeout)):
             raise ServerError(f"the fork server did not start within {timeout} seconds")
         message, _, _ = proto.recv(self.sock)
         if message is None:

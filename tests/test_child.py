@@ -85,3 +85,8 @@ def test_repr_and_context_manager(mode):
     with fastfork.Child(raw_child()) as child:
         assert "running" in repr(child)
     assert "returncode=-15" in repr(child)
+
+
+def test_huge_timeouts_do_not_overflow(mode):
+    child = fastfork.Child(raw_child(0.01))
+    assert child.wait(timeout=1e12) == 0
