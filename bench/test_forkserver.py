@@ -24,7 +24,7 @@ import sys
 import pytest
 
 import fastfork
-from fastfork._workloads import _touch
+from fastfork._workloads import _fork_fastfork, _touch
 
 N_TASKS = 200
 N_FORKS = 20
@@ -159,14 +159,6 @@ def test_subprocess_python(benchmark, big_parent):
 
 # ---------------------------------------------------------------- 2. data in shared memory
 
-def _fork_loop(n):
-    for _ in range(n):
-        pid = fastfork.fork()
-        if pid == 0:
-            os._exit(0)
-        fastfork.waitpid(pid, 0)
-
-
 @pytest.mark.parametrize("kind", ["bytearray", "SharedBuffer", "PrivateBuffer (huge pages)"])
 def test_fork_holding_1gib(benchmark, kind):
     if kind == "bytearray":
@@ -178,7 +170,7 @@ def test_fork_holding_1gib(benchmark, kind):
     try:
         benchmark.group = "forkserver: fork + exit + reap holding 1 GiB"
         benchmark.name = f"fork, 1 GiB {kind}"
-        benchmark.pedantic(_fork_loop, args=(N_FORKS,), rounds=3, iterations=1)
+        benchmark.pedantic(_fork_fastfork, args=(N_FORKS,), rounds=3, iterations=1)
         if not benchmark.disabled:
             _per_task[benchmark.name] = benchmark.stats.stats.median / N_FORKS
     finally:

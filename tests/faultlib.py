@@ -327,6 +327,54 @@ def shim():
     return _Shim()
 
 
+def fork_until_failure(limit=10_000):
+    """In a child interpreter: fastfork.fork until fork fails; kill and reap them all.
+
+    Returns (how many children were forked, the errno of the failure or None).
+    """
+    import fastfork
+    pids, err = [], None
+    try:
+        for _ in range(limit):
+            pid = fastfork.fork()
+            if pid == 0:
+                signal.pause()
+                os._exit(0)
+            pids.append(pid)
+    except OSError as exc:
+        err = exc.errno
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    fastfork.reap(pids)
+    return len(pids), err
+
+
+def exec_failure_cases(tmp_path):
+    """Commands that cannot run, one per kind of exec failure: name -> spawn/Popen kwargs.
+
+    ``args`` is the argv; files the cases need are made in ``tmp_path``.
+    """
+    noexec = tmp_path / "not-executable"
+    noexec.write_text("#!/bin/sh\n")
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"\x00\x01\x02 not a program\n")
+    garbage.chmod(0o755)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    return {
+        "ENOENT bare name": dict(args=["ff-no-such-program-x"]),
+        "ENOENT path": dict(args=[str(tmp_path / "missing")]),
+        "ENOENT executable": dict(args=["x"], executable="ff-no-such-program-y"),
+        "EACCES": dict(args=[str(noexec)]),
+        "directory": dict(args=[str(tmp_path)]),
+        "ENOEXEC": dict(args=[str(garbage)]),
+        "E2BIG": dict(args=["true", "x" * (256 * 1024)]),
+        "missing cwd": dict(args=["true"], cwd=str(tmp_path / "no-dir")),
+        "cwd is a file": dict(args=["true"], cwd=str(a_file)),
+        "ENOTDIR in path": dict(args=[str(a_file / "prog")]),
+    }
+
+
 def leak_report(before_fds=None):
     """Children, zombie children and new fds of this process, as a dict of sets."""
     kids = procutil.children()

@@ -250,21 +250,8 @@ def test_pid_namespace_gives_a_private_ns_last_pid():
 def test_pids_cgroup_makes_the_fifth_fork_fail_with_eagain():
     with faultlib.pids_cgroup(5) as group:
         code = group.join_code + textwrap.dedent("""
-        import json, os, signal, fastfork
-        pids, err = [], None
-        try:
-            for _ in range(10):
-                pid = fastfork.fork()
-                if pid == 0:
-                    signal.pause()
-                    os._exit(0)
-                pids.append(pid)
-        except OSError as exc:
-            err = exc.errno
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        fastfork.reap(pids)
-        print(json.dumps([len(pids), err]))
+        import json, faultlib
+        print(json.dumps(faultlib.fork_until_failure(limit=10)))
         """)
         assert run(code) == [4, 11]
         # The pids controller doubles as a leak detector for all descendants.

@@ -85,20 +85,8 @@ def test_case01_fork_eagain_partway_through_fanout_pids_cgroup():
         # Only 3 children fit next to this interpreter; map backs off and retries.
         results = fastfork.map(lambda x: (time.sleep(0.05), x)[1], range(12), jobs=6)
         # The core surfaces the raw errno.
-        pids, err = [], None
-        try:
-            while True:
-                pid = fastfork.fork()
-                if pid == 0:
-                    signal.pause()
-                    os._exit(0)
-                pids.append(pid)
-        except BlockingIOError as exc:
-            err = exc.errno
-        for pid in pids:
-            os.kill(pid, signal.SIGKILL)
-        fastfork.reap(pids)
-        faultlib.report([results, len(pids), err], FDS)
+        forked, err = faultlib.fork_until_failure()
+        faultlib.report([results, forked, err], FDS)
         """)
         assert value == [list(range(12)), 3, errno.EAGAIN]
         assert group.pids_current() == 0
@@ -301,33 +289,9 @@ def test_case06_echild_because_someone_else_reaped_the_child():
 
 # ---------------------------------------------------------------- 7. exec failures
 
-def _exec_cases(tmp_path):
-    not_exec = tmp_path / "not-executable"
-    not_exec.write_text("#!/bin/sh\n")
-    bad_format = tmp_path / "bad-format"
-    bad_format.write_bytes(b"\x7fELF\x00garbage")
-    bad_format.chmod(0o755)
-    return {
-        "ENOENT path": (["/nonexistent/program"], {}),
-        "ENOENT PATH lookup": (["fastfork-no-such-program"], {}),
-        "EACCES": ([str(not_exec)], {}),
-        "ENOEXEC": ([str(bad_format)], {}),
-        "directory": ([str(tmp_path)], {}),
-        "E2BIG": (["true", "x" * (256 * 1024)], {}),
-        "missing cwd": (["true"], {"cwd": str(tmp_path / "gone")}),
-    }
-
-
-def test_case07_exec_failures_match_subprocess(tmp_path):
-    for name, (argv, kwargs) in _exec_cases(tmp_path).items():
-        with pytest.raises(OSError) as expected:
-            subprocess.Popen(argv, **kwargs)
-        with pytest.raises(OSError) as got:
-            fastfork.spawn(argv, **kwargs)
-        assert type(got.value) is type(expected.value), name
-        assert got.value.errno == expected.value.errno, name
-        assert got.value.filename == expected.value.filename, name
-
+# Each failure's type, errno, strerror and filename are compared with subprocess,
+# for both ways of creating the process, in test_spawn.py
+# (test_exec_failure_raises_like_subprocess, over faultlib.exec_failure_cases).
 
 def test_case07_nul_in_an_argument_is_a_valueerror_before_any_fork():
     before = procutil.children()
@@ -341,11 +305,13 @@ def test_case07_nul_in_an_argument_is_a_valueerror_before_any_fork():
 
 def test_case07_no_fd_leak_after_1000_failing_spawns(tmp_path):
     fds = procutil.open_fds()
-    cases = list(_exec_cases(tmp_path).values())
+    cases = list(faultlib.exec_failure_cases(tmp_path).values())
     for i in range(1000):
-        argv, kwargs = cases[i % len(cases)]
+        kwargs = dict(cases[i % len(cases)])
+        args = kwargs.pop("args")
         with pytest.raises(OSError):
-            fastfork.spawn(argv, stdout=fastfork.PIPE, stderr=fastfork.PIPE, **kwargs)
+            fastfork.spawn(args, stdin=fastfork.PIPE, stdout=fastfork.PIPE,
+                           stderr=fastfork.PIPE, **kwargs)
     assert procutil.open_fds() == fds
     assert procutil.children() == set()
 

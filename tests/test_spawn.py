@@ -123,33 +123,11 @@ def test_new_session(creation):
 # ---------------------------------------------------------------- exec failures
 
 
-def _exec_failure_cases(tmp_path):
-    noexec = tmp_path / "not-executable"
-    noexec.write_text("#!/bin/sh\n")
-    garbage = tmp_path / "garbage"
-    garbage.write_bytes(b"\x00\x01\x02 not a program\n")
-    garbage.chmod(0o755)
-    a_file = tmp_path / "a-file"
-    a_file.write_text("")
-    return {
-        "ENOENT bare name": dict(args=["ff-no-such-program-x"]),
-        "ENOENT path": dict(args=[str(tmp_path / "missing")]),
-        "ENOENT executable": dict(args=["x"], executable="ff-no-such-program-y"),
-        "EACCES": dict(args=[str(noexec)]),
-        "directory": dict(args=[str(tmp_path)]),
-        "ENOEXEC": dict(args=[str(garbage)]),
-        "E2BIG": dict(args=["true", "x" * (256 * 1024)]),
-        "missing cwd": dict(args=["true"], cwd=str(tmp_path / "no-dir")),
-        "cwd is a file": dict(args=["true"], cwd=str(a_file)),
-        "ENOTDIR in path": dict(args=[str(a_file / "prog")]),
-    }
-
-
 @pytest.mark.parametrize("case", ["ENOENT bare name", "ENOENT path", "ENOENT executable",
                                   "EACCES", "directory", "ENOEXEC", "E2BIG", "missing cwd",
                                   "cwd is a file", "ENOTDIR in path"])
 def test_exec_failure_raises_like_subprocess(case, tmp_path, creation):
-    kwargs = dict(_exec_failure_cases(tmp_path)[case])
+    kwargs = dict(faultlib.exec_failure_cases(tmp_path)[case])
     args = kwargs.pop("args")
     with pytest.raises(OSError) as expected:
         subprocess.Popen(args, **kwargs)
@@ -159,18 +137,6 @@ def test_exec_failure_raises_like_subprocess(case, tmp_path, creation):
     assert got.value.errno == expected.value.errno
     assert got.value.filename == expected.value.filename
     assert got.value.strerror == expected.value.strerror
-
-
-def test_no_fd_leaked_after_1000_failing_spawns(tmp_path):
-    before = procutil.open_fds()
-    for i in range(1000):
-        with pytest.raises((FileNotFoundError, NotADirectoryError)):
-            if i % 2:
-                spawn(["ff-no-such-program"], stdin=PIPE, stdout=PIPE, stderr=PIPE)
-            else:
-                spawn(["true"], cwd=tmp_path / "missing", stdout=DEVNULL, stderr=STDOUT)
-    assert procutil.open_fds() == before
-    assert not procutil.children()
 
 
 def test_start_failures_in_spawn_many_are_results():
