@@ -28,7 +28,8 @@ _HAVE_WAITID_PIDFD = _HAVE_PIDFD
 _owned_fds = set()
 _fd_lock = threading.Lock()
 
-# Children whose handle was dropped while they ran: reaped later, never left.
+# (pid, pidfd or -1) of children whose handle was dropped while they ran:
+# reaped later, never left.
 _unreaped = []
 
 
@@ -73,13 +74,33 @@ def close_inherited_fds(keep=()):
 
 def reap_dropped():
     """Reap children whose handles were garbage-collected while they ran."""
-    for pid in list(_unreaped):
+    for entry in list(_unreaped):
+        pid, pidfd = entry
         try:
-            done = _core.waitpid(pid, os.WNOHANG)[0] != 0
+            done = _wait_nohang(pid, pidfd)[0] != 0
         except ChildProcessError:
             done = True
         if done:
-            _unreaped.remove(pid)
+            _unreaped.remove(entry)
+            if pidfd >= 0:
+                close_owned(pidfd)
+
+
+def _wait_nohang(pid, pidfd):
+    """wait4(pid, WNOHANG), through ``pidfd`` where there is one (>= 0).
+
+    By pidfd, a pid that was reaped elsewhere and reused can never be taken
+    for the child. Returns (pid, status, rusage) as wait4 does.
+    """
+    global _HAVE_WAITID_PIDFD
+    if pidfd >= 0 and _HAVE_WAITID_PIDFD:
+        try:
+            return _core._wait_pidfd(pidfd, os.WNOHANG)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            _HAVE_WAITID_PIDFD = False  # Linux 5.3: pidfd_open but no P_PIDFD
+    return _core.wait4(pid, os.WNOHANG)
 
 
 class Child:
@@ -149,8 +170,9 @@ class Child:
         self._drain()
 
     def _close_fds(self):
-        """Close every fd this handle holds (the pidfd; subclasses add pipes)."""
-        self._close_pidfd()
+        """Close every fd this handle holds: the attributes named in ``_fd_attrs``."""
+        for name in self._fd_attrs:
+            _core.close_fd_attr(self, name)
 
     # ------------------------------------------------------------ state
 
@@ -169,7 +191,7 @@ class Child:
             return True
         if not self._reaped:
             try:
-                pid, status, rusage = self._wait4_nohang()
+                pid, status, rusage = _wait_nohang(self.pid, self._pidfd)
             except ChildProcessError:
                 # Reaped elsewhere (SIGCHLD ignored, or a foreign waitpid): the exit
                 # status is gone for good. Report it as unknown rather than hang.
@@ -188,22 +210,6 @@ class Child:
         self._finish()
         self._finished = True
         return True
-
-    def _wait4_nohang(self):
-        """wait4(WNOHANG) for this child, through the pidfd where there is one.
-
-        By pidfd, a pid that was reaped elsewhere and reused can never be taken
-        for this child.
-        """
-        global _HAVE_WAITID_PIDFD
-        if self._pidfd >= 0 and _HAVE_WAITID_PIDFD:
-            try:
-                return _core._wait_pidfd(self._pidfd, os.WNOHANG)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                _HAVE_WAITID_PIDFD = False  # Linux 5.3: pidfd_open but no P_PIDFD
-        return _core.wait4(self.pid, os.WNOHANG)
 
     @property
     def finished(self):
@@ -274,7 +280,7 @@ class Child:
         if os.getpid() == self._owner:
             self.stop()
 
-    # The handle's fds, closed by the finalizer if it is dropped unfinished.
+    # The attributes holding the handle's fds (subclasses add their pipes).
     _fd_attrs = ("_pidfd",)
     # False where another process reaps the child (a fork server's children).
     _reaps_own_pid = True

@@ -4,7 +4,7 @@
 a function out over many items, at most ``jobs`` at a time; ``background``
 ties a helper process to a ``with`` block.
 
-Every child ends in ``_exit`` by construction (``fastfork._core.fork_call``):
+Every child ends in ``_exit`` by construction (``fastfork._core.fork_with_pipe``):
 whatever the function does, it never runs on into the parent's code, the
 parent's atexit handlers or a test runner's teardown. Return values and
 tracebacks travel back pickled over a close-on-exec pipe that the parent drains
@@ -15,7 +15,6 @@ import errno
 import itertools
 import pickle
 import signal
-import sys
 import time
 import traceback
 
@@ -29,8 +28,6 @@ from fastfork.errors import ChildError, ForkError, describe_status
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
            "fan_out", "in_input_order"]
 
-# EX_SOFTWARE: the child's own machinery failed (e.g. the result pipe broke).
-_EXIT_INTERNAL = 70
 _RETRYABLE = (errno.EAGAIN, errno.ENOMEM)
 
 
@@ -73,17 +70,10 @@ class FunctionChild(Child):
         self._drain()
         self._close_result_fd()
 
-    def _close_fds(self):
-        super()._close_fds()
-        self._close_result_fd()
-        _core.close_fd_attr(self, "_write_fd")
-
     def _abandon(self):
         """Undo a start that an exception cut short: kill, reap, close everything."""
         if self.pid is not None and not self.finished:
-            with contextlib.suppress(OSError):
-                self.kill()
-            stop_all([self], 0)
+            stop_all([self], 0)  # no grace: straight to SIGKILL
         self._close_fds()
 
     def result(self, timeout=None):
@@ -150,13 +140,6 @@ def _short_repr(item, limit=80):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _flush_stdio():
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            if stream is not None:
-                stream.flush()
-
-
 def _exit_code_of(exc):
     """The exit status Python would use for an uncaught SystemExit ``exc``."""
     if exc.code is None:
@@ -167,29 +150,29 @@ def _exit_code_of(exc):
 
 
 def _run_in_child(fn, args, kwargs, result_fd, print_traceback):
-    """The child's whole life after fork: call, send the outcome, return the exit code."""
+    """The child's whole life after fork: call, send the outcome, return the exit code.
+
+    (fork_call flushes stdio and ``_exit``s with the code.)
+    """
     code = 0
     try:
+        value = fn(*args, **kwargs)
+    except SystemExit as exc:
+        code = _exit_code_of(exc)
+        kind, payload = ERROR, error_payload(exc, "exited")
+    except BaseException as exc:
+        code = 1
+        if print_traceback:
+            traceback.print_exc()
+        kind, payload = ERROR, error_payload(exc, "raised")
+    else:
         try:
-            value = fn(*args, **kwargs)
-        except SystemExit as exc:
-            code = _exit_code_of(exc)
-            kind, payload = ERROR, error_payload(exc, "exited")
+            payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+            kind = OK
         except BaseException as exc:
             code = 1
-            if print_traceback:
-                traceback.print_exc()
-            kind, payload = ERROR, error_payload(exc, "raised")
-        else:
-            try:
-                payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-                kind = OK
-            except BaseException as exc:
-                code = 1
-                kind, payload = ERROR, error_payload(exc, "returned a result that could not be pickled")
-        write_frame(result_fd, kind, payload)
-    finally:
-        _flush_stdio()
+            kind, payload = ERROR, error_payload(exc, "returned a result that could not be pickled")
+    write_frame(result_fd, kind, payload)
     return code
 
 
@@ -218,7 +201,6 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
         return _run_in_child(fn, args, kwargs, child._write_fd, print_traceback)
 
     try:
-        _flush_stdio()
         # Pipe, fork and bookkeeping happen in one C call that records each
         # step on ``child``: a signal handler raising anywhere (Ctrl-C) can
         # neither leak the pipe nor lose the process.

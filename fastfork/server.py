@@ -135,7 +135,6 @@ class _Connection:
         deathsig = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
         registry = []
         with _fd_lock:
-            fanout._flush_stdio()
             _core.fork_call(exec_server, registry, deathsig)
         self.process = Child(registry[0])
 

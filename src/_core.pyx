@@ -14,7 +14,7 @@ errno (so EAGAIN is ``BlockingIOError`` and ECHILD ``ChildProcessError``, as in
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.number cimport PyNumber_Index
 from libc.string cimport strerror
-from libc.errno cimport EINTR, ECHILD, errno
+from libc.errno cimport EINTR, ECHILD, EINVAL, errno
 from libc.string cimport memset
 from posix.resource cimport rusage
 from posix.types cimport pid_t
@@ -577,7 +577,8 @@ def fork_call(fn, registry, pdeathsig=0):
     The child never returns from this call: whatever ``fn`` does -- returns a
     non-int, raises SystemExit, KeyboardInterrupt or any BaseException -- it
     ends in ``_exit`` (70, EX_SOFTWARE, when ``fn`` raised or returned a
-    non-int), after flushing sys.stdout and sys.stderr. No Python bytecode runs between fork() returning and ``fn``
+    non-int). sys.stdout and sys.stderr are flushed before the fork (no output
+    printed twice) and in the child before ``_exit`` (none lost). No Python bytecode runs between fork() returning and ``fn``
     being called, so no signal handler can raise in that gap.
 
     In the parent the child's pid is appended to ``registry`` (a list) before
@@ -606,6 +607,7 @@ def fork_call(fn, registry, pdeathsig=0):
         # Unlike os.fork on 3.10/3.11, the library never starts a child during
         # shutdown, on any version: the child would run a half-torn-down runtime.
         raise _FinalizationError("can't fork at interpreter shutdown")
+    _flush_stdio()  # or the child would print the parent's buffered output again
     pid = _fork_checked()
     if pid != 0:
         registry.append(pid)
@@ -711,8 +713,9 @@ def finalize_child(self):
     they raised (Ctrl-C) would be lost as "Exception ignored"; this one runs
     no Python code (bar the ResourceWarning for a child dropped while
     running). The fds are the attributes named by ``type(self)._fd_attrs``.
-    If ``type(self)._reaps_own_pid``, a child still running is queued in the
-    dropped list, to be reaped by the next start.
+    If ``type(self)._reaps_own_pid``, an exited child is reaped here and a
+    running one queued, with its pidfd, in the dropped list, to be reaped by
+    the next start.
     """
     cdef pid_t pid
     cdef int fd, status = 0
@@ -728,11 +731,17 @@ def finalize_child(self):
         if fd >= 0:
             memset(&info, 0, sizeof(info))
             rc = syscall(SYS_waitid, P_PIDFD, fd, &info, WEXITED | WNOHANG, NULL)
-            running = rc == 0 and info.si_pid == 0
-        else:
+            if rc < 0 and errno == EINVAL:
+                fd = -1  # Linux 5.3: pidfds but no P_PIDFD; go by pid
+            else:
+                running = rc == 0 and info.si_pid == 0
+        if fd < 0:
             running = c_waitpid(pid, &status, WNOHANG) == 0
         if running and _dropped_pids is not None:
-            _dropped_pids.append(pid)
+            # The pidfd goes along, so the later reap can never take a reused pid.
+            if fd >= 0:
+                self.__dict__["_pidfd"] = -1
+            _dropped_pids.append((pid, fd))
     for name in cls._fd_attrs:
         close_fd_attr(self, name)
     if running:
