@@ -3,8 +3,13 @@
 
 Drop-ins for ``os.fork``, ``os.waitpid``, ``os.wait``, ``os.wait3``, ``os.wait4``
 and ``os._exit``; ``reap``, a batch waitpid with the GIL released; and the
-primitives the Python layer builds on (``fork_call``: fork and run a callable in
-the child, ending in ``_exit`` whatever it does).
+primitives the Python layer builds on, in C so that no signal handler can run
+between two of their steps: ``fork_call`` (fork and run a callable in the
+child, ending in ``_exit`` whatever it does), ``fork_with_pipe`` (the same with
+a result pipe, recording every step on a handle), ``_wait_pidfd`` (reap by
+pidfd), ``close_fd_attr`` and ``finalize_child`` (a handle's fds and its
+``__del__``). The exec path (``_spawn``) is in ``_spawn.pxi``; the ``_c_*``
+loops are the physical limits the benchmarks compare against.
 
 errno passes through untouched: every failing call raises ``OSError`` built from
 errno (so EAGAIN is ``BlockingIOError`` and ECHILD ``ChildProcessError``, as in
