@@ -3,31 +3,18 @@
 One frame per child: a 1-byte kind, an 8-byte big-endian length, then that many
 bytes of pickle. The parent unpickles only a frame that arrived whole, so a
 child killed mid-write (SIGKILL, OOM) never has truncated bytes unpickled.
+The child's side (running the function, writing the frame) is in C:
+``fastfork._core.run_function`` and ``write_frame``.
 """
-import os
 import pickle
 import struct
 import traceback
 
-__all__ = ["OK", "ERROR", "write_frame", "error_payload", "FrameReader"]
+__all__ = ["OK", "ERROR", "error_payload", "FrameReader"]
 
 OK = b"R"
 ERROR = b"E"
 _HEADER = struct.Struct("!cQ")
-_SMALL = 1 << 16  # payloads up to this size are copied behind the header
-
-
-def write_frame(fd, kind, payload):
-    """Write one frame to ``fd`` (blocking), retrying short writes."""
-    header = _HEADER.pack(kind, len(payload))
-    if len(payload) <= _SMALL:
-        chunks = (memoryview(header + payload),)  # one write(2) for the common case
-    else:
-        chunks = (memoryview(header), memoryview(payload))
-    for chunk in chunks:
-        while chunk:
-            written = os.write(fd, chunk)
-            chunk = chunk[written:]
 
 
 def error_payload(exc, stage):

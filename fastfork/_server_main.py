@@ -20,8 +20,7 @@ import traceback
 
 from fastfork import _core
 from fastfork import _server_proto as proto
-from fastfork._result import ERROR, error_payload, write_frame
-from fastfork.fanout import _run_in_child
+from fastfork._result import ERROR, error_payload
 from fastfork.shared import SharedBuffer
 
 _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
@@ -66,10 +65,10 @@ def _grandchild(inherited, result_fd, inline, payload_fd, buffer_fds, print_trac
     try:
         fn, args, kwargs = _load_request(inline, payload_fd, buffer_fds)
     except BaseException as exc:
-        write_frame(result_fd, ERROR, error_payload(
+        _core.write_frame(result_fd, ERROR, error_payload(
             exc, "could not unpickle the function or its arguments in the fork server"))
         return 1
-    return _run_in_child(fn, args, kwargs, result_fd, print_traceback)
+    return _core.run_function(fn, tuple(args), dict(kwargs), result_fd, print_traceback)
 
 
 class _Server:

@@ -19,7 +19,7 @@ import time
 import traceback
 
 from fastfork import _core
-from fastfork._result import ERROR, OK, FrameReader, error_payload, write_frame
+from fastfork._result import OK, FrameReader
 from fastfork._checks import check_callable, check_jobs, check_timeout
 from fastfork.child import (Child, Watcher, _owned_fds, close_inherited_fds,
                             reap_dropped, stop_all)
@@ -92,44 +92,52 @@ class FunctionChild(Child):
             return value
         raise value
 
-    def _describe(self):
-        where = f"child {self.pid}"
-        if self.index is not None:
-            where += f" (item {self.index}: {_short_repr(self.item)})"
-        return where
-
-    def _error(self, message, **fields):
-        return ChildError(f"{self._describe()} {message}", pid=self.pid,
-                          returncode=self.returncode, index=self.index,
-                          item=_short_repr(self.item) if self.index is not None else None,
-                          **fields)
-
     def _decode(self):
         """Turn what the child sent (or failed to send) into (ok, value_or_error)."""
         frame = self._frame.frame()
         self._frame = FrameReader()  # free the bytes once decoded
-        if frame is None:
-            if self.timed_out:
-                return False, self._error(
-                    f"timed out and was stopped ({describe_status(self.returncode)})")
-            if self.lost:
-                return False, self._error("was reaped by someone else (ECHILD): its outcome is unknown")
-            return False, self._error(f"{describe_status(self.returncode)} without a result")
-        kind, payload = frame
-        try:
-            data = pickle.loads(payload)
-        except Exception as exc:  # not BaseException: a Ctrl-C here must propagate
-            return False, self._error(f"sent a result that could not be unpickled: {exc!r}")
-        if kind == OK:
-            return True, data
-        cause = None
-        if data["exception"] is not None:
-            with contextlib.suppress(Exception):
-                cause = pickle.loads(data["exception"])
-        err = self._error(f"{data['stage']}: {data['exc_type']}: {data['message']}",
-                          exc_type=data["exc_type"], remote_traceback=data["traceback"])
-        err.__cause__ = cause
-        return False, err
+        return decode_outcome(frame, pid=self.pid, returncode=self.returncode,
+                              index=self.index, item=self.item,
+                              timed_out=self.timed_out, lost=self.lost)
+
+
+def decode_outcome(frame, *, pid, returncode, index, item, timed_out, lost):
+    """Turn a child's result frame into (True, value) or (False, ChildError).
+
+    ``frame`` is (kind, payload) as it arrived whole, or None if none did.
+    ``index``/``item`` place the child in a fan-out (index None: not in one);
+    ``timed_out``: a fan-out's timeout stopped it; ``lost``: reaped by
+    someone else, so ``returncode`` is unknown.
+    """
+    where = f"child {pid}"
+    if index is not None:
+        where += f" (item {index}: {_short_repr(item)})"
+
+    def error(message, **fields):
+        return ChildError(f"{where} {message}", pid=pid, returncode=returncode, index=index,
+                          item=_short_repr(item) if index is not None else None, **fields)
+
+    if frame is None:
+        if timed_out:
+            return False, error(f"timed out and was stopped ({describe_status(returncode)})")
+        if lost:
+            return False, error("was reaped by someone else (ECHILD): its outcome is unknown")
+        return False, error(f"{describe_status(returncode)} without a result")
+    kind, payload = frame
+    try:
+        data = pickle.loads(payload)
+    except Exception as exc:  # not BaseException: a Ctrl-C here must propagate
+        return False, error(f"sent a result that could not be unpickled: {exc!r}")
+    if kind == OK:
+        return True, data
+    cause = None
+    if data["exception"] is not None:
+        with contextlib.suppress(Exception):
+            cause = pickle.loads(data["exception"])
+    err = error(f"{data['stage']}: {data['exc_type']}: {data['message']}",
+                exc_type=data["exc_type"], remote_traceback=data["traceback"])
+    err.__cause__ = cause
+    return False, err
 
 
 def _short_repr(item, limit=80):
@@ -138,42 +146,6 @@ def _short_repr(item, limit=80):
     except Exception:
         text = f"<{type(item).__name__}>"
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _exit_code_of(exc):
-    """The exit status Python would use for an uncaught SystemExit ``exc``."""
-    if exc.code is None:
-        return 0
-    if isinstance(exc.code, int):
-        return exc.code & 0xFF
-    return 1
-
-
-def _run_in_child(fn, args, kwargs, result_fd, print_traceback):
-    """The child's whole life after fork: call, send the outcome, return the exit code.
-
-    (fork_call flushes stdio and ``_exit``s with the code.)
-    """
-    code = 0
-    try:
-        value = fn(*args, **kwargs)
-    except SystemExit as exc:
-        code = _exit_code_of(exc)
-        kind, payload = ERROR, error_payload(exc, "exited")
-    except BaseException as exc:
-        code = 1
-        if print_traceback:
-            traceback.print_exc()
-        kind, payload = ERROR, error_payload(exc, "raised")
-    else:
-        try:
-            payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-            kind = OK
-        except BaseException as exc:
-            code = 1
-            kind, payload = ERROR, error_payload(exc, "returned a result that could not be pickled")
-    write_frame(result_fd, kind, payload)
-    return code
 
 
 def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
@@ -198,7 +170,7 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
 
     def child_main():
         close_inherited_fds(keep={child._write_fd})
-        return _run_in_child(fn, args, kwargs, child._write_fd, print_traceback)
+        return _core.run_function(fn, tuple(args), kwargs, child._write_fd, print_traceback)
 
     try:
         # Pipe, fork and bookkeeping happen in one C call that records each
@@ -239,10 +211,62 @@ def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=Fal
 
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
-    return fan_out(start_child, fn, iterable, jobs=jobs, timeout=timeout,
-                   return_exceptions=return_exceptions, fork_retries=fork_retries,
-                   grace=grace, die_with_parent=die_with_parent,
-                   print_traceback=print_traceback)
+    jobs, timeout, grace = _check_fan_out(fn, jobs, timeout, grace, fork_retries)
+    return _fan_out_locally(fn, enumerate(iter(iterable)), jobs, timeout, return_exceptions,
+                            fork_retries, grace, die_with_parent, print_traceback,
+                            until_done=False)
+
+
+def _check_fan_out(fn, jobs, timeout, grace, fork_retries):
+    """Validate a fan-out's options; return (jobs, timeout, grace) normalised."""
+    check_callable(fn)
+    jobs = check_jobs(jobs)
+    timeout = check_timeout(timeout, allow_zero=False)
+    grace = check_timeout(grace, "grace")
+    if isinstance(fork_retries, bool) or not isinstance(fork_retries, int) or fork_retries < 0:
+        raise ValueError(f"fork_retries must be an int >= 0, not {fork_retries!r}")
+    return jobs, timeout, grace
+
+
+def _fan_out_locally(fn, items, jobs, timeout, return_exceptions, fork_retries, grace,
+                     die_with_parent, print_traceback, until_done):
+    """as_completed over ``items`` ((index, item) pairs) with the C engine, _core.FanOut.
+
+    ``until_done`` (map) lets the engine run every child before any result
+    is decoded: then the parent's Python work happens once no child shares
+    its pages, which is what makes map as fast as a bare os.fork loop.
+    """
+    reap_dropped()
+    engine = _core.FanOut(fn, items, jobs, timeout, grace, fork_retries,
+                          signal.SIGKILL if die_with_parent else 0, print_traceback,
+                          not return_exceptions)
+    first_error = None
+    fork_error_seen = False
+    try:
+        while not engine.done_running:
+            for index, item, pid, returncode, kind, payload, timed_out, lost in engine.step(until_done):
+                ok, value = decode_outcome(None if kind is None else (kind, payload),
+                                           pid=pid, returncode=returncode, index=index,
+                                           item=item, timed_out=timed_out, lost=lost)
+                if ok or return_exceptions:
+                    yield index, value
+                elif first_error is None:
+                    first_error = value
+                    engine.stop_launching()  # already so, unless unpickling failed here
+            if engine.fork_error is not None and not fork_error_seen:
+                fork_error_seen = True
+                cause = engine.fork_error
+                err = ForkError(cause.errno, cause.strerror, started=engine.started)
+                if return_exceptions:
+                    # Per-item mode: every item that could not be started reports it.
+                    for index, _ in itertools.chain([engine.pending], items):
+                        yield index, err
+                elif first_error is None:
+                    first_error = err
+        if first_error is not None:
+            raise first_error
+    finally:
+        engine.close(grace)
 
 
 def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
@@ -251,14 +275,11 @@ def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions
 
     ``starter`` takes the arguments of ``start_child`` (``launched``
     included) and returns a FunctionChild; a fork server passes its own.
+    This is the scheduler written in Python, over child handles; fastfork's
+    own forks go through the C engine instead (``_fan_out_locally``).
     Validates like as_completed.
     """
-    check_callable(fn)
-    jobs = check_jobs(jobs)
-    timeout = check_timeout(timeout, allow_zero=False)
-    grace = check_timeout(grace, "grace")
-    if isinstance(fork_retries, bool) or not isinstance(fork_retries, int) or fork_retries < 0:
-        raise ValueError(f"fork_retries must be an int >= 0, not {fork_retries!r}")
+    jobs, timeout, grace = _check_fan_out(fn, jobs, timeout, grace, fork_retries)
     items = enumerate(iter(iterable))
     return _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_retries,
                          grace, die_with_parent, print_traceback)
@@ -359,12 +380,13 @@ def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_
     On failure every other child finishes or is stopped, everything is reaped,
     then the first ChildError (or ForkError) is raised -- or, with
     ``return_exceptions``, each failed item's error is returned in its place.
+    A result the parent cannot unpickle is found once every child has run.
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
-    return in_input_order(as_completed(
-        fn, iterable, jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
-        fork_retries=fork_retries, grace=grace, die_with_parent=die_with_parent,
-        print_traceback=print_traceback))
+    jobs, timeout, grace = _check_fan_out(fn, jobs, timeout, grace, fork_retries)
+    return in_input_order(_fan_out_locally(
+        fn, enumerate(iter(iterable)), jobs, timeout, return_exceptions, fork_retries, grace,
+        die_with_parent, print_traceback, until_done=True))
 
 
 def in_input_order(completed):

@@ -17,6 +17,7 @@ errno (so EAGAIN is ``BlockingIOError`` and ECHILD ``ChildProcessError``, as in
 """
 
 from cpython.exc cimport PyErr_CheckSignals
+from cpython.object cimport PyObject
 from cpython.number cimport PyNumber_Index
 from libc.string cimport strerror
 from libc.errno cimport EINTR, ECHILD, EINVAL, errno
@@ -36,6 +37,21 @@ cdef extern from "Python.h":
     void PyOS_BeforeFork()
     void PyOS_AfterFork_Parent()
     void PyOS_AfterFork_Child()
+    int PySys_Audit(const char *event, const char *format, ...) except -1
+    PyObject *PySys_GetObject(const char *name)  # a borrowed reference, or NULL
+
+cdef extern from *:
+    """
+    /* The C spelling of sys.is_finalizing(): public only from 3.13. */
+    static int ff_is_finalizing(void) {
+    #if PY_VERSION_HEX >= 0x030D0000
+        return Py_IsFinalizing();
+    #else
+        return _Py_IsFinalizing();
+    #endif
+    }
+    """
+    bint ff_is_finalizing()
 
 cdef extern from "<sys/wait.h>" nogil:
     pid_t c_wait "wait"(int *status)
@@ -183,15 +199,22 @@ cdef pid_t _fork_checked() except -1:
     cdef sigset_t all_signals, saved_mask
     # Same checks in the same order as CPython's os_fork_impl: shutdown
     # first, then the audit event.
-    if _refuse_at_shutdown and sys.is_finalizing():
+    if _refuse_at_shutdown and ff_is_finalizing():
         raise _FinalizationError("can't fork at interpreter shutdown")
-    sys.audit("os.fork")
+    PySys_Audit("os.fork", NULL)
     # Unlike os.fork, hold signals back while the at-fork hooks run: a Python
     # signal handler would otherwise run inside a hook, and what it raises
     # (KeyboardInterrupt) would be printed as "Exception ignored" and lost.
     # Held signals are delivered when the mask is restored, after the hooks.
     sigfillset(&all_signals)
     pthread_sigmask(SIG_BLOCK, &all_signals, &saved_mask)
+    # A signal that arrived before the mask (while C code ran, so no handler
+    # has run yet) is handled now: raising here forks nothing.
+    try:
+        PyErr_CheckSignals_or_raise()
+    except BaseException:
+        pthread_sigmask(SIG_SETMASK, &saved_mask, NULL)
+        raise
     PyOS_BeforeFork()
     pid = c_fork()
     saved_errno = errno
@@ -608,7 +631,7 @@ def fork_call(fn, registry, pdeathsig=0):
     if not 0 <= c_sig < NSIG:
         # Checked here: prctl() would only fail in the child, unnoticed.
         raise ValueError(f"pdeathsig must be 0 or a signal number, not {pdeathsig!r}")
-    if sys.is_finalizing():
+    if ff_is_finalizing():
         # Unlike os.fork on 3.10/3.11, the library never starts a child during
         # shutdown, on any version: the child would run a half-torn-down runtime.
         raise _FinalizationError("can't fork at interpreter shutdown")
@@ -632,12 +655,15 @@ def fork_call(fn, registry, pdeathsig=0):
 
 
 cdef void _flush_stdio() noexcept:
-    """Flush sys.stdout and sys.stderr before _exit; never raises."""
-    for name in ("stdout", "stderr"):
+    """Flush sys.stdout and sys.stderr (around a fork); never raises."""
+    # PySys_GetObject, not getattr(sys, ...): run for every child, the
+    # attribute lookups would write to pages the children share.
+    cdef PyObject *stream
+    for name in (b"stdout", b"stderr"):
         try:
-            stream = getattr(sys, name)
-            if stream is not None:
-                stream.flush()
+            stream = PySys_GetObject(name)
+            if stream != NULL and <object>stream is not None:
+                (<object>stream).flush()
         except BaseException:
             pass
 
@@ -790,3 +816,4 @@ def _c_waitpid_loop(pids):
     return len(pids)
 
 include "_spawn.pxi"
+include "_fanout.pxi"

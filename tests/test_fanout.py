@@ -332,16 +332,21 @@ def test_lock_held_by_thread_at_fork_time_timeout_frees_parent():
         thread.join()
 
 
-def test_fork_retry_then_fork_error(monkeypatch):
-    real = _core.fork_call
+@pytest.fixture
+def fork_fault():
+    """Install a callable run before each fan-out fork (it may raise OSError)."""
+    yield _core._set_fork_fault
+    _core._set_fork_fault(None)
+
+
+def test_fork_retry_then_fork_error(fork_fault):
     calls = {"n": 0}
 
-    def flaky(fn, registry, pdeathsig=0):
+    def flaky():
         calls["n"] += 1
         if calls["n"] in (2, 3) or calls["n"] >= 6:
             raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
-        return real(fn, registry, pdeathsig)
-    monkeypatch.setattr(_core, "fork_call", flaky)
+    fork_fault(flaky)
     # Items 0..2 start (two failures before item 1 are retried); item 3 never can.
     out = fastfork.map(double, range(6), fork_retries=2, return_exceptions=True)
     assert out[:3] == [0, 2, 4]
@@ -505,8 +510,9 @@ def test_child_holds_only_its_own_fds():
     proc = procutil.run_python(code)
     assert proc.returncode == 0, proc.stderr
     for fds in eval(proc.stdout):
-        # stdin/stdout/stderr, the child's own result pipe, listdir's own fd
-        assert len(fds) == 5 and fds[:3] == [0, 1, 2], fds
+        # stdin/stdout/stderr, the child's own result pipe, the fan-out's
+        # doorbell (see test_case21 in test_reliability.py), listdir's own fd
+        assert len(fds) == 6 and fds[:3] == [0, 1, 2], fds
 
 
 def test_die_with_parent_kills_child_when_parent_is_sigkilled():

@@ -726,8 +726,10 @@ def test_case21_a_child_holds_only_its_own_fds():
         mine = []
         for fd in sorted(procutil.open_fds()):
             if fd > 2:
-                kind = "pipe" if stat.S_ISFIFO(os.fstat(fd).st_mode) else "other"
-                mine.append([kind, bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)])
+                st = os.fstat(fd)
+                kind = "pipe" if stat.S_ISFIFO(st.st_mode) else "other"
+                mine.append([kind, bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC),
+                             st.st_ino])
         return mine
 
     keep = [fastfork.spawn(["sleep", "60"], stdout=fastfork.PIPE) for _ in range(2)]
@@ -741,8 +743,16 @@ def test_case21_a_child_holds_only_its_own_fds():
     faultlib.report([in_map, spawned], FDS)
     """)
     in_map, spawned = out
-    # Its own result pipe (close-on-exec), nothing of its siblings or of spawn's pipes.
-    assert in_map == [[["pipe", True]]] * 6
+    # Two close-on-exec pipes: its own result pipe and the fan-out's doorbell
+    # (one for all the children, which ring it when a result overfills their
+    # pipe); nothing of its siblings or of spawn's pipes.
+    assert all([[kind, cloexec] for kind, cloexec, _ in fds] == [["pipe", True]] * 2
+               for fds in in_map), in_map
+    inodes = [{inode for _, _, inode in fds} for fds in in_map]
+    doorbell = set.intersection(*inodes)
+    assert len(doorbell) == 1, in_map
+    result_pipes = [(fds - doorbell).pop() for fds in inodes]
+    assert len(set(result_pipes)) == 6, in_map
     assert spawned == "[0, 1, 2, 3]"   # 3 is listdir's own
 
 

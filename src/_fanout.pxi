@@ -1,0 +1,749 @@
+# The fan-out engine behind fastfork.map and fastfork.as_completed, and the
+# child's side of the result pipe. Included at the end of _core.pyx, so it
+# shares that module's fork, wait and fd helpers.
+#
+# Why the scheduler is in C: after every fork all of the parent's pages are
+# copy-on-write, so each page the parent writes before its next fork costs a
+# page fault (and a page copy while the child lives). A scheduler written in
+# Python, with a handle object per child, wrote some 160 pages per child here;
+# this loop writes about 30, fewer than a bare os.fork loop.
+#
+# Why a doorbell: polling every result pipe would wake the parent twice per
+# child, once for the data and once for the exit. Instead a child writes its
+# frame without blocking; only if the pipe fills (a result larger than the
+# pipe's capacity, 64 KiB by default) does it ring the fan-out's doorbell pipe
+# with its slot number, and from then on the parent drains that pipe while it
+# waits. Every other pipe is read once its child has exited.
+#
+# The result frame: a 1-byte kind (b"R" result, b"E" error), an 8-byte
+# big-endian payload length, then the pickled payload (see fastfork._result).
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.string cimport memcpy
+from posix.signal cimport kill as _kill_pid
+from posix.unistd cimport read as _read_fd, write as _write_fd
+
+import pickle
+import traceback
+
+from fastfork._result import error_payload as _error_payload
+
+cdef extern from "<errno.h>" nogil:
+    int EAGAIN
+    int ENOMEM
+    int ENOSYS
+    int ESRCH
+
+cdef extern from "<signal.h>" nogil:
+    int SIGTERM
+    int SIGCONT
+
+cdef extern from "<sys/syscall.h>" nogil:
+    long SYS_pidfd_send_signal
+
+cdef extern from "<stdlib.h>" nogil:
+    void *realloc(void *p, size_t size)
+
+cdef object _dumps = pickle.dumps
+cdef char _RESULT = b"R"
+cdef char _ERROR = b"E"
+cdef int _PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# Tests set this to a callable run before each of the engine's forks, which
+# may raise OSError in place of fork() (an EAGAIN on the third fork, say).
+cdef object _fork_fault = None
+
+
+def _set_fork_fault(fault):
+    """Run ``fault()`` before each FanOut fork (None: stop); for tests only."""
+    global _fork_fault
+    _fork_fault = fault
+
+
+cdef enum:
+    _HEADER = 9                 # kind byte + 8-byte length
+    _SMALL_FRAME = 1 << 16      # up to this, header and payload go in one write
+    _FIRST_BUFFER = 1 << 16     # a slot's read buffer to begin with
+    _KEEP_BUFFER = 1 << 20      # a slot's buffer grown past this is freed after use
+
+
+# ---------------------------------------------------------------- the child's side
+
+cdef int _write_all(int fd, const char *data, Py_ssize_t size, int bell, int token) except -1:
+    """Write ``size`` bytes to ``fd``; if it is non-blocking and fills, ring ``bell``.
+
+    Ringing writes ``token`` to the doorbell and makes ``fd`` blocking again:
+    from then on the parent drains the pipe while we write.
+    """
+    cdef Py_ssize_t n
+    cdef int flags
+    while size > 0:
+        with nogil:  # other threads of the child may need the GIL meanwhile
+            n = _write_fd(fd, data, size)
+        if n > 0:
+            data += n
+            size -= n
+        elif n < 0 and errno == EINTR:
+            continue
+        elif n < 0 and errno == EAGAIN and bell >= 0:
+            with nogil:
+                while _write_fd(bell, &token, sizeof(token)) < 0 and errno == EINTR:
+                    pass
+            bell = -1
+            flags = fcntl(fd, F_GETFL)
+            fcntl(fd, F_SETFL, flags & ~O_NONBLOCK)
+        else:
+            _raise_errno(errno)
+    return 0
+
+
+cdef int _write_frame(int fd, char kind, bytes payload, int bell, int token) except -1:
+    """Write one result frame to ``fd``; with a doorbell (``bell`` >= 0) see _write_all."""
+    cdef Py_ssize_t size = len(payload)
+    cdef Py_ssize_t i
+    cdef unsigned char header[_HEADER]
+    cdef char *joined
+    cdef int flags
+    header[0] = <unsigned char>kind
+    for i in range(8):
+        header[1 + i] = (size >> (56 - 8 * i)) & 0xFF
+    if bell >= 0:
+        flags = fcntl(fd, F_GETFL)
+        fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+    if size <= _SMALL_FRAME:
+        # One write(2): a small frame lands in the pipe whole, or not at all.
+        joined = <char *>malloc(_HEADER + size)
+        if joined == NULL:
+            raise MemoryError()
+        memcpy(joined, header, _HEADER)
+        memcpy(joined + _HEADER, <char *>payload, size)
+        try:
+            _write_all(fd, joined, _HEADER + size, bell, token)
+        finally:
+            free(joined)
+    else:
+        _write_all(fd, <char *>header, _HEADER, bell, token)
+        _write_all(fd, <char *>payload, size, bell, token)
+    return 0
+
+
+cdef int _exit_code_of(exc):
+    """The exit status Python gives an uncaught SystemExit ``exc``."""
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    return 1
+
+
+cdef int _run_and_report(fn, tuple args, dict kwargs, int fd, bint print_traceback,
+                         int bell, int token) except -1:
+    """Call ``fn(*args, **kwargs)`` and write its outcome to ``fd`` as one frame.
+
+    Returns the exit code the child should end with: 0 after a result, 1 after
+    an exception or an unpicklable result, SystemExit's code after SystemExit.
+    Raises only if even the report cannot be made (the caller exits 70).
+    """
+    cdef int code = 0
+    cdef char kind = _RESULT
+    try:
+        value = fn(*args, **kwargs)
+    except SystemExit as exc:
+        code = _exit_code_of(exc)
+        kind = _ERROR
+        payload = _error_payload(exc, "exited")
+    except BaseException as exc:
+        code = 1
+        if print_traceback:
+            traceback.print_exc()
+        kind = _ERROR
+        payload = _error_payload(exc, "raised")
+    else:
+        try:
+            payload = _dumps(value, _PROTOCOL)
+        except BaseException as exc:
+            code = 1
+            kind = _ERROR
+            payload = _error_payload(exc, "returned a result that could not be pickled")
+    _write_frame(fd, kind, payload, bell, token)
+    return code
+
+
+def run_function(fn, tuple args, dict kwargs, int fd, bint print_traceback=False):
+    """In a forked child: call ``fn(*args, **kwargs)`` and report to ``fd``.
+
+    Writes one frame (the pickled return value, or the error with its
+    traceback; see fastfork._result) and returns the exit code to end with:
+    0, 1 after an exception or unpicklable result, or SystemExit's code.
+    ``print_traceback`` also prints a traceback to this process's stderr.
+    Raises OSError if the frame cannot be written.
+    """
+    return _run_and_report(fn, args, kwargs, fd, print_traceback, -1, 0)
+
+
+def write_frame(int fd, kind, bytes payload):
+    """Write one result frame (``kind`` b"R" or b"E") to ``fd``, blocking."""
+    if kind not in (b"R", b"E"):
+        raise ValueError(f"kind must be b'R' or b'E', not {kind!r}")
+    _write_frame(fd, (<bytes>kind)[0], payload, -1, 0)
+
+
+cdef void _close_owned_except(int keep_a, int keep_b) noexcept:
+    """In a fresh child: close every fd fastfork owns but two; they stay owned."""
+    if _owned_fds_set is None:
+        return
+    try:
+        for fd in list(_owned_fds_set):
+            if fd != keep_a and fd != keep_b:
+                close(fd)
+        _owned_fds_set.clear()
+        _owned_fds_set.add(keep_a)
+        _owned_fds_set.add(keep_b)
+    except BaseException:
+        pass
+
+
+# ---------------------------------------------------------------- the engine
+
+cdef struct _Slot:
+    pid_t pid               # 0: the slot is free
+    int pidfd               # -1: none; the child is polled by pid
+    int rfd                 # read end of the result pipe (-1 once closed)
+    int wfd                 # write end, held only between pipe2 and fork
+    Py_ssize_t index
+    char *buf               # what has been read from the pipe
+    Py_ssize_t size
+    Py_ssize_t cap
+    double deadline         # when the run-time limit expires (0: no limit)
+    double kill_at          # when SIGKILL follows a timeout's SIGTERM (0: not due)
+    int returncode
+    bint draining           # the child rang: its pipe is polled too
+    bint reaped
+    bint lost               # reaped by someone else: exit status unknown
+    bint timed_out
+
+
+cdef class FanOut:
+    """Runs ``fn(item)`` in one forked child per item, at most ``jobs`` at once.
+
+    The C half of fastfork.as_completed and fastfork.map: forking, waiting,
+    reading results, timeouts and fork retries all happen here; the caller
+    decodes the outcomes. ``items`` is an iterator of (index, item) pairs.
+    Every fd it makes is in fastfork's set of owned fds; every child it forks
+    runs ``fn`` through run_function and ends in ``_exit``.
+
+    ``timeout`` (seconds or None) limits each child's run time, counted from
+    its fork: a child over it gets SIGTERM, ``grace`` seconds, then SIGKILL.
+    fork failing with EAGAIN or ENOMEM is retried ``fork_retries`` times with
+    back-off; after that ``fork_error`` holds the OSError, ``pending`` the
+    (index, item) that could not start, and no more children are started.
+    With ``stop_on_failure`` the first failed child also stops new starts.
+    """
+
+    cdef object fn
+    cdef object items
+    cdef list slot_items        # the item each slot's child is running
+    cdef list done              # outcomes not yet handed out
+    cdef _Slot *slots
+    cdef pollfd *pollfds        # room for the doorbell, a pidfd and a pipe per slot
+    cdef int *poll_owner        # the slot of each pollfds entry
+    cdef int jobs
+    cdef int running
+    cdef int bell_r, bell_w
+    cdef int pdeathsig
+    cdef int fork_retries, fork_failures
+    cdef double timeout, grace
+    cdef double backoff_until   # no fork before this (fork retry back-off)
+    cdef double poll_interval   # for children without a pidfd
+    cdef bint print_traceback, stop_on_failure, launching
+    cdef bint waitid_pidfd      # the kernel has waitid(P_PIDFD)
+    cdef pid_t parent
+    cdef readonly object pending
+    cdef readonly object fork_error
+    cdef readonly Py_ssize_t started
+
+    def __cinit__(self, fn, items, int jobs, timeout, double grace, int fork_retries,
+                  int pdeathsig, bint print_traceback, bint stop_on_failure):
+        cdef int fds[2]
+        cdef int s
+        self.bell_r = self.bell_w = -1
+        if jobs < 1:
+            raise ValueError("jobs must be >= 1")
+        if _owned_fds_set is None:
+            raise RuntimeError("fastfork.child has not registered its fd set")
+        self.fn = fn
+        self.items = items
+        self.jobs = jobs
+        self.timeout = 0.0 if timeout is None else timeout
+        self.grace = grace
+        self.fork_retries = fork_retries
+        self.pdeathsig = pdeathsig
+        self.print_traceback = print_traceback
+        self.stop_on_failure = stop_on_failure
+        self.launching = True
+        self.waitid_pidfd = True
+        self.poll_interval = 0.0005
+        self.parent = getpid()
+        self.slot_items = [None] * jobs
+        self.done = []
+        self.slots = <_Slot *>calloc(jobs, sizeof(_Slot))
+        self.pollfds = <pollfd *>malloc((1 + 2 * jobs) * (sizeof(pollfd) + sizeof(int)))
+        if self.slots == NULL or self.pollfds == NULL:
+            raise MemoryError()
+        self.poll_owner = <int *>&self.pollfds[1 + 2 * jobs]
+        for s in range(jobs):
+            self.slots[s].pidfd = self.slots[s].rfd = self.slots[s].wfd = -1
+        if pipe2(fds, O_CLOEXEC) < 0:
+            _raise_errno(errno)
+        self.bell_r, self.bell_w = fds[0], fds[1]
+        fcntl(self.bell_r, F_SETFL, fcntl(self.bell_r, F_GETFL) | O_NONBLOCK)
+        _owned_fds_set.add(self.bell_r)
+        _owned_fds_set.add(self.bell_w)
+
+    def __dealloc__(self):
+        # Normally close() has run; this is the safety net (no Python code
+        # here). A copy in another process (forked by someone else) must not
+        # touch children that are not its own.
+        if getpid() == self.parent:
+            self._kill_and_reap_all()
+            self._close_fds()
+        free(self.pollfds)
+
+    @property
+    def done_running(self):
+        """True once no child runs and none will be started."""
+        return self.running == 0 and not self.launching
+
+    def stop_launching(self):
+        """Start no more children; the running ones go on."""
+        self.launching = False
+
+    def step(self, bint until_done=False):
+        """Start children while there is room, wait, and return finished outcomes.
+
+        Returns a list of (index, item, pid, returncode, kind, payload,
+        timed_out, lost) in completion order: ``kind`` and ``payload`` are the
+        child's whole frame (b"R" or b"E" and the pickled bytes) or None when
+        none arrived whole; ``returncode`` is None if the child was ``lost``
+        (reaped by someone else). Returns after the first wait that finished
+        a child, or with ``until_done`` once every child has finished; [] when
+        there is nothing left to do. Raises what a signal handler raises, and
+        OSError when a pipe or a fork fails for a reason not retried.
+        """
+        while True:
+            self._launch_while_room()
+            if (self.running == 0 and not self.launching) or (self.done and not until_done):
+                outcomes, self.done = self.done, []
+                return outcomes
+            self._wait_once(False)
+
+    def close(self, double grace):
+        """Stop every running child (SIGTERM, ``grace`` seconds, SIGKILL) and reap it.
+
+        Closes every fd the fan-out made; outcomes not handed out are dropped.
+        Safe to call twice. If a signal handler raises meanwhile, the children
+        are killed at once, reaped all the same, and the exception re-raised.
+        """
+        cdef int s
+        cdef double deadline
+        error = None
+        if getpid() != self.parent:
+            raise RuntimeError("this fan-out belongs to another process")
+        self.launching = False
+        self.done = []
+        for s in range(self.jobs):
+            if self.slots[s].pid and not self.slots[s].reaped:
+                self._try_reap(s)
+                if not self.slots[s].reaped:
+                    self._signal(s, SIGTERM)
+                    self._signal(s, SIGCONT)  # a stopped child could not act on it
+        deadline = _monotonic() + grace
+        while self.running and _monotonic() < deadline:
+            try:
+                self._wait_once(True, deadline)
+            except BaseException as exc:
+                error = exc
+                break
+        self._kill_and_reap_all()
+        self.done = []
+        self._close_fds()
+        if error is not None:
+            raise error
+
+    # ------------------------------------------------------------ starting
+
+    cdef int _launch_while_room(self) except -1:
+        cdef object entry
+        while self.launching and self.running < self.jobs:
+            if self.backoff_until:
+                if _monotonic() < self.backoff_until:
+                    return 0
+                self.backoff_until = 0.0
+            if self.pending is None:
+                entry = next(self.items, None)
+                if entry is None:
+                    self.launching = False
+                    return 0
+                self.pending = entry
+            try:
+                self._launch(self.pending)
+            except OSError as exc:
+                if exc.errno != EAGAIN and exc.errno != ENOMEM:
+                    raise
+                self.fork_failures += 1
+                if self.fork_failures > self.fork_retries:
+                    self.fork_error = exc
+                    self.launching = False
+                    return 0
+                # Back off while the running children finish and free resources.
+                self.backoff_until = _monotonic() + min(0.005 * 2 ** self.fork_failures, 0.5)
+                continue
+            self.pending = None
+            self.fork_failures = 0
+            self.started += 1
+        return 0
+
+    cdef int _launch(self, tuple entry) except -1:
+        """Fork the child for ``entry`` (index, item) into a free slot."""
+        cdef int s = 0
+        cdef int fds[2]
+        cdef pid_t pid
+        cdef _Slot *slot
+        index, item = entry
+        while self.slots[s].pid:
+            s += 1
+        slot = &self.slots[s]
+        if ff_is_finalizing():
+            raise _FinalizationError("can't fork at interpreter shutdown")
+        if pipe2(fds, O_CLOEXEC) < 0:
+            _raise_errno(errno)
+        slot.rfd, slot.wfd = fds[0], fds[1]
+        _owned_fds_set.add(fds[0])
+        _owned_fds_set.add(fds[1])
+        try:
+            if _fork_fault is not None:
+                _fork_fault()
+            _flush_stdio()  # or the child would print the parent's buffered output again
+            pid = _fork_checked()
+        except BaseException:
+            self._close_slot_fds(slot)
+            raise
+        if pid == 0:
+            self._child_main(slot.wfd, s, item)
+        # Recorded before anything that could run a signal handler.
+        slot.pid = pid
+        slot.index = index
+        close(slot.wfd)
+        _owned_fds_set.discard(slot.wfd)
+        slot.wfd = -1
+        fcntl(slot.rfd, F_SETFL, fcntl(slot.rfd, F_GETFL) | O_NONBLOCK)
+        slot.pidfd = _pidfd_open(pid)
+        if slot.pidfd >= 0:
+            _owned_fds_set.add(slot.pidfd)
+        slot.deadline = _monotonic() + self.timeout if self.timeout > 0 else 0.0
+        slot.kill_at = 0.0
+        slot.size = 0
+        slot.returncode = 0
+        slot.draining = slot.reaped = slot.lost = slot.timed_out = False
+        self.slot_items[s] = item
+        self.running += 1
+        return 0
+
+    cdef void _child_main(self, int fd, int token, item) noexcept:
+        """The forked child's whole life: it always ends in _exit."""
+        cdef int code = 70
+        try:
+            if self.pdeathsig > 0:
+                if prctl(PR_SET_PDEATHSIG, self.pdeathsig, 0, 0, 0) != 0 or getppid() != self.parent:
+                    c_exit(70)
+            _close_owned_except(fd, self.bell_w)
+            code = _run_and_report(self.fn, (item,), {}, fd, self.print_traceback,
+                                   self.bell_w, token)
+        except BaseException:
+            code = 70
+        _flush_stdio()
+        c_exit(code)
+
+    # ------------------------------------------------------------ waiting
+
+    cdef int _wait_once(self, bint stopping, double until=0.0) except -1:
+        """Sleep until something happens, then handle it (reads, exits, timeouts).
+
+        ``stopping`` (close): no timeouts to enforce; ``until`` caps the sleep.
+        """
+        cdef pollfd *fds
+        cdef int *owner
+        cdef int n = 1, k, s, rc, ms
+        cdef double now = _monotonic(), wake = until
+        cdef bint by_pid = False
+        cdef _Slot *slot
+        fds = self.pollfds
+        owner = self.poll_owner
+        fds[0].fd = self.bell_r
+        fds[0].events = POLLIN
+        owner[0] = -1
+        for s in range(self.jobs):
+            slot = &self.slots[s]
+            if not slot.pid or slot.reaped:
+                continue
+            if slot.pidfd >= 0 and self.waitid_pidfd:
+                fds[n].fd = slot.pidfd
+                fds[n].events = POLLIN
+                owner[n] = s
+                n += 1
+            else:
+                by_pid = True
+            if slot.draining and slot.rfd >= 0:
+                fds[n].fd = slot.rfd
+                fds[n].events = POLLIN
+                owner[n] = s
+                n += 1
+            if not stopping:
+                if slot.deadline and not slot.timed_out:
+                    wake = _earliest(wake, slot.deadline)
+                if slot.kill_at:
+                    wake = _earliest(wake, slot.kill_at)
+        if self.launching and self.backoff_until:
+            wake = _earliest(wake, self.backoff_until)
+        if by_pid:
+            wake = _earliest(wake, now + self.poll_interval)
+            self.poll_interval = min(self.poll_interval * 2, 0.05)
+        # A handler that became due while we were busy (during a fork, say)
+        # runs now: poll() would not be interrupted for it.
+        PyErr_CheckSignals_or_raise()
+        ms = -1 if wake == 0 else <int>(min(max(wake - now, 0.0), 60.0) * 1000.0 + 0.999)
+        with nogil:
+            rc = poll(fds, n, ms)
+        if rc < 0:
+            if errno != EINTR:
+                _raise_errno(errno)
+            PyErr_CheckSignals_or_raise()
+            return 0
+        for k in range(n):
+            if fds[k].revents == 0:
+                continue
+            if k == 0:
+                self._answer_bell()
+            elif fds[k].fd == self.slots[owner[k]].rfd:
+                self._drain(&self.slots[owner[k]])
+            else:
+                self._try_reap(owner[k])
+        if by_pid:
+            for s in range(self.jobs):
+                if self.slots[s].pid and not self.slots[s].reaped and (
+                        self.slots[s].pidfd < 0 or not self.waitid_pidfd):
+                    self._try_reap(s)
+        if not stopping:
+            self._enforce_timeouts(_monotonic())
+        for s in range(self.jobs):
+            if self.slots[s].pid and self.slots[s].reaped:
+                self._finish(s)
+                self.poll_interval = 0.0005
+        return 0
+
+    cdef int _answer_bell(self) except -1:
+        """Read the slot numbers children rang with; drain those pipes from now on."""
+        cdef int tokens[64]
+        cdef Py_ssize_t n, i
+        while True:
+            n = _read_fd(self.bell_r, tokens, sizeof(tokens))
+            if n < 0 and errno == EINTR:
+                continue
+            if n <= 0:
+                return 0
+            for i in range(n // sizeof(int)):
+                # A token can outlive its child (it exited before we read it):
+                # draining the slot's next child too is harmless.
+                if 0 <= tokens[i] < self.jobs and self.slots[tokens[i]].pid:
+                    self.slots[tokens[i]].draining = True
+                    self._drain(&self.slots[tokens[i]])
+
+    cdef int _drain(self, _Slot *slot) except -1:
+        """Read what the slot's pipe holds now; close it at end of file."""
+        cdef Py_ssize_t n
+        cdef char *grown
+        while slot.rfd >= 0:
+            if slot.cap - slot.size < 4096:
+                grown = <char *>realloc(slot.buf, max(slot.cap * 2, _FIRST_BUFFER))
+                if grown == NULL:
+                    raise MemoryError()
+                slot.buf = grown
+                slot.cap = max(slot.cap * 2, _FIRST_BUFFER)
+            n = _read_fd(slot.rfd, slot.buf + slot.size, slot.cap - slot.size)
+            if n > 0:
+                slot.size += n
+            elif n == 0:
+                self._close_fd(&slot.rfd)
+            elif errno == EINTR:
+                continue
+            elif errno == EAGAIN:
+                return 0
+            else:
+                _raise_errno(errno)
+        return 0
+
+    cdef int _try_reap(self, int s) except -1:
+        """Reap the slot's child if it has exited (without blocking)."""
+        cdef _Slot *slot = &self.slots[s]
+        cdef siginfo_t info
+        cdef long rc
+        cdef int status = 0
+        if slot.pidfd >= 0 and self.waitid_pidfd:
+            memset(&info, 0, sizeof(info))
+            rc = syscall(SYS_waitid, P_PIDFD, slot.pidfd, &info, WEXITED | WNOHANG, NULL)
+            if rc == 0:
+                if info.si_pid == 0:
+                    return 0
+                slot.returncode = (info.si_status if info.si_code == CLD_EXITED
+                                   else -info.si_status)
+                slot.reaped = True
+                return 0
+            if errno == EINTR:
+                return 0
+            if errno == ECHILD:
+                slot.lost = slot.reaped = True
+                return 0
+            if errno != EINVAL:
+                _raise_errno(errno)
+            self.waitid_pidfd = False  # Linux 5.3: pidfds, but no waitid(P_PIDFD)
+        rc = c_waitpid(slot.pid, &status, WNOHANG)
+        if rc > 0:
+            slot.returncode = _exitcode_of_status(status)
+            slot.reaped = True
+        elif rc < 0:
+            if errno == ECHILD:
+                slot.lost = slot.reaped = True
+            elif errno != EINTR:
+                _raise_errno(errno)
+        return 0
+
+    cdef int _finish(self, int s) except -1:
+        """The slot's child is reaped: read the rest of its pipe, record its outcome."""
+        cdef _Slot *slot = &self.slots[s]
+        cdef unsigned long long length = 0
+        cdef int i
+        kind = payload = None
+        # It has exited, so all it wrote is in the pipe; a grandchild that still
+        # holds the write end is not waited for.
+        self._drain(slot)
+        if slot.size >= _HEADER and (slot.buf[0] == _RESULT or slot.buf[0] == _ERROR):
+            for i in range(8):
+                length = (length << 8) | <unsigned char>slot.buf[1 + i]
+            if length <= <unsigned long long>(slot.size - _HEADER):
+                kind = b"R" if slot.buf[0] == _RESULT else b"E"
+                payload = PyBytes_FromStringAndSize(slot.buf + _HEADER, length)
+        self.done.append((slot.index, self.slot_items[s], slot.pid,
+                          None if slot.lost else slot.returncode,
+                          kind, payload, slot.timed_out, slot.lost))
+        if kind != b"R" and self.stop_on_failure:
+            self.launching = False
+        self._close_slot_fds(slot)
+        if slot.cap > _KEEP_BUFFER:
+            free(slot.buf)
+            slot.buf = NULL
+            slot.cap = 0
+        slot.pid = 0
+        self.slot_items[s] = None
+        self.running -= 1
+        return 0
+
+    # ------------------------------------------------------------ stopping
+
+    cdef void _signal(self, int s, int sig) noexcept:
+        """Send ``sig`` to the slot's (unreaped) child, by pidfd where there is one."""
+        cdef _Slot *slot = &self.slots[s]
+        if slot.pidfd >= 0:
+            if syscall(SYS_pidfd_send_signal, slot.pidfd, sig, NULL, 0) == 0 or errno != ENOSYS:
+                return
+        # Not reaped yet, so the pid still names our child (or its zombie).
+        _kill_pid(slot.pid, sig)
+
+    cdef int _enforce_timeouts(self, double now) except -1:
+        cdef int s
+        cdef _Slot *slot
+        for s in range(self.jobs):
+            slot = &self.slots[s]
+            if not slot.pid or slot.reaped:
+                continue
+            if slot.deadline and not slot.timed_out and now >= slot.deadline:
+                slot.timed_out = True
+                if self.grace > 0:
+                    self._signal(s, SIGTERM)
+                    self._signal(s, SIGCONT)
+                    slot.kill_at = now + self.grace
+                else:
+                    self._signal(s, SIGKILL)
+            elif slot.kill_at and now >= slot.kill_at:
+                self._signal(s, SIGKILL)
+                slot.kill_at = 0.0
+        return 0
+
+    cdef void _kill_and_reap_all(self) noexcept:
+        """SIGKILL every child still running and reap it, blocking; no Python code."""
+        cdef int s, status
+        cdef siginfo_t info
+        cdef _Slot *slot
+        if self.slots == NULL:
+            return
+        for s in range(self.jobs):
+            slot = &self.slots[s]
+            if not slot.pid or slot.reaped:
+                continue
+            self._signal(s, SIGKILL)
+            with nogil:
+                # SIGKILL cannot be caught: only a child stuck in the kernel waits here.
+                if slot.pidfd >= 0 and self.waitid_pidfd:
+                    while (syscall(SYS_waitid, P_PIDFD, slot.pidfd, &info, WEXITED, NULL) < 0
+                           and errno == EINTR):
+                        pass
+                else:
+                    while c_waitpid(slot.pid, &status, 0) < 0 and errno == EINTR:
+                        pass
+            slot.reaped = True
+        for s in range(self.jobs):
+            if self.slots[s].pid:
+                self._close_slot_fds(&self.slots[s])
+                self.slots[s].pid = 0
+        self.running = 0
+
+    # ------------------------------------------------------------ fds
+
+    cdef void _close_fd(self, int *fd) noexcept:
+        if fd[0] >= 0:
+            close(fd[0])
+            if _owned_fds_set is not None:
+                try:
+                    _owned_fds_set.discard(fd[0])
+                except BaseException:
+                    pass
+            fd[0] = -1
+
+    cdef void _close_slot_fds(self, _Slot *slot) noexcept:
+        self._close_fd(&slot.rfd)
+        self._close_fd(&slot.wfd)
+        self._close_fd(&slot.pidfd)
+
+    cdef void _close_fds(self) noexcept:
+        cdef int s
+        if self.slots != NULL:
+            for s in range(self.jobs):
+                self._close_slot_fds(&self.slots[s])
+                free(self.slots[s].buf)
+            free(self.slots)
+            self.slots = NULL
+        self._close_fd(&self.bell_r)
+        self._close_fd(&self.bell_w)
+
+
+cdef inline double _earliest(double a, double b) noexcept nogil:
+    """The earlier of two monotonic times, where 0 means none."""
+    if a == 0:
+        return b
+    return a if a < b else b
+
+
+cdef int _exitcode_of_status(int status) noexcept nogil:
+    """os.waitstatus_to_exitcode for an exited or killed child."""
+    if (status & 0x7f) == 0:
+        return (status >> 8) & 0xff
+    return -(status & 0x7f)
