@@ -212,7 +212,7 @@ def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=Fal
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
     jobs, timeout, grace = _check_fan_out(fn, jobs, timeout, grace, fork_retries)
-    return _fan_out_locally(fn, enumerate(iter(iterable)), jobs, timeout, return_exceptions,
+    return _fan_out_locally(fn, iter(iterable), jobs, timeout, return_exceptions,
                             fork_retries, grace, die_with_parent, print_traceback,
                             until_done=False)
 
@@ -230,7 +230,7 @@ def _check_fan_out(fn, jobs, timeout, grace, fork_retries):
 
 def _fan_out_locally(fn, items, jobs, timeout, return_exceptions, fork_retries, grace,
                      die_with_parent, print_traceback, until_done):
-    """as_completed over ``items`` ((index, item) pairs) with the C engine, _core.FanOut.
+    """as_completed over the iterator ``items`` with the C engine, _core.FanOut.
 
     ``until_done`` (map) lets the engine run every child before any result
     is decoded: then the parent's Python work happens once no child shares
@@ -259,7 +259,8 @@ def _fan_out_locally(fn, items, jobs, timeout, return_exceptions, fork_retries, 
                 err = ForkError(cause.errno, cause.strerror, started=engine.started)
                 if return_exceptions:
                     # Per-item mode: every item that could not be started reports it.
-                    for index, _ in itertools.chain([engine.pending], items):
+                    index = engine.pending[0]
+                    for index, _ in itertools.chain([engine.pending], enumerate(items, index + 1)):
                         yield index, err
                 elif first_error is None:
                     first_error = err
@@ -385,7 +386,7 @@ def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_
     """
     jobs, timeout, grace = _check_fan_out(fn, jobs, timeout, grace, fork_retries)
     return in_input_order(_fan_out_locally(
-        fn, enumerate(iter(iterable)), jobs, timeout, return_exceptions, fork_retries, grace,
+        fn, iter(iterable), jobs, timeout, return_exceptions, fork_retries, grace,
         die_with_parent, print_traceback, until_done=True))
 
 

@@ -19,6 +19,8 @@
 # big-endian payload length, then the pickled payload (see fastfork._result).
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.exc cimport PyErr_Occurred
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from libc.string cimport memcpy
 from posix.signal cimport kill as _kill_pid
 from posix.unistd cimport read as _read_fd, write as _write_fd
@@ -44,6 +46,10 @@ cdef extern from "<sys/syscall.h>" nogil:
 cdef extern from "<stdlib.h>" nogil:
     void *realloc(void *p, size_t size)
 
+cdef extern from "Python.h":
+    # A new reference, or NULL at the end (or on error, with the error set).
+    PyObject *_iter_next "PyIter_Next"(PyObject *iterator)
+
 cdef object _dumps = pickle.dumps
 cdef char _RESULT = b"R"
 cdef char _ERROR = b"E"
@@ -65,6 +71,7 @@ cdef enum:
     _SMALL_FRAME = 1 << 16      # up to this, header and payload go in one write
     _FIRST_BUFFER = 1 << 16     # a slot's read buffer to begin with
     _KEEP_BUFFER = 1 << 20      # a slot's buffer grown past this is freed after use
+    _ARENA_PAYLOAD = 1 << 10    # payloads up to this wait in the arena, as bytes
 
 
 # ---------------------------------------------------------------- the child's side
@@ -217,10 +224,24 @@ cdef struct _Slot:
     double deadline         # when the run-time limit expires (0: no limit)
     double kill_at          # when SIGKILL follows a timeout's SIGTERM (0: not due)
     int returncode
+    PyObject *item          # the item its child runs (a reference the slot owns)
     bint draining           # the child rang: its pipe is polled too
     bint reaped
     bint lost               # reaped by someone else: exit status unknown
     bint timed_out
+
+
+cdef struct _Outcome:
+    # A finished child, kept in C until step() hands it out: built as Python
+    # objects one by one, outcomes would write to several pages per child.
+    Py_ssize_t index
+    pid_t pid
+    int returncode
+    char kind               # b"R", b"E", or 0 when no whole frame arrived
+    bint timed_out
+    bint lost
+    Py_ssize_t offset       # the payload: at arena[offset], or (-1 - k) for big_payloads[k]
+    Py_ssize_t length
 
 
 cdef class FanOut:
@@ -228,7 +249,7 @@ cdef class FanOut:
 
     The C half of fastfork.as_completed and fastfork.map: forking, waiting,
     reading results, timeouts and fork retries all happen here; the caller
-    decodes the outcomes. ``items`` is an iterator of (index, item) pairs.
+    decodes the outcomes. ``items`` is an iterator; the first item is index 0.
     Every fd it makes is in fastfork's set of owned fds; every child it forks
     runs ``fn`` through run_function and ends in ``_exit``.
 
@@ -236,14 +257,22 @@ cdef class FanOut:
     its fork: a child over it gets SIGTERM, ``grace`` seconds, then SIGKILL.
     fork failing with EAGAIN or ENOMEM is retried ``fork_retries`` times with
     back-off; after that ``fork_error`` holds the OSError, ``pending`` the
-    (index, item) that could not start, and no more children are started.
+    (index, item) that could not start, and no more children are started
+    (the rest of ``items`` is left unread).
     With ``stop_on_failure`` the first failed child also stops new starts.
     """
 
     cdef object fn
     cdef object items
-    cdef list slot_items        # the item each slot's child is running
-    cdef list done              # outcomes not yet handed out
+    cdef _Outcome *outcomes     # finished, not yet handed out
+    cdef Py_ssize_t n_outcomes, outcomes_cap
+    cdef list outcome_items     # their items, in the same order
+    cdef char *arena            # their small payloads, back to back
+    cdef Py_ssize_t arena_size, arena_cap
+    cdef list big_payloads      # their larger payloads, as bytes
+    cdef Py_ssize_t next_index  # the index of the next item drawn from ``items``
+    cdef object pending_item    # drawn but not started (its fork is being retried)
+    cdef bint has_pending
     cdef _Slot *slots
     cdef pollfd *pollfds        # room for the doorbell, a pidfd and a pipe per slot
     cdef int *poll_owner        # the slot of each pollfds entry
@@ -258,7 +287,6 @@ cdef class FanOut:
     cdef bint print_traceback, stop_on_failure, launching
     cdef bint waitid_pidfd      # the kernel has waitid(P_PIDFD)
     cdef pid_t parent
-    cdef readonly object pending
     cdef readonly object fork_error
     cdef readonly Py_ssize_t started
 
@@ -284,8 +312,8 @@ cdef class FanOut:
         self.waitid_pidfd = True
         self.poll_interval = 0.0005
         self.parent = getpid()
-        self.slot_items = [None] * jobs
-        self.done = []
+        self.outcome_items = []
+        self.big_payloads = []
         self.slots = <_Slot *>calloc(jobs, sizeof(_Slot))
         self.pollfds = <pollfd *>malloc((1 + 2 * jobs) * (sizeof(pollfd) + sizeof(int)))
         if self.slots == NULL or self.pollfds == NULL:
@@ -308,6 +336,13 @@ cdef class FanOut:
             self._kill_and_reap_all()
             self._close_fds()
         free(self.pollfds)
+        free(self.outcomes)
+        free(self.arena)
+
+    @property
+    def pending(self):
+        """(index, item) of the item whose fork failed for good, or None."""
+        return (self.next_index - 1, self.pending_item) if self.has_pending else None
 
     @property
     def done_running(self):
@@ -332,10 +367,36 @@ cdef class FanOut:
         """
         while True:
             self._launch_while_room()
-            if (self.running == 0 and not self.launching) or (self.done and not until_done):
-                outcomes, self.done = self.done, []
-                return outcomes
+            if (self.running == 0 and not self.launching) or (self.n_outcomes and not until_done):
+                return self._hand_out()
             self._wait_once(False)
+
+    cdef list _hand_out(self):
+        """The finished outcomes as tuples (see step); forgets them."""
+        cdef Py_ssize_t i
+        cdef _Outcome *o
+        handed = []
+        for i in range(self.n_outcomes):
+            o = &self.outcomes[i]
+            if o.kind == 0:
+                kind = payload = None
+            else:
+                kind = b"R" if o.kind == _RESULT else b"E"
+                if o.offset >= 0:
+                    payload = PyBytes_FromStringAndSize(self.arena + o.offset, o.length)
+                else:
+                    payload = self.big_payloads[-1 - o.offset]
+            handed.append((o.index, self.outcome_items[i], o.pid,
+                           None if o.lost else o.returncode, kind, payload,
+                           o.timed_out, o.lost))
+        self._forget_outcomes()
+        return handed
+
+    cdef void _forget_outcomes(self) noexcept:
+        self.n_outcomes = 0
+        self.arena_size = 0
+        self.outcome_items = []
+        self.big_payloads = []
 
     def close(self, double grace):
         """Stop every running child (SIGTERM, ``grace`` seconds, SIGKILL) and reap it.
@@ -350,7 +411,7 @@ cdef class FanOut:
         if getpid() != self.parent:
             raise RuntimeError("this fan-out belongs to another process")
         self.launching = False
-        self.done = []
+        self._forget_outcomes()
         for s in range(self.jobs):
             if self.slots[s].pid and not self.slots[s].reaped:
                 self._try_reap(s)
@@ -365,7 +426,7 @@ cdef class FanOut:
                 error = exc
                 break
         self._kill_and_reap_all()
-        self.done = []
+        self._forget_outcomes()
         self._close_fds()
         if error is not None:
             raise error
@@ -373,20 +434,25 @@ cdef class FanOut:
     # ------------------------------------------------------------ starting
 
     cdef int _launch_while_room(self) except -1:
-        cdef object entry
+        cdef PyObject *drawn
         while self.launching and self.running < self.jobs:
             if self.backoff_until:
                 if _monotonic() < self.backoff_until:
                     return 0
                 self.backoff_until = 0.0
-            if self.pending is None:
-                entry = next(self.items, None)
-                if entry is None:
+            if not self.has_pending:
+                drawn = _iter_next(<PyObject *>self.items)
+                if drawn == NULL:
+                    if PyErr_Occurred():
+                        raise  # what the iterator raised
                     self.launching = False
                     return 0
-                self.pending = entry
+                self.pending_item = <object>drawn
+                Py_DECREF(<object>drawn)  # pending_item holds it now
+                self.has_pending = True
+                self.next_index += 1
             try:
-                self._launch(self.pending)
+                self._launch(self.next_index - 1, self.pending_item)
             except OSError as exc:
                 if exc.errno != EAGAIN and exc.errno != ENOMEM:
                     raise
@@ -398,18 +464,18 @@ cdef class FanOut:
                 # Back off while the running children finish and free resources.
                 self.backoff_until = _monotonic() + min(0.005 * 2 ** self.fork_failures, 0.5)
                 continue
-            self.pending = None
+            self.has_pending = False
+            self.pending_item = None
             self.fork_failures = 0
             self.started += 1
         return 0
 
-    cdef int _launch(self, tuple entry) except -1:
-        """Fork the child for ``entry`` (index, item) into a free slot."""
+    cdef int _launch(self, Py_ssize_t index, item) except -1:
+        """Fork the child for item number ``index`` into a free slot."""
         cdef int s = 0
         cdef int fds[2]
         cdef pid_t pid
         cdef _Slot *slot
-        index, item = entry
         while self.slots[s].pid:
             s += 1
         slot = &self.slots[s]
@@ -445,7 +511,8 @@ cdef class FanOut:
         slot.size = 0
         slot.returncode = 0
         slot.draining = slot.reaped = slot.lost = slot.timed_out = False
-        self.slot_items[s] = item
+        Py_INCREF(item)
+        slot.item = <PyObject *>item
         self.running += 1
         return 0
 
@@ -622,30 +689,73 @@ cdef class FanOut:
         cdef _Slot *slot = &self.slots[s]
         cdef unsigned long long length = 0
         cdef int i
-        kind = payload = None
+        cdef _Outcome *o
         # It has exited, so all it wrote is in the pipe; a grandchild that still
         # holds the write end is not waited for.
         self._drain(slot)
+        o = self._new_outcome()
+        o.index = slot.index
+        o.pid = slot.pid
+        o.returncode = slot.returncode
+        o.timed_out = slot.timed_out
+        o.lost = slot.lost
+        o.kind = 0
         if slot.size >= _HEADER and (slot.buf[0] == _RESULT or slot.buf[0] == _ERROR):
             for i in range(8):
                 length = (length << 8) | <unsigned char>slot.buf[1 + i]
             if length <= <unsigned long long>(slot.size - _HEADER):
-                kind = b"R" if slot.buf[0] == _RESULT else b"E"
-                payload = PyBytes_FromStringAndSize(slot.buf + _HEADER, length)
-        self.done.append((slot.index, self.slot_items[s], slot.pid,
-                          None if slot.lost else slot.returncode,
-                          kind, payload, slot.timed_out, slot.lost))
-        if kind != b"R" and self.stop_on_failure:
+                o.length = length
+                if length <= _ARENA_PAYLOAD:
+                    o.offset = self._to_arena(slot.buf + _HEADER, length)
+                else:
+                    o.offset = -1 - len(self.big_payloads)
+                    self.big_payloads.append(
+                        PyBytes_FromStringAndSize(slot.buf + _HEADER, length))
+                o.kind = slot.buf[0]  # last: the outcome is complete only now
+        self.outcome_items.append(<object>slot.item)
+        self.n_outcomes += 1
+        if o.kind != _RESULT and self.stop_on_failure:
             self.launching = False
+        self._free_slot(slot)
+        return 0
+
+    cdef _Outcome *_new_outcome(self) except NULL:
+        """Room for one more outcome (not yet counted in n_outcomes)."""
+        cdef _Outcome *grown
+        if self.n_outcomes == self.outcomes_cap:
+            grown = <_Outcome *>realloc(self.outcomes,
+                                        max(2 * self.outcomes_cap, 64) * sizeof(_Outcome))
+            if grown == NULL:
+                raise MemoryError()
+            self.outcomes = grown
+            self.outcomes_cap = max(2 * self.outcomes_cap, 64)
+        return &self.outcomes[self.n_outcomes]
+
+    cdef Py_ssize_t _to_arena(self, const char *data, Py_ssize_t length) except -1:
+        """Copy a small payload to the arena; return its offset there."""
+        cdef char *grown
+        cdef Py_ssize_t offset = self.arena_size
+        if self.arena_size + length > self.arena_cap:
+            grown = <char *>realloc(self.arena, max(2 * self.arena_cap, 4096) + length)
+            if grown == NULL:
+                raise MemoryError()
+            self.arena = grown
+            self.arena_cap = max(2 * self.arena_cap, 4096) + length
+        memcpy(self.arena + offset, data, length)
+        self.arena_size += length
+        return offset
+
+    cdef void _free_slot(self, _Slot *slot) noexcept:
+        """Close the slot's fds, drop its item, make it free."""
         self._close_slot_fds(slot)
         if slot.cap > _KEEP_BUFFER:
             free(slot.buf)
             slot.buf = NULL
             slot.cap = 0
+        Py_XDECREF(slot.item)
+        slot.item = NULL
         slot.pid = 0
-        self.slot_items[s] = None
         self.running -= 1
-        return 0
 
     # ------------------------------------------------------------ stopping
 
@@ -702,9 +812,7 @@ cdef class FanOut:
             slot.reaped = True
         for s in range(self.jobs):
             if self.slots[s].pid:
-                self._close_slot_fds(&self.slots[s])
-                self.slots[s].pid = 0
-        self.running = 0
+                self._free_slot(&self.slots[s])
 
     # ------------------------------------------------------------ fds
 
