@@ -239,7 +239,7 @@ def _fan_out_locally(fn, items, jobs, timeout, return_exceptions, fork_retries, 
     reap_dropped()
     engine = _core.FanOut(fn, items, jobs, timeout, grace, fork_retries,
                           signal.SIGKILL if die_with_parent else 0, print_traceback,
-                          not return_exceptions)
+                          not return_exceptions, _python_may_run_between_forks(items))
     first_error = None
     fork_error_seen = False
     try:
@@ -268,6 +268,30 @@ def _fan_out_locally(fn, items, jobs, timeout, return_exceptions, fork_retries, 
             raise first_error
     finally:
         engine.close(grace)
+
+
+# Iterators whose next() runs no Python code (so cannot print).
+_C_ITERATORS = frozenset(type(iter(x)) for x in ([], (), range(1), range(1 << 64), "", b""))
+
+
+def _python_may_run_between_forks(items):
+    """True if Python code may run in this process between two forks of a fan-out.
+
+    Such code (a generator producing the items, a signal handler) may print,
+    and what it leaves buffered in sys.stdout would be printed again by the
+    next child: then stdio is flushed before every fork, not just the first.
+    (Other threads are checked by the engine at each fork.)
+    """
+    if type(items) not in _C_ITERATORS:
+        return True
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        if callable(handler) and handler is not signal.default_int_handler:
+            return True
+    return False
 
 
 def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,

@@ -105,18 +105,17 @@ cdef int _write_all(int fd, const char *data, Py_ssize_t size, int bell, int tok
 
 
 cdef int _write_frame(int fd, char kind, bytes payload, int bell, int token) except -1:
-    """Write one result frame to ``fd``; with a doorbell (``bell`` >= 0) see _write_all."""
+    """Write one result frame to ``fd``.
+
+    With a doorbell (``bell`` >= 0), ``fd`` must be non-blocking: see _write_all.
+    """
     cdef Py_ssize_t size = len(payload)
     cdef Py_ssize_t i
     cdef unsigned char header[_HEADER]
     cdef char *joined
-    cdef int flags
     header[0] = <unsigned char>kind
     for i in range(8):
         header[1 + i] = (size >> (56 - 8 * i)) & 0xFF
-    if bell >= 0:
-        flags = fcntl(fd, F_GETFL)
-        fcntl(fd, F_SETFL, flags | O_NONBLOCK)
     if size <= _SMALL_FRAME:
         # One write(2): a small frame lands in the pipe whole, or not at all.
         joined = <char *>malloc(_HEADER + size)
@@ -260,6 +259,11 @@ cdef class FanOut:
     (index, item) that could not start, and no more children are started
     (the rest of ``items`` is left unread).
     With ``stop_on_failure`` the first failed child also stops new starts.
+    sys.stdout and sys.stderr are flushed before the first fork and, with
+    ``flush_each_fork`` or while other threads exist, before every fork:
+    pass False only when no Python code can run between two forks (items
+    from a list or range, no Python signal handlers), as it costs every
+    child a dozen page faults in the parent.
     """
 
     cdef object fn
@@ -284,14 +288,15 @@ cdef class FanOut:
     cdef double timeout, grace
     cdef double backoff_until   # no fork before this (fork retry back-off)
     cdef double poll_interval   # for children without a pidfd
-    cdef bint print_traceback, stop_on_failure, launching
+    cdef bint print_traceback, stop_on_failure, launching, flush_each_fork
     cdef bint waitid_pidfd      # the kernel has waitid(P_PIDFD)
     cdef pid_t parent
     cdef readonly object fork_error
     cdef readonly Py_ssize_t started
 
     def __cinit__(self, fn, items, int jobs, timeout, double grace, int fork_retries,
-                  int pdeathsig, bint print_traceback, bint stop_on_failure):
+                  int pdeathsig, bint print_traceback, bint stop_on_failure,
+                  bint flush_each_fork=True):
         cdef int fds[2]
         cdef int s
         self.bell_r = self.bell_w = -1
@@ -308,6 +313,7 @@ cdef class FanOut:
         self.pdeathsig = pdeathsig
         self.print_traceback = print_traceback
         self.stop_on_failure = stop_on_failure
+        self.flush_each_fork = flush_each_fork
         self.launching = True
         self.waitid_pidfd = True
         self.poll_interval = 0.0005
@@ -481,7 +487,9 @@ cdef class FanOut:
         slot = &self.slots[s]
         if ff_is_finalizing():
             raise _FinalizationError("can't fork at interpreter shutdown")
-        if pipe2(fds, O_CLOEXEC) < 0:
+        # Both ends non-blocking: the child writes its frame without blocking
+        # first (see _write_all).
+        if pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0:
             _raise_errno(errno)
         slot.rfd, slot.wfd = fds[0], fds[1]
         _owned_fds_set.add(fds[0])
@@ -489,7 +497,11 @@ cdef class FanOut:
         try:
             if _fork_fault is not None:
                 _fork_fault()
-            _flush_stdio()  # or the child would print the parent's buffered output again
+            if self.flush_each_fork or self.started == 0 or not _only_thread():
+                # Or the child would print the parent's buffered output again.
+                # Between two forks of ours only our C code runs, unless
+                # flush_each_fork says otherwise or another thread is alive.
+                _flush_stdio()
             pid = _fork_checked()
         except BaseException:
             self._close_slot_fds(slot)
@@ -502,7 +514,6 @@ cdef class FanOut:
         close(slot.wfd)
         _owned_fds_set.discard(slot.wfd)
         slot.wfd = -1
-        fcntl(slot.rfd, F_SETFL, fcntl(slot.rfd, F_GETFL) | O_NONBLOCK)
         slot.pidfd = _pidfd_open(pid)
         if slot.pidfd >= 0:
             _owned_fds_set.add(slot.pidfd)
@@ -841,6 +852,22 @@ cdef class FanOut:
             self.slots = NULL
         self._close_fd(&self.bell_r)
         self._close_fd(&self.bell_w)
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyInterpreterState:
+        pass
+    ctypedef struct PyThreadState:
+        pass
+    PyInterpreterState *PyInterpreterState_Get()
+    PyThreadState *PyInterpreterState_ThreadHead(PyInterpreterState *interp)
+    PyThreadState *PyThreadState_Next(PyThreadState *tstate)
+
+
+cdef bint _only_thread() noexcept:
+    """True if this interpreter has no Python thread but ours."""
+    cdef PyThreadState *head = PyInterpreterState_ThreadHead(PyInterpreterState_Get())
+    return head == NULL or PyThreadState_Next(head) == NULL
 
 
 cdef inline double _earliest(double a, double b) noexcept nogil:

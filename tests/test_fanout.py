@@ -5,6 +5,7 @@ import os
 import pickle
 import random
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -456,6 +457,43 @@ def test_stdio_flushed_before_fork_and_in_child():
     out = proc.stdout
     assert out.count("parent before") == 1 and out.count("parent after") == 1
     assert all(out.count(f"child {i}") == 1 for i in range(3))
+
+
+@pytest.mark.parametrize("printer", ["generator", "signal handler", "thread"])
+def test_output_printed_between_forks_is_not_doubled(printer):
+    # The engine skips the flush before a fork when no Python code can have
+    # run since the last one; each of these runs Python code in the parent
+    # between two forks of the same map, buffered and without a newline.
+    code = textwrap.dedent("""
+        import os, signal, sys, threading, time, fastfork
+        printer = sys.argv[1]
+        def items():
+            for i in range(6):
+                if printer == "generator":
+                    print(f"parent {i}", end="")
+                yield i
+        def child(i):
+            if printer == "signal handler" and i == 2:
+                os.kill(os.getppid(), signal.SIGUSR1)
+            time.sleep(0.05)
+            return i
+        signal.signal(signal.SIGUSR1, lambda *_: print("parent 2", end=""))
+        stop = threading.Event()
+        def chatter():
+            time.sleep(0.12)  # while the map runs (the children take 0.05 s each)
+            print("parent 3", end="")
+            stop.wait()
+        if printer == "thread":
+            threading.Thread(target=chatter).start()
+        print(fastfork.map(child, items(), jobs=1))
+        stop.set()
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, printer], capture_output=True, text=True,
+                          env=procutil.child_env(unbuffered=False), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for i in (range(6) if printer == "generator" else [2] if printer == "signal handler" else [3]):
+        assert proc.stdout.count(f"parent {i}") == 1, proc.stdout
+    assert proc.stdout.count("[0, 1, 2, 3, 4, 5]") == 1, proc.stdout
 
 
 def test_tracebacks_printed_only_when_asked():
