@@ -22,9 +22,9 @@ _HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
 _HAVE_WAITID_PIDFD = _HAVE_PIDFD
 
 # Fds fastfork holds open in this process (pipes, pidfds). A forked child closes
-# them all first, so it never holds a sibling's pipe. Code that creates such
-# fds in Python holds _fd_lock until they are registered, so no fastfork fork
-# in another thread happens in between.
+# them all first, so it never holds a sibling's pipe. Code that creates fds no
+# child may inherit holds _fd_lock until they are registered or closed; the
+# core's forks of fastfork children take it too (when other threads exist).
 _owned_fds = set()
 _fd_lock = threading.Lock()
 
@@ -43,7 +43,7 @@ def _after_fork_in_child():
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-_core._register_child_state(_owned_fds, _unreaped)
+_core._register_child_state(_owned_fds, _unreaped, _fd_lock)
 
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
 

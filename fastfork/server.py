@@ -134,8 +134,7 @@ class _Connection:
         # server relies on seeing EOF on the socket when the caller dies.
         deathsig = signal.SIGKILL if threading.current_thread() is threading.main_thread() else 0
         registry = []
-        with _fd_lock:
-            _core.fork_call(exec_server, registry, deathsig)
+        _core.fork_call(exec_server, registry, deathsig)  # under _fd_lock
         self.process = Child(registry[0])
 
     def _first_message(self, timeout):

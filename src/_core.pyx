@@ -236,6 +236,43 @@ cdef pid_t _fork_checked() except -1:
     return pid
 
 
+cdef extern from "Python.h":
+    ctypedef struct PyInterpreterState:
+        pass
+    ctypedef struct PyThreadState:
+        pass
+    PyInterpreterState *PyInterpreterState_Get()
+    PyThreadState *PyInterpreterState_ThreadHead(PyInterpreterState *interp)
+    PyThreadState *PyThreadState_Next(PyThreadState *tstate)
+
+
+cdef bint _only_thread() noexcept:
+    """True if this interpreter has no Python thread but ours."""
+    cdef PyThreadState *head = PyInterpreterState_ThreadHead(PyInterpreterState_Get())
+    return head == NULL or PyThreadState_Next(head) == NULL
+
+
+cdef pid_t _fork_holding_fd_lock() except -1:
+    """_fork_checked for the library's own children, under fastfork.child's fd lock.
+
+    Code that makes fds a child must not inherit (spawn's pipe ends) holds
+    that lock until they are closed or registered, so our fork waits for it.
+    Only other threads can hold it: alone, we skip it.
+    """
+    cdef pid_t pid = -1
+    cdef bint locked = False
+    if _fd_lock is not None and not _only_thread():
+        _fd_lock.acquire()
+        locked = True
+    try:
+        pid = _fork_checked()
+    finally:
+        # In the child an at-fork hook has released its copy already.
+        if locked and pid != 0:
+            _fd_lock.release()
+    return pid
+
+
 # ---------------------------------------------------------------- drop-ins
 
 def fork():
@@ -636,7 +673,7 @@ def fork_call(fn, registry, pdeathsig=0):
         # shutdown, on any version: the child would run a half-torn-down runtime.
         raise _FinalizationError("can't fork at interpreter shutdown")
     _flush_stdio()  # or the child would print the parent's buffered output again
-    pid = _fork_checked()
+    pid = _fork_holding_fd_lock()
     if pid != 0:
         registry.append(pid)
         return pid
@@ -709,15 +746,17 @@ def fork_with_pipe(fn, handle, set owned, list launched, pdeathsig=0):
     return pid
 
 
-def _register_child_state(set owned_fds, list dropped_pids):
-    """Tell finalize_child where fastfork.child keeps its fd set and dropped pids."""
-    global _owned_fds_set, _dropped_pids
+def _register_child_state(set owned_fds, list dropped_pids, fd_lock):
+    """Tell the core where fastfork.child keeps its fd set, dropped pids and fd lock."""
+    global _owned_fds_set, _dropped_pids, _fd_lock
     _owned_fds_set = owned_fds
     _dropped_pids = dropped_pids
+    _fd_lock = fd_lock
 
 
 cdef object _owned_fds_set = None
 cdef object _dropped_pids = None
+cdef object _fd_lock = None
 
 
 def close_fd_attr(obj, str name):

@@ -502,7 +502,7 @@ cdef class FanOut:
                 # Between two forks of ours only our C code runs, unless
                 # flush_each_fork says otherwise or another thread is alive.
                 _flush_stdio()
-            pid = _fork_checked()
+            pid = _fork_holding_fd_lock()
         except BaseException:
             self._close_slot_fds(slot)
             raise
@@ -852,22 +852,6 @@ cdef class FanOut:
             self.slots = NULL
         self._close_fd(&self.bell_r)
         self._close_fd(&self.bell_w)
-
-
-cdef extern from "Python.h":
-    ctypedef struct PyInterpreterState:
-        pass
-    ctypedef struct PyThreadState:
-        pass
-    PyInterpreterState *PyInterpreterState_Get()
-    PyThreadState *PyInterpreterState_ThreadHead(PyInterpreterState *interp)
-    PyThreadState *PyThreadState_Next(PyThreadState *tstate)
-
-
-cdef bint _only_thread() noexcept:
-    """True if this interpreter has no Python thread but ours."""
-    cdef PyThreadState *head = PyInterpreterState_ThreadHead(PyInterpreterState_Get())
-    return head == NULL or PyThreadState_Next(head) == NULL
 
 
 cdef inline double _earliest(double a, double b) noexcept nogil:

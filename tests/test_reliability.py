@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import pytest
@@ -815,6 +816,36 @@ def test_case23_forking_from_several_threads_at_once():
     assert errors == []
     assert results == {k: [x * x for x in range(k * 10, k * 10 + 10)] + [k * k, k]
                        for k in range(4)}
+
+
+def test_case23_fan_out_children_never_hold_a_concurrent_spawns_pipe():
+    # spawn's pipe ends for its child are not fastfork's to close in every
+    # child: spawn holds the fd lock until they are closed, and the fan-out
+    # forks under it. A fan-out child that inherited a write end would keep
+    # communicate() waiting until that child exits (it sleeps for 1 s).
+    stop, slow, errors = threading.Event(), [], []
+
+    def spawner():
+        try:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                out = fastfork.spawn(["echo", "hi"], stdout=fastfork.PIPE).communicate(timeout=30)[0]
+                if out != b"hi\n" or time.monotonic() - t0 > 0.5:
+                    slow.append(time.monotonic() - t0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
+        thread = threading.Thread(target=spawner)
+        thread.start()
+        try:
+            assert fastfork.map(time.sleep, [1.0] * 8, jobs=4) == [None] * 8
+            fastfork.start(time.sleep, 1.0).result(timeout=30)
+        finally:
+            stop.set()
+            thread.join()
+    assert errors == [] and slow == []
 
 
 # ---------------------------------------------------------------- 24. pid reuse
