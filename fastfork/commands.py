@@ -32,7 +32,7 @@ from fastfork import _core
 from fastfork._checks import MAX_WAIT, check_jobs, check_timeout
 from fastfork.child import (Child, _fd_lock, _owned_fds, own_fd,
                             reap_dropped, stop_all, wait_all)
-from fastfork.errors import TimeoutExpired
+from fastfork.errors import RETRYABLE_FORK_ERRNOS, TimeoutExpired
 
 __all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many"]
 
@@ -45,7 +45,6 @@ DEVNULL = subprocess.DEVNULL
 # fallback path of non-Linux systems with it).
 _USE_FORK = not _core._spawn_uses_vfork()
 
-_RETRYABLE = (errno.EAGAIN, errno.ENOMEM)
 # A write of at most PIPE_BUF bytes to a pipe that polls writable does not block.
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 
@@ -548,7 +547,7 @@ def _run_many(prepared, jobs, timeout, grace, stdio, capture, keep_going, new_se
                     proc = _start(command, stdio, (), True, new_session, die_with_parent,
                                   capture)
                 except OSError as exc:
-                    if exc.errno in _RETRYABLE and retries < spawn_retries:
+                    if exc.errno in RETRYABLE_FORK_ERRNOS and retries < spawn_retries:
                         retries += 1
                         backoff_until = time.monotonic() + min(0.005 * 2 ** retries, 0.5)
                         continue

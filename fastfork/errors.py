@@ -9,6 +9,7 @@
 OSErrors from the kernel otherwise pass through unchanged (ChildProcessError
 for ECHILD, BlockingIOError for EAGAIN ...).
 """
+import errno as _errno
 import signal as _signal
 import subprocess as _subprocess
 
@@ -69,6 +70,10 @@ class ChildError(FastforkError):
             pid=self.pid, returncode=self.returncode, index=self.index,
             item=self.item, exc_type=self.exc_type,
             remote_traceback=self.remote_traceback)))
+
+
+# The errnos of a fork (or spawn) that may succeed once other children exit.
+RETRYABLE_FORK_ERRNOS = (_errno.EAGAIN, _errno.ENOMEM)
 
 
 class ForkError(FastforkError, OSError):

@@ -11,24 +11,21 @@ tracebacks travel back pickled over a close-on-exec pipe that the parent drains
 while it waits, so large results never deadlock.
 """
 import contextlib
-import errno
 import itertools
 import pickle
 import signal
 import time
-import traceback
 
 from fastfork import _core
 from fastfork._result import OK, FrameReader
 from fastfork._checks import check_callable, check_jobs, check_timeout
 from fastfork.child import (Child, Watcher, _owned_fds, close_inherited_fds,
                             reap_dropped, stop_all)
-from fastfork.errors import ChildError, ForkError, describe_status
+from fastfork.errors import RETRYABLE_FORK_ERRNOS, ChildError, ForkError, describe_status
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
            "fan_out", "in_input_order"]
 
-_RETRYABLE = (errno.EAGAIN, errno.ENOMEM)
 
 
 class FunctionChild(Child):
@@ -334,7 +331,7 @@ def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_ret
                                     print_traceback=print_traceback, index=index, item=item,
                                     launched=launched)
                 except OSError as exc:
-                    if exc.errno not in _RETRYABLE:
+                    if exc.errno not in RETRYABLE_FORK_ERRNOS:
                         raise
                     fork_failures += 1
                     if fork_failures <= fork_retries:
