@@ -175,6 +175,17 @@ def test_map_results_in_input_order():
     assert fastfork.map(double, (i for i in range(5))) == [0, 2, 4, 6, 8]
 
 
+def test_map_propagates_what_the_items_iterator_raises():
+    def items():
+        yield 1
+        yield 2
+        raise KeyError("no more items")
+    with pytest.raises(KeyError, match="no more items"):
+        fastfork.map(double, items(), jobs=1)
+    # the children already started were reaped: the autouse check sees none left
+    assert list(fastfork.as_completed(double, iter([3]))) == [(0, 6)]
+
+
 def test_map_failure_reports_item_after_others_finish():
     def some_fail(x):
         if x == 2:
