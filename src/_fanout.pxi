@@ -513,8 +513,11 @@ cdef class FanOut:
             raise
         if pid == 0:
             self._child_main(slot.wfd, s, item)
-        # Recorded before anything that could run a signal handler.
+        # Recorded at once (no Python code runs until close() could need it).
         slot.pid = pid
+        Py_INCREF(item)
+        slot.item = <PyObject *>item
+        self.running += 1
         slot.index = index
         close(slot.wfd)
         _owned_fds_set.discard(slot.wfd)
@@ -527,9 +530,6 @@ cdef class FanOut:
         slot.size = 0
         slot.returncode = 0
         slot.draining = slot.reaped = slot.lost = slot.timed_out = False
-        Py_INCREF(item)
-        slot.item = <PyObject *>item
-        self.running += 1
         return 0
 
     cdef void _child_main(self, int fd, int token, item) noexcept:
