@@ -30,6 +30,7 @@ from posix.wait cimport WNOHANG, waitpid as c_waitpid
 import builtins
 import math
 import numbers
+import os
 import sys
 import warnings
 
@@ -172,14 +173,23 @@ cdef long _count_threads():
     return len(threading._active) + len(threading._limbo)
 
 
+# Warnings about the library's own forks point at the caller's code, not ours.
+cdef tuple _library_dirs = (os.path.dirname(os.path.abspath(__file__)) + os.sep,)
+
+
 cdef void _warn_if_threaded():
-    """Warn as os.fork does on 3.12+ when other threads are running."""
+    """Warn as os.fork does on 3.12+ when other threads are running.
+
+    The warning names the innermost frame outside fastfork's package (3.12+
+    has skip_file_prefixes): for fastfork.fork that is its caller, as for
+    os.fork; for map or start, the code that called them.
+    """
     try:
         if _count_threads() > 1:
             warnings.warn(
                 f"This process (pid={getpid()}) is multi-threaded, use of "
                 f"fork() may lead to deadlocks in the child.",
-                DeprecationWarning, stacklevel=1)
+                DeprecationWarning, stacklevel=1, skip_file_prefixes=_library_dirs)
     except BaseException:
         # os.fork clears whatever the warning raised (PyErr_Clear), even an
         # exception from a signal handler: the fork happened and its pid must

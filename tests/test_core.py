@@ -141,6 +141,26 @@ def test_fork_with_threads_only_forking_thread_survives_and_warns_like_os(where,
         assert warned == []
 
 
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="os.fork warns about threads from 3.12")
+@pytest.mark.parametrize("how", ["map", "start"])
+def test_threads_warning_of_a_library_fork_names_the_callers_line(how):
+    release = threading.Event()
+    idle = threading.Thread(target=release.wait)
+    idle.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if how == "map":
+                fastfork.map(abs, [-1])
+            else:
+                fastfork.start(abs, -1).result(timeout=30)
+    finally:
+        release.set()
+        idle.join()
+    warned = [w for w in caught if w.category is DeprecationWarning]
+    assert [w.filename for w in warned] == [__file__]
+
+
 def test_fork_without_threads_does_not_warn(reaper):
     # A thread joined by an earlier test may linger in the kernel for a moment.
     deadline = time.monotonic() + 5
