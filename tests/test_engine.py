@@ -1,0 +1,668 @@
+"""The C fan-out engine behind map and as_completed (fastfork._core.FanOut, src/_fanout.pxi).
+
+A child writes its result frame (1-byte kind, 8-byte length, pickle) to its own
+pipe without blocking first; a result that overfills the pipe makes it ring the
+fan-out's doorbell with its slot number, and the parent drains that pipe while
+it waits. These tests aim at that path (results around the pipe's capacity,
+many children ringing at once, a child killed mid-write), at stopping (timeouts,
+stop_on_failure, closing early, close() and the __dealloc__ safety net) and at
+which fds the children hold. The autouse guard in conftest.py checks after each
+test that no child process or fd was left behind.
+"""
+import contextlib
+import errno
+import fcntl
+import gc
+import itertools
+import os
+import pickle
+import select
+import signal
+import stat
+import textwrap
+import threading
+import time
+import warnings
+
+import pytest
+
+import fastfork
+import procutil
+from fastfork import _core
+from fastfork.child import _owned_fds
+
+PIPE_CAPACITY = 1 << 16         # Linux's default pipe capacity
+HEADER = 9                      # the frame's kind byte and 8-byte length
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+# A deadlock in the engine turns into a "timed out" error, not a hung test.
+NO_DEADLOCK = 30
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def blob(n, seed=0):
+    """``n`` bytes in a pattern (period 251) that shows a lost, doubled or moved chunk."""
+    period = bytes((seed + k) % 256 for k in range(251))
+    return (period * (n // 251 + 1))[:n]
+
+
+def blob_len_for_frame(size):
+    """The length of a blob whose result frame is exactly ``size`` bytes."""
+    target = size - HEADER
+    for n in range(max(0, target - 40), target + 1):
+        if len(pickle.dumps(bytes(n), PROTOCOL)) == target:
+            return n
+    raise AssertionError(f"no bytes object pickles to {target} bytes")
+
+
+def frame_size(value):
+    return HEADER + len(pickle.dumps(value, PROTOCOL))
+
+
+def make_blob(item):
+    seed, n = item
+    return blob(n, seed)
+
+
+def sleep_then(x):
+    time.sleep(x)
+    return x
+
+
+def pipe_inodes():
+    """The inodes of the pipes this process holds open."""
+    found = set()
+    for fd in procutil.open_fds():
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if stat.S_ISFIFO(st.st_mode):
+            found.add(st.st_ino)
+    return found
+
+
+def wait_readable(fd, count, timeout=10.0):
+    """Read ``count`` bytes from ``fd`` (blocking), failing the test after ``timeout``."""
+    got = b""
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            pytest.fail(f"children reported {len(got)} of {count} bytes in {timeout} s")
+        got += os.read(fd, count - len(got))
+    return got
+
+
+def new_engine(fn, items, jobs, timeout=None, grace=1.0, stop_on_failure=False):
+    """A _core.FanOut over ``items`` (as map builds it, minus the decoding)."""
+    return _core.FanOut(fn, iter(items), jobs, timeout, grace, 0, 0, False, stop_on_failure)
+
+
+@pytest.fixture
+def fork_fault():
+    """Install a callable run before each fan-out fork (it may raise OSError)."""
+    yield _core._set_fork_fault
+    _core._set_fork_fault(None)
+
+
+# --------------------------------------------- 1. results around the pipe capacity
+
+# Frame sizes either side of the 64 KiB pipe: one that fits with room to spare,
+# one that fills it exactly (no ring), one byte over (a partial non-blocking
+# write, then a ring for the last byte), the largest frame written in one
+# write(2) (payload 64 KiB) and the smallest written as header + payload; then
+# 1 MiB and 20 MiB. The first item returns b"" (the smallest frame of all).
+AROUND_CAPACITY = [PIPE_CAPACITY - HEADER - 50, PIPE_CAPACITY - 1, PIPE_CAPACITY,
+                   PIPE_CAPACITY + 1, PIPE_CAPACITY + HEADER, PIPE_CAPACITY + HEADER + 1,
+                   1 << 20, 20 << 20]
+
+
+def _around_capacity_items(frames):
+    lengths = [0]
+    for size in frames:
+        n = blob_len_for_frame(size) if size < 2 * PIPE_CAPACITY else size
+        lengths.append(n)
+    items = [(seed, n) for seed, n in enumerate(lengths)]
+    # The helper really produces the frame sizes meant (a check on the test itself).
+    for (seed, n), size in zip(items[1:], frames):
+        if size < 2 * PIPE_CAPACITY:
+            assert frame_size(blob(n, seed)) == size
+    return items
+
+
+def test_map_results_around_the_pipe_capacity_in_input_order():
+    items = _around_capacity_items(AROUND_CAPACITY)
+    out = fastfork.map(make_blob, items, jobs=4, timeout=NO_DEADLOCK)
+    assert [len(b) for b in out] == [n for _, n in items]
+    assert out == [blob(n, seed) for seed, n in items]
+
+
+def test_as_completed_results_around_the_pipe_capacity():
+    items = _around_capacity_items(AROUND_CAPACITY)
+    got = {}
+    for index, value in fastfork.as_completed(make_blob, items, jobs=4, timeout=NO_DEADLOCK):
+        assert index not in got
+        got[index] = value
+    assert got == {i: blob(n, seed) for i, (seed, n) in enumerate(items)}
+
+
+def shrink_pipes_then_blob(item):
+    """In a map child: shrink its pipes (the result pipe, the doorbell) to one page first."""
+    fds = sorted(_owned_fds)  # in a fan-out child: exactly its result pipe and the doorbell
+    assert len(fds) == 2, fds
+    for fd in fds:
+        fcntl.fcntl(fd, F_SETPIPE_SZ, 4096)
+        assert fcntl.fcntl(fd, F_GETPIPE_SZ) == 4096
+    return make_blob(item)
+
+
+def test_results_around_a_shrunk_pipe_capacity():
+    # The same boundaries around a 4 KiB pipe: results that overfill a pipe
+    # of any capacity ring, and those that fit do not need to.
+    page = 4096
+    frames = [page - HEADER - 50, page - 1, page, page + 1, page + HEADER + 1,
+              PIPE_CAPACITY, PIPE_CAPACITY + 1, 1 << 20]
+    items = [(seed, blob_len_for_frame(size)) for seed, size in enumerate(frames)]
+    for (seed, n), size in zip(items, frames):
+        assert frame_size(blob(n, seed)) == size
+    out = fastfork.map(shrink_pipes_then_blob, items, jobs=4, timeout=NO_DEADLOCK)
+    assert out == [blob(n, seed) for seed, n in items]
+    got = dict(fastfork.as_completed(shrink_pipes_then_blob, items, jobs=4,
+                                     timeout=NO_DEADLOCK))
+    assert got == dict(enumerate(out))
+
+
+# --------------------------------------------- 2. many children ringing at once
+
+
+def test_many_children_overfilling_their_pipes_at_once():
+    # 40 results of 64 KiB + 1 .. ~370 KiB, eight at a time: the doorbell gets
+    # up to eight tokens at once, and slots are reused by children that ring
+    # after a sibling's token was answered.
+    items = [(seed, PIPE_CAPACITY + 1 + 7919 * seed) for seed in range(40)]
+    expected = [blob(n, seed) for seed, n in items]
+    assert fastfork.map(make_blob, items, jobs=8, timeout=NO_DEADLOCK) == expected
+    got = dict(fastfork.as_completed(make_blob, items, jobs=8, timeout=NO_DEADLOCK))
+    assert got == dict(enumerate(expected))
+
+
+def test_slow_consumer_of_as_completed_gets_every_big_result():
+    # While the consumer holds a result, nobody drains the pipes: children that
+    # rang meanwhile block in write until as_completed is resumed.
+    items = [(seed, 3 * PIPE_CAPACITY + seed) for seed in range(12)]
+    got = {}
+    for index, value in fastfork.as_completed(make_blob, items, jobs=6, timeout=NO_DEADLOCK):
+        got[index] = value
+        if len(got) <= 3:
+            time.sleep(0.05)
+    assert got == {i: blob(n, seed) for i, (seed, n) in enumerate(items)}
+
+
+def test_fork_retries_between_children_that_ring(fork_fault):
+    calls = itertools.count(1)
+
+    def every_third_fork_fails():
+        if next(calls) % 3 == 0:
+            raise BlockingIOError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+    fork_fault(every_third_fork_fails)
+    items = [(seed, 2 * PIPE_CAPACITY + seed) for seed in range(12)]
+    out = fastfork.map(make_blob, items, jobs=4, fork_retries=1, timeout=NO_DEADLOCK)
+    assert out == [blob(n, seed) for seed, n in items]
+    assert next(calls) > 12 + 4  # the fault did make forks fail (and they were retried)
+
+
+# --------------------------------------------- 3. killed by a timeout mid-write
+
+
+def stall_mid_write(item):
+    """Return a 32 MiB result, but SIGSTOP this child once it is blocked writing it.
+
+    A thread watches the main thread's system call: a write of the payload
+    (>= 1 MiB) to our result pipe while that pipe is blocking again means the
+    child rang the doorbell (the pipe is non-blocking until it rings) and is
+    now writing the rest; "rang" goes to ``marker`` just before the stop.
+    """
+    marker, n = item
+    mark = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fds = set(_owned_fds)  # the result pipe and the doorbell
+    syscall = f"/proc/self/task/{os.getpid()}/syscall"
+
+    def watch():
+        while True:
+            with open(syscall) as f:
+                fields = f.read().split()
+            if len(fields) < 4 or fields[0] in ("running", "-1"):
+                continue
+            fd, count = int(fields[1], 16), int(fields[3], 16)
+            if fd in fds and count >= 1 << 20 and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK:
+                os.write(mark, b"rang")
+                os.kill(os.getpid(), signal.SIGSTOP)
+                return
+    threading.Thread(target=watch, daemon=True).start()
+    return blob(n)
+
+
+def stall_or_blob(item):
+    kind, arg = item
+    return stall_mid_write(arg) if kind == "stall" else make_blob(arg)
+
+
+def test_child_that_rang_then_timed_out_mid_write_reports_the_timeout(tmp_path):
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/syscall") as f:
+            f.read()
+    except OSError as exc:
+        pytest.skip(f"cannot watch a thread's system call here: {exc}")
+    marker = str(tmp_path / "marker")
+    items = [("stall", (marker, 32 << 20)), ("blob", (1, 3 << 20)), ("blob", (2, 10))]
+    out = fastfork.map(stall_or_blob, items, jobs=3, timeout=2.0, grace=1.0,
+                       return_exceptions=True)
+    assert open(marker, "rb").read() == b"rang", "the child never blocked writing after a ring"
+    err = out[0]
+    assert isinstance(err, fastfork.ChildError), f"got a {type(err).__name__}, not the timeout"
+    # Stopped (SIGSTOP) mid-write: the timeout's SIGTERM came with a SIGCONT.
+    assert err.returncode == -signal.SIGTERM and err.index == 0
+    assert "timed out" in str(err) and "unpickled" not in str(err), str(err)
+    assert out[1:] == [blob(3 << 20, 1), blob(10, 2)]
+
+
+# --------------------------------------------- 4. as_completed closed early
+
+
+def test_breaking_out_of_as_completed_stops_and_reaps_the_rest():
+    sleep = 20
+    before = procutil.children()
+    started = time.monotonic()
+    for index, value in fastfork.as_completed(sleep_then, [0.0, sleep, sleep, sleep], jobs=4):
+        assert (index, value) == (0, 0.0)
+        assert len(procutil.children() - before) == 3  # the sleepers run
+        break
+    # The generator was closed as the loop let go of it: nothing left, not even a zombie.
+    assert procutil.children() - before == set()
+    assert time.monotonic() - started < sleep / 2
+
+
+def stubborn_or_writer(kind):
+    if kind == "quick":
+        return kind
+    if kind == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(30)
+    time.sleep(0.1)  # let "quick" finish first
+    return blob(50 << 20)  # overfills its pipe: blocks while nobody drains it
+
+
+def test_closing_as_completed_stops_writers_blocked_on_a_full_pipe_and_stubborn_children():
+    before = procutil.children()
+    fds_before = procutil.open_fds()
+    started = time.monotonic()
+    gen = fastfork.as_completed(stubborn_or_writer, ["quick", "big", "big", "stubborn"],
+                                jobs=4, grace=0.3)
+    with contextlib.closing(gen):
+        assert next(gen) == (0, "quick")
+        time.sleep(0.2)  # the writers fill their pipes, ring, and block: nobody drains now
+        assert len(procutil.children() - before) == 3
+    assert procutil.children() - before == set()
+    assert procutil.open_fds() == fds_before
+    assert time.monotonic() - started < 15  # the stubborn child was SIGKILLed after grace
+
+
+def test_closing_as_completed_after_the_rest_exited_does_not_wait_out_the_grace():
+    # BUG (src/_fanout.pxi, FanOut.close): close() first reaps the children
+    # that have already exited (_try_reap), but only _wait_once finishes a
+    # reaped slot, and _wait_once polls the pidfds of unreaped children only:
+    # with every remaining child reaped there is nothing to wake poll(), so
+    # close() sleeps out the whole grace (3 s here, 1 s by default) before
+    # anything is finished, though nothing runs any more.
+    grace = 3.0
+    before = procutil.children()
+    gen = fastfork.as_completed(sleep_then, [0.0, 0.1, 0.1], jobs=3, grace=grace)
+    with contextlib.closing(gen):
+        assert next(gen) == (0, 0.0)
+        rest = procutil.children() - before
+        assert len(rest) == 2
+        deadline = time.monotonic() + 10
+        while procutil.zombies(rest) != rest and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert procutil.zombies(rest) == rest  # both have exited; nobody reaped them yet
+        started = time.monotonic()
+    elapsed = time.monotonic() - started
+    assert procutil.children() - before == set()
+    assert elapsed < grace / 2, f"closing took {elapsed:.2f} s with nothing left running"
+
+
+# --------------------------------------------- 5. stop_on_failure
+
+
+def record_then_maybe_fail(item):
+    log, i, how = item
+    with open(log, "a") as f:
+        f.write(f"{i}\n")
+    if i == 2:
+        if how == "raise":
+            raise ValueError(f"item {i} fails")
+        if how == "exit":
+            os._exit(3)
+        if how == "timeout":
+            time.sleep(30)
+    return i
+
+
+def _started(log):
+    with open(log) as f:
+        return [int(line) for line in f]
+
+
+@pytest.mark.parametrize("how", ["raise", "exit", "timeout"])
+def test_map_first_failure_stops_new_starts(tmp_path, how):
+    log = str(tmp_path / "started")
+    items = [(log, i, how) for i in range(6)]
+    with pytest.raises(fastfork.ChildError) as info:
+        fastfork.map(record_then_maybe_fail, items, jobs=1,
+                     timeout=0.5 if how == "timeout" else None)
+    err = info.value
+    assert err.index == 2
+    if how == "raise":
+        assert err.exc_type == "ValueError" and err.returncode == 1
+    elif how == "exit":
+        assert err.returncode == 3 and "without a result" in str(err)
+    else:
+        assert "timed out" in str(err) and err.returncode == -signal.SIGTERM
+    assert _started(log) == [0, 1, 2]  # items 3..5 were never started
+
+
+def test_as_completed_first_failure_stops_new_starts(tmp_path):
+    log = str(tmp_path / "started")
+    items = [(log, i, "raise") for i in range(6)]
+    got = []
+    with pytest.raises(fastfork.ChildError) as info:
+        for index, value in fastfork.as_completed(record_then_maybe_fail, items, jobs=1):
+            got.append((index, value))
+    assert got == [(0, 0), (1, 1)] and info.value.index == 2
+    assert _started(log) == [0, 1, 2]
+
+
+def test_return_exceptions_runs_every_item_past_a_failure(tmp_path):
+    log = str(tmp_path / "started")
+    items = [(log, i, "raise") for i in range(6)]
+    out = fastfork.map(record_then_maybe_fail, items, jobs=1, return_exceptions=True)
+    assert out[:2] == [0, 1] and out[3:] == [3, 4, 5]
+    assert isinstance(out[2], fastfork.ChildError) and out[2].exc_type == "ValueError"
+    assert _started(log) == list(range(6))
+
+
+# --------------------------------------------- 6. a result the parent cannot unpickle
+
+
+def _refuse_to_load(message):
+    raise ValueError(message)
+
+
+class LoadsBadly:
+    """Pickles fine in the child; unpickling it (in the parent) raises."""
+
+    def __reduce__(self):
+        return _refuse_to_load, ("refusing to be unpickled",)
+
+
+def unloadable_at(item):
+    log, i = item
+    with open(log, "a") as f:
+        f.write(f"{i}\n")
+    return LoadsBadly() if i == 1 else blob(i * PIPE_CAPACITY, i)
+
+
+def _check_unloadable(err):
+    assert isinstance(err, fastfork.ChildError), err
+    assert "could not be unpickled" in str(err) and "refusing to be unpickled" in str(err)
+    assert err.index == 1 and err.returncode == 0  # the child itself succeeded
+
+
+def test_result_that_cannot_be_unpickled_fails_its_item_only(tmp_path):
+    log = str(tmp_path / "started")
+    items = [(log, i) for i in range(4)]
+    out = fastfork.map(unloadable_at, items, jobs=2, return_exceptions=True)
+    _check_unloadable(out[1])
+    assert [out[0], *out[2:]] == [blob(i * PIPE_CAPACITY, i) for i in (0, 2, 3)]
+    got = dict(fastfork.as_completed(unloadable_at, items, jobs=2, return_exceptions=True))
+    _check_unloadable(got.pop(1))
+    assert got == {i: blob(i * PIPE_CAPACITY, i) for i in (0, 2, 3)}
+
+
+def test_map_finds_an_unloadable_result_once_every_child_has_run(tmp_path):
+    # map decodes nothing until every child has exited (until_done), so the
+    # item after the unloadable one was started all the same.
+    log = str(tmp_path / "started")
+    with pytest.raises(fastfork.ChildError) as info:
+        fastfork.map(unloadable_at, [(log, i) for i in range(4)], jobs=1)
+    _check_unloadable(info.value)
+    assert _started(log) == [0, 1, 2, 3]
+
+
+class CountsChildrenWhenLoaded:
+    """Unpickled in the parent as the number of children it has at that moment."""
+
+    def __reduce__(self):
+        return len_of_children, ()
+
+
+def len_of_children():
+    return len(procutil.children())
+
+
+def quick_or_sleep(x):
+    if x == "quick":
+        return CountsChildrenWhenLoaded()
+    time.sleep(x)
+    return x
+
+
+def test_map_decodes_results_only_after_every_child_exited():
+    base = len(procutil.children())
+    assert fastfork.map(quick_or_sleep, ["quick", 0.3, 0.3], jobs=3) == [base, 0.3, 0.3]
+    # as_completed decodes each result as it comes: the sleepers still run then.
+    got = dict(fastfork.as_completed(quick_or_sleep, ["quick", 1.0, 1.0], jobs=3))
+    assert got == {0: base + 2, 1: 1.0, 2: 1.0}
+
+
+# --------------------------------------------- 7. _core.FanOut used directly
+
+
+def test_engine_steps_until_done_and_reports_whole_outcomes():
+    fds_before = procutil.open_fds()
+    owned_before = set(_owned_fds)
+    items = [(0, 5), (1, PIPE_CAPACITY * 3), (2, 0), (3, 1 << 20)]
+    engine = new_engine(make_blob, items, 2)
+    outcomes = []
+    try:
+        while not engine.done_running:
+            outcomes += engine.step()
+        assert engine.step() == []
+        assert engine.started == 4 and engine.fork_error is None and engine.pending is None
+    finally:
+        engine.close(0)
+    assert sorted(o[0] for o in outcomes) == [0, 1, 2, 3]
+    for index, item, pid, returncode, kind, payload, timed_out, lost in outcomes:
+        assert item == items[index] and pid > 0
+        assert (returncode, kind, timed_out, lost) == (0, b"R", False, False)
+        assert pickle.loads(payload) == make_blob(item)
+    assert procutil.open_fds() == fds_before
+    assert _owned_fds == owned_before
+
+
+def test_engine_close_twice_is_safe():
+    # BUG (src/_fanout.pxi, FanOut.close): close() frees the slots
+    # (_close_fds sets self.slots = NULL) but a second close() walks
+    # self.slots[s] without checking for NULL: the interpreter dies of
+    # SIGSEGV, though the docstring says "Safe to call twice". Run in a fresh
+    # interpreter so the crash fails this test, not the whole session.
+    code = textwrap.dedent("""
+        import pickle, fastfork, procutil
+        from fastfork import _core
+        def double(x):
+            return 2 * x
+        fds = procutil.open_fds()
+        engine = _core.FanOut(double, iter([1, 2, 3]), 2, None, 1.0, 0, 0, False, False)
+        outcomes = []
+        while not engine.done_running:
+            outcomes += engine.step()
+        print(sorted(pickle.loads(o[5]) for o in outcomes), flush=True)
+        engine.close(0)
+        print("closed", flush=True)
+        engine.close(0)
+        print("closed again", engine.step(), engine.done_running, flush=True)
+        print(procutil.open_fds() == fds, len(procutil.children()))
+    """)
+    proc = procutil.run_python(code)
+    assert proc.stdout.splitlines() == ["[2, 4, 6]", "closed", "closed again [] True",
+                                        "True 0"], (proc.returncode, proc.stderr)
+    assert proc.returncode == 0, proc.stderr
+
+
+def quick_sleeper_stubborn_stopped(kind):
+    if kind == "quick":
+        return kind
+    if kind == "stubborn":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    os.write(SYNC_W, b"x")
+    if kind == "stopped":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    time.sleep(30)
+
+
+SYNC_W = -1  # the write end of a test's sync pipe, inherited by its children
+
+
+@pytest.fixture
+def sync_pipe():
+    """A pipe children write a byte to once they are ready (SYNC_W in the child)."""
+    global SYNC_W
+    r, w = os.pipe()
+    SYNC_W = w
+    try:
+        yield r
+    finally:
+        SYNC_W = -1
+        os.close(r)
+        os.close(w)
+
+
+def test_engine_close_stops_running_children(sync_pipe):
+    before = procutil.children()
+    fds_before = procutil.open_fds()
+    owned_before = set(_owned_fds)
+    engine = new_engine(quick_sleeper_stubborn_stopped,
+                        ["quick", "sleeper", "stubborn", "stopped"], 4)
+    closed = False
+    try:
+        [outcome] = engine.step()
+        assert outcome[:2] == (0, "quick") and outcome[4] == b"R"
+        wait_readable(sync_pipe, 3)  # SIGTERM is ignored, the last one stopped
+        running = procutil.children() - before
+        assert len(running) == 3
+        started = time.monotonic()
+        closed = True  # even if close() raises: a second close() crashes (see above)
+        engine.close(0.3)
+        elapsed = time.monotonic() - started
+    finally:
+        if not closed:
+            engine.close(0)
+    # Nothing left the moment close() returns: not running, not a zombie.
+    assert procutil.children() & running == set()
+    assert elapsed >= 0.3 * 0.99  # the stubborn child had its grace before SIGKILL
+    assert engine.done_running and engine.step() == []  # outcomes of stopped children dropped
+    assert procutil.open_fds() == fds_before
+    assert _owned_fds == owned_before
+
+
+def test_engine_deleted_while_children_run_kills_and_reaps_them():
+    # The __dealloc__ safety net: an engine dropped without close() (no Python
+    # code can run there) SIGKILLs and reaps its children and closes its fds,
+    # a child blocked writing into its full pipe included.
+    before = procutil.children()
+    fds_before = procutil.open_fds()
+    owned_before = set(_owned_fds)
+    engine = new_engine(stubborn_or_writer, ["quick", "stubborn", "big"], 3)
+    [outcome] = engine.step()
+    assert outcome[:2] == (0, "quick")
+    running = procutil.children() - before
+    assert len(running) == 2
+    time.sleep(0.3)  # "big" is blocked writing by now: step() no longer drains its pipe
+    del engine, outcome
+    gc.collect()
+    assert procutil.children() & running == set()  # no zombie: reaped in __dealloc__
+    assert all(procutil.state(pid) is None for pid in running)
+    assert procutil.open_fds() == fds_before
+    assert _owned_fds == owned_before
+
+
+def test_big_results_with_sigchld_ignored():
+    # SIGCHLD ignored: the kernel reaps the children itself (the engine sees
+    # ECHILD: "lost"), and the frames, rung or not, are still read whole.
+    code = textwrap.dedent("""
+        import signal, fastfork, procutil
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        def f(n):
+            return b"x" * n
+        sizes = [10, 70000, 1 << 20, 5 << 20]
+        print([len(b) for b in fastfork.map(f, sizes, jobs=4, timeout=30)])
+        print(sorted(len(b) for _, b in fastfork.as_completed(f, sizes, jobs=4, timeout=30)))
+        print(len(procutil.children()))
+    """)
+    proc = procutil.run_python(code)
+    assert proc.returncode == 0, proc.stderr
+    sizes = [10, 70000, 1 << 20, 5 << 20]
+    assert proc.stdout.splitlines() == [str(sizes), str(sizes), "0"]
+
+
+# --------------------------------------------- 8. another thread starting children
+
+
+def pipes_held(_):
+    time.sleep(0.05)  # siblings and the other thread's children are alive meanwhile
+    return pipe_inodes()
+
+
+def test_fan_out_children_hold_no_pipe_of_another_threads_children():
+    baseline = pipe_inodes()  # the test runner's own pipes, inherited by every child
+    stop = threading.Event()
+    theirs = []    # (inode of a start() child's result pipe, the pipes that child held)
+    errors = []
+
+    def other_thread():
+        try:
+            while not stop.is_set():
+                kids = [fastfork.start(pipes_held, None) for _ in range(3)]
+                inodes = [os.fstat(k._result_fd).st_ino for k in kids]
+                theirs.extend(zip(inodes, [k.result(timeout=NO_DEADLOCK) for k in kids]))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=other_thread)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        thread.start()
+        try:
+            while len(theirs) < 3 and thread.is_alive():  # the other thread forks by now
+                time.sleep(0.01)
+            in_map = fastfork.map(pipes_held, range(16), jobs=4, timeout=NO_DEADLOCK)
+        finally:
+            stop.set()
+            thread.join()
+    assert not errors, errors
+    their_pipes = {inode for inode, _ in theirs}
+    mine = [held - baseline for held in in_map]
+    # Each map child holds two pipes: its own result pipe and the doorbell,
+    # which all of them share; none of the other thread's result pipes.
+    assert all(len(held) == 2 for held in mine), mine
+    doorbell = set.intersection(*mine)
+    assert len(doorbell) == 1, mine
+    assert len({(held - doorbell).pop() for held in mine}) == 16, mine
+    assert not set.union(*mine) & their_pipes
+    # And the other thread's children hold only their own result pipe.
+    for inode, held in theirs:
+        assert held - baseline == {inode}, (inode, held - baseline, doorbell)
