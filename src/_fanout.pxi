@@ -421,14 +421,18 @@ cdef class FanOut:
         error = None
         if getpid() != self.parent:
             raise RuntimeError("this fan-out belongs to another process")
+        if self.slots == NULL:
+            return  # closed already
         self.launching = False
-        self._forget_outcomes()
         for s in range(self.jobs):
             if self.slots[s].pid and not self.slots[s].reaped:
                 self._try_reap(s)
                 if not self.slots[s].reaped:
                     self._signal(s, SIGTERM)
                     self._signal(s, SIGCONT)  # a stopped child could not act on it
+            if self.slots[s].pid and self.slots[s].reaped:
+                self._free_slot(&self.slots[s])  # or we would wait for it below
+        self._forget_outcomes()
         deadline = _monotonic() + grace
         while self.running and _monotonic() < deadline:
             try:

@@ -312,12 +312,8 @@ def test_closing_as_completed_stops_writers_blocked_on_a_full_pipe_and_stubborn_
 
 
 def test_closing_as_completed_after_the_rest_exited_does_not_wait_out_the_grace():
-    # BUG (src/_fanout.pxi, FanOut.close): close() first reaps the children
-    # that have already exited (_try_reap), but only _wait_once finishes a
-    # reaped slot, and _wait_once polls the pidfds of unreaped children only:
-    # with every remaining child reaped there is nothing to wake poll(), so
-    # close() sleeps out the whole grace (3 s here, 1 s by default) before
-    # anything is finished, though nothing runs any more.
+    # close() reaps the children that have already exited and frees their
+    # slots at once: with nothing left running it must not sleep out the grace.
     grace = 3.0
     before = procutil.children()
     gen = fastfork.as_completed(sleep_then, [0.0, 0.1, 0.1], jobs=3, grace=grace)
@@ -495,11 +491,8 @@ def test_engine_steps_until_done_and_reports_whole_outcomes():
 
 
 def test_engine_close_twice_is_safe():
-    # BUG (src/_fanout.pxi, FanOut.close): close() frees the slots
-    # (_close_fds sets self.slots = NULL) but a second close() walks
-    # self.slots[s] without checking for NULL: the interpreter dies of
-    # SIGSEGV, though the docstring says "Safe to call twice". Run in a fresh
-    # interpreter so the crash fails this test, not the whole session.
+    # A second close() finds the slots freed and returns. Run in a fresh
+    # interpreter, so that a crash fails this test, not the whole session.
     code = textwrap.dedent("""
         import pickle, fastfork, procutil
         from fastfork import _core
