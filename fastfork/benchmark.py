@@ -4,7 +4,8 @@ Runs the workloads of ``fastfork._workloads`` (the same ones ``bench/`` runs
 under pytest-benchmark), prints one table with children per second and the
 ratio to the stdlib baseline measured in the same run, and optionally writes
 JSON (``--json``) and a chart (``--plot``, needs matplotlib). Each row is the
-median of its rounds. The exit status is 1 only if a workload failed to run.
+median of its rounds; the rounds of the methods compared in one group take
+turns. The exit status is 1 only if a workload failed to run.
 """
 import datetime
 import json
@@ -125,30 +126,51 @@ def finish_result(result, seconds):
     return result
 
 
-def run_row(row, mode, fixed_rounds=None):
-    """Measure one row; return its result dict (status ok, skipped or failed)."""
-    m, n = row["method"], row["n"]
-    result = new_result(row["workload"], m, row["parent"], n)
-    reason = W.unavailable(m)
-    if reason:
-        result.update(status="skipped", reason=reason)
-        return result
+def run_group(rows, mode, fixed_rounds=None):
+    """Measure the rows of one comparison group; return their result dicts.
+
+    Rounds are interleaved (one round of each method in turn), so every
+    method of a group meets the same state of a noisy machine and the ratios
+    compare like with like. Each row stops adding rounds after its mode's
+    number of rounds, or once its own rounds took its mode's time budget.
+    """
     most, budget = ROUNDS[mode]
     if fixed_rounds:
         most, budget = fixed_rounds, float("inf")
-    seconds = []
-    started = time.perf_counter()
-    try:
-        while len(seconds) < most:
-            # Children forked by os.fork/multiprocessing must not inherit unflushed output.
-            sys.stdout.flush()
-            seconds.append(W.measure(m, n))
-            if time.perf_counter() - started > budget:
-                break
-    except Exception as exc:  # noqa: BLE001 - a failed workload is reported, not fatal
-        result.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
-        return result
-    return finish_result(result, seconds)
+    results = [new_result(r["workload"], r["method"], r["parent"], r["n"]) for r in rows]
+    seconds = [[] for _ in rows]
+    spent = [0.0] * len(rows)
+    active = []
+    for i, row in enumerate(rows):
+        reason = W.unavailable(row["method"])
+        if reason:
+            results[i].update(status="skipped", reason=reason)
+        else:
+            active.append(i)
+    while active:
+        for i in list(active):
+            started = time.perf_counter()
+            try:
+                # Children forked by os.fork/multiprocessing must not inherit unflushed output.
+                sys.stdout.flush()
+                seconds[i].append(W.measure(rows[i]["method"], rows[i]["n"]))
+            except Exception as exc:  # noqa: BLE001 - a failed workload is reported, not fatal
+                results[i].update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+                active.remove(i)
+                continue
+            spent[i] += time.perf_counter() - started
+            if len(seconds[i]) >= most or spent[i] > budget:
+                active.remove(i)
+    return [finish_result(r, sec) if r["status"] == "ok" else r
+            for r, sec in zip(results, seconds)]
+
+
+def groups(rows):
+    """Split planned rows into comparison groups (same workload, parent and n), in order."""
+    grouped = {}
+    for row in rows:
+        grouped.setdefault((row["workload"].key, row["parent"], row["n"]), []).append(row)
+    return list(grouped.values())
 
 
 def add_ratios(results):
@@ -399,19 +421,19 @@ def main(args):
 
     1 if a workload failed to run, else 0 (a missing matplotlib is not an error).
     """
-    rows = plan(args)
-    progress = Progress(len(rows))
+    planned = groups(plan(args))
+    progress = Progress(len(planned))
     results = []
     big = None
     try:
-        for row in rows:
-            if row["parent"] == "big" and big is None:
+        for group in planned:
+            first = group[0]
+            if first["parent"] == "big" and big is None:
                 progress.note(f"fastfork bench: allocating and touching {args.parent_mib} MiB "
                               "in this process to measure from a big parent")
                 big = W.allocate_parent(args.parent_mib)
-            progress.show(f"{row['workload'].key} N={row['n']} {row['parent']} parent: "
-                          f"{row['method'].name}")
-            results.append(run_row(row, args.mode, args.rounds))
+            progress.show(f"{first['workload'].key} N={first['n']} {first['parent']} parent")
+            results.extend(run_group(group, args.mode, args.rounds))
     finally:
         del big
         progress.clear()

@@ -4,11 +4,13 @@
 a function out over many items, at most ``jobs`` at a time; ``background``
 ties a helper process to a ``with`` block.
 
-Every child ends in ``_exit`` by construction (``fastfork._core.fork_with_pipe``):
-whatever the function does, it never runs on into the parent's code, the
-parent's atexit handlers or a test runner's teardown. Return values and
-tracebacks travel back pickled over a close-on-exec pipe that the parent drains
-while it waits, so large results never deadlock.
+Every child ends in ``_exit`` by construction (the fork and the call sit in one
+C function: ``fastfork._core.fork_with_pipe`` for ``start``, the engine
+``fastfork._core.FanOut`` for ``map`` and ``as_completed``): whatever the
+function does, it never runs on into the parent's code, the parent's atexit
+handlers or a test runner's teardown. Return values and tracebacks travel back
+pickled over a close-on-exec pipe that the parent drains while it waits, so
+large results never deadlock.
 """
 import contextlib
 import itertools
@@ -25,7 +27,6 @@ from fastfork.errors import RETRYABLE_FORK_ERRNOS, ChildError, ForkError, descri
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
            "fan_out", "in_input_order"]
-
 
 
 class FunctionChild(Child):
@@ -256,8 +257,9 @@ def _fan_out_locally(fn, items, jobs, timeout, return_exceptions, fork_retries, 
                 err = ForkError(cause.errno, cause.strerror, started=engine.started)
                 if return_exceptions:
                     # Per-item mode: every item that could not be started reports it.
-                    index = engine.pending[0]
-                    for index, _ in itertools.chain([engine.pending], enumerate(items, index + 1)):
+                    first_unstarted = engine.pending[0]
+                    rest = enumerate(items, first_unstarted + 1)
+                    for index, _ in itertools.chain([engine.pending], rest):
                         yield index, err
                 elif first_error is None:
                     first_error = err

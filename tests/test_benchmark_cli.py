@@ -90,6 +90,21 @@ def test_table_lists_every_method_with_rate_ratio_and_status(fake, capsys):
                for line in lines)
 
 
+def test_the_methods_of_a_group_take_turns_round_by_round():
+    calls = []
+    workload = W.Workload(
+        key="turns", title="turns", baseline="a",
+        methods=tuple(W.Method(name, "stdlib", lambda n, name=name: calls.append(name))
+                      for name in "abc"),
+        sizes={m: (1,) for m in W.MODES}, big_sizes={m: () for m in W.MODES})
+    rows = [{"workload": workload, "method": m, "parent": "small", "n": 1}
+            for m in workload.methods]
+    results = benchmark.run_group(rows, "default", fixed_rounds=3)
+    assert calls == list("abc") * 3
+    assert [r["rounds"] for r in results] == [3, 3, 3]
+    assert [len(g) for g in benchmark.groups(rows + rows[:1])] == [4]
+
+
 def test_a_failed_workload_is_reported_and_sets_the_exit_status(fake, capsys):
     status, out, _ = run_main(capsys, ["--only", "broken,fake", "--rounds", "1"])
     assert status == 1
