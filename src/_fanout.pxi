@@ -45,6 +45,12 @@ cdef extern from "<sys/syscall.h>" nogil:
 cdef extern from "<stdlib.h>" nogil:
     void *realloc(void *p, size_t size)
 
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    Py_ssize_t writev(int fd, const iovec *parts, int count)
+
 cdef extern from "Python.h":
     # A new reference, or NULL at the end (or on error, with the error set).
     PyObject *_iter_next "PyIter_Next"(PyObject *iterator)
@@ -67,7 +73,6 @@ def _set_fork_fault(fault):
 
 cdef enum:
     _HEADER = 9                 # kind byte + 8-byte length
-    _SMALL_FRAME = 1 << 16      # up to this, header and payload go in one write
     _FIRST_BUFFER = 1 << 16     # a slot's read buffer to begin with
     _KEEP_BUFFER = 1 << 20      # a slot's buffer grown past this is freed after use
     _ARENA_PAYLOAD = 1 << 10    # payloads up to this wait in the arena, as bytes
@@ -109,26 +114,32 @@ cdef int _write_frame(int fd, char kind, bytes payload, int bell, int token) exc
     With a doorbell (``bell`` >= 0), ``fd`` must be non-blocking: see _write_all.
     """
     cdef Py_ssize_t size = len(payload)
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, n
     cdef unsigned char header[_HEADER]
-    cdef char *joined
+    cdef iovec parts[2]
     header[0] = <unsigned char>kind
     for i in range(8):
         header[1 + i] = (size >> (56 - 8 * i)) & 0xFF
-    if size <= _SMALL_FRAME:
-        # One write(2): a small frame lands in the pipe whole, or not at all.
-        joined = <char *>malloc(_HEADER + size)
-        if joined == NULL:
-            raise MemoryError()
-        memcpy(joined, header, _HEADER)
-        memcpy(joined + _HEADER, <char *>payload, size)
-        try:
-            _write_all(fd, joined, _HEADER + size, bell, token)
-        finally:
-            free(joined)
-    else:
-        _write_all(fd, <char *>header, _HEADER, bell, token)
+    # Header and payload in one writev(2), without copying: a frame that fits
+    # the pipe is written whole by this one call.
+    parts[0].iov_base = header
+    parts[0].iov_len = _HEADER
+    parts[1].iov_base = <char *>payload
+    parts[1].iov_len = size
+    while True:
+        with nogil:
+            n = writev(fd, parts, 2)
+        if n >= 0 or errno != EINTR:
+            break
+    if n < 0:
+        if errno != EAGAIN:
+            _raise_errno(errno)
+        n = 0
+    if n < _HEADER:
+        _write_all(fd, <char *>header + n, _HEADER - n, bell, token)
         _write_all(fd, <char *>payload, size, bell, token)
+    else:
+        _write_all(fd, <char *>payload + (n - _HEADER), size - (n - _HEADER), bell, token)
     return 0
 
 
