@@ -1,8 +1,9 @@
 """Workload 2: fan-out of N children running a Python no-op, N = 100 and 1,000.
 
 fastfork.map against an os.fork/os.waitpid loop, multiprocessing.Process
-(fork context) and ProcessPoolExecutor(max_tasks_per_child=1); every method
-keeps at most CPU-count children alive.
+(fork context), ProcessPoolExecutor(max_tasks_per_child=1) and the C limit
+(the same window of fork + _exit in C, children running no Python); every
+method keeps at most CPU-count children alive.
 """
 import pytest
 

@@ -304,6 +304,10 @@ def _fanout_mp(n):
     _mp_process_window(multiprocessing.get_context("fork"), _noop, n)
 
 
+def _fanout_c(n):
+    _core._c_fork_exit_loop(n, JOBS)
+
+
 def _fanout_pool(n):
     # max_tasks_per_child refuses the fork context (its worker threads would be
     # forked); forkserver is the fastest context it accepts.
@@ -321,6 +325,8 @@ FANOUT = Workload(
         Method("os.fork loop", "stdlib", _fanout_os),
         Method("fastfork.map", "fastfork", _fanout_fastfork, requires=("fastfork.map",)),
         Method("multiprocessing.Process", "stdlib", _fanout_mp),
+        # The children run no Python at all: what is left is the kernel's fork and exit.
+        Method("C limit", "limit", _fanout_c, requires=("_core._c_fork_exit_loop",)),
         Method("ProcessPoolExecutor(max_tasks_per_child=1)", "stdlib", _fanout_pool,
                _forkserver_ready, min_python=(3, 11), slow=True),
     ),

@@ -830,26 +830,47 @@ def finalize_child(self):
 
 # ---------------------------------------------------------------- C limits
 
-def _c_fork_exit_loop(Py_ssize_t n):
+def _c_fork_exit_loop(Py_ssize_t n, int jobs=1):
     """The physical limit: n times fork + _exit(0) + waitpid, entirely in C.
 
-    Returns the number of children that exited 0. For benchmarks only.
-    Raises OSError if fork fails.
+    At most ``jobs`` children are alive at once; the oldest is reaped before
+    the next fork, as in the fan-out workloads. Returns the number of
+    children that exited 0. For benchmarks only.
+    Raises ValueError for jobs < 1, OSError if fork fails.
     """
-    cdef Py_ssize_t i, ok = 0
+    cdef Py_ssize_t i, ok = 0, oldest = 0, alive = 0
     cdef pid_t pid = 0
-    cdef int status
+    cdef int status = 0
+    cdef pid_t *pids
+    if jobs < 1:
+        raise ValueError("jobs must be >= 1")
+    pids = <pid_t *>malloc(jobs * sizeof(pid_t))
+    if pids == NULL:
+        raise MemoryError()
     with nogil:
-        for i in range(n):
+        for i in range(n + jobs):
+            if alive == jobs or (i >= n and alive > 0):
+                while c_waitpid(pids[oldest], &status, 0) < 0 and errno == EINTR:
+                    pass
+                if status == 0:
+                    ok += 1
+                oldest = (oldest + 1) % jobs
+                alive -= 1
+            if i >= n:
+                continue
             pid = c_fork()
             if pid == 0:
                 c_exit(0)
             if pid < 0:
                 break
-            while c_waitpid(pid, &status, 0) < 0 and errno == EINTR:
+            pids[(oldest + alive) % jobs] = pid
+            alive += 1
+        while alive > 0:  # after a failed fork
+            while c_waitpid(pids[oldest], &status, 0) < 0 and errno == EINTR:
                 pass
-            if status == 0:
-                ok += 1
+            oldest = (oldest + 1) % jobs
+            alive -= 1
+    free(pids)
     if pid < 0:
         _raise_errno(errno)
     return ok
