@@ -52,3 +52,21 @@ def test_stubs_and_marker_ship_with_the_package():
     package_dir = os.path.dirname(fastfork.__file__)
     assert os.path.exists(os.path.join(package_dir, "py.typed"))
     assert glob.glob(os.path.join(package_dir, "_core.pyi"))
+
+
+def test_sdist_manifest_takes_every_source_file_the_build_needs():
+    # setup.py compiles src/_core.pyx, which includes the .pxi files and links
+    # the .c files: an sdist without one of them cannot be built.
+    import fnmatch
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "MANIFEST.in")) as f:
+        rules = [line.split() for line in f if line.strip()]
+    patterns = [p for rule in rules if rule[:2] == ["recursive-include", "src"] for p in rule[2:]]
+    excluded = [rule[1] for rule in rules if rule[0] == "exclude"]
+    needed = [os.path.relpath(path, repo)
+              for path in glob.glob(os.path.join(repo, "src", "*"))
+              if not path.endswith((".so", ".html")) and "_core.c" not in path]
+    assert needed, "no source files found"
+    for path in needed:
+        assert path not in excluded, path
+        assert any(fnmatch.fnmatch(os.path.basename(path), p) for p in patterns), path
