@@ -187,6 +187,9 @@ class Process(Child):
     signalling and stopping are ``Child``'s (``returncode`` is -N after signal N).
     """
 
+    _capture_fd_attrs = ("_capture_fd_0", "_capture_fd_1")
+    _fd_attrs = Child._fd_attrs + _capture_fd_attrs
+
     def __init__(self, pid, args, stdin=None, stdout=None, stderr=None, *, capture_fds=()):
         self.args = args
         self.stdin = stdin
@@ -197,6 +200,9 @@ class Process(Child):
         self._capture = {fd: [] for fd in capture_fds}
         self._capture_reading = set(capture_fds)   # not at end of file yet
         self._capture_open = bool(capture_fds)
+        # Also as attributes (see _fd_attrs), so that a Process dropped while
+        # running has them closed by its finalizer.
+        self._capture_fd_0, self._capture_fd_1 = (tuple(capture_fds) + (-1, -1))[:2]
         self._comm = None  # communicate()'s state, kept across a timeout
         super().__init__(pid)
 
@@ -219,9 +225,8 @@ class Process(Child):
         if self._capture_open:
             self._capture_open = False
             self._capture_reading.clear()
-            for fd in self._capture:
-                _owned_fds.discard(fd)
-                os.close(fd)
+            for name in self._capture_fd_attrs:
+                _core.close_fd_attr(self, name)
 
     def _captured(self, index):
         """The bytes captured from capture_fds[index], or None."""

@@ -443,3 +443,26 @@ def test_process_handle():
     with spawn(["cat"], stdin=PIPE, stdout=PIPE) as proc:
         stdin, stdout = proc.stdin, proc.stdout
     assert stdin.closed and stdout.closed and proc.returncode is not None
+
+
+def test_dropped_process_with_captured_output_closes_its_pipes():
+    # spawn_many's Process reads the command's output through fds of its own;
+    # dropped while running (a Ctrl-C between its start and its bookkeeping),
+    # its finalizer closes them, and the command is reaped later.
+    import gc
+    import warnings
+    from fastfork import commands
+    before = procutil.open_fds()
+    command = commands._prepare(["sleep", "0.05"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        proc = commands._start(command, (None, fastfork.PIPE, fastfork.PIPE), capture=True)
+        pid = proc.pid
+        assert len(procutil.open_fds() - before) == 3  # stdout, stderr and the pidfd
+        del proc
+        gc.collect()
+    assert len(procutil.open_fds() - before) == 1  # the pidfd, kept until it is reaped
+    time.sleep(0.3)
+    fastfork.spawn(["true"]).wait(timeout=30)  # spawn reaps dropped children
+    assert procutil.state(pid) is None
+    assert procutil.open_fds() == before
