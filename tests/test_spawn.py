@@ -226,6 +226,25 @@ def test_spawn_many_validates_every_command_before_starting_any(monkeypatch):
 
 # ---------------------------------------------------------------- fds and signals in the child
 
+def _fds_of(pid, settled):
+    """{fd: target} of process ``pid``, read until ``settled(set of fds)`` or 5 s pass.
+
+    Right after spawn returns, the kernel may still be closing the
+    close-on-exec fds of the exec: a listing can name an fd that is gone
+    a moment later.
+    """
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            fds = {int(fd): os.readlink(f"/proc/{pid}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{pid}/fd")}
+        except FileNotFoundError:
+            fds = None
+        if (fds is not None and settled(set(fds))) or time.monotonic() > deadline:
+            return fds
+        time.sleep(0.01)
+
+
 def test_child_holds_only_its_own_fds(creation):
     inheritable_r, inheritable_w = os.pipe()
     os.set_inheritable(inheritable_r, True)
@@ -235,16 +254,16 @@ def test_child_holds_only_its_own_fds(creation):
         # A sibling command with pipes of its own is running meanwhile.
         with spawn(["sleep", "30"], stdin=PIPE, stdout=PIPE) as sibling, \
                 spawn(["sleep", "30"], stdout=PIPE, pass_fds=[passed_r]) as proc:
-            fds = {int(fd): os.readlink(f"/proc/{proc.pid}/fd/{fd}")
-                   for fd in os.listdir(f"/proc/{proc.pid}/fd")}
-            assert set(fds) == {0, 1, 2, passed_r}
+            fds = _fds_of(proc.pid, lambda fds: fds == {0, 1, 2, passed_r})
+            assert fds is not None and set(fds) == {0, 1, 2, passed_r}, fds
             assert fds[passed_r] == os.readlink(f"/proc/self/fd/{passed_r}")
             assert fds[1] != os.readlink(f"/proc/self/fd/{sibling.stdout.fileno()}")
             with spawn(["sleep", "30"], close_fds=False) as leaky:
-                fds = set(map(int, os.listdir(f"/proc/{leaky.pid}/fd")))
+                cloexec = {cloexec_r, cloexec_w, passed_r, sibling.stdout.fileno()}
+                fds = set(_fds_of(leaky.pid, lambda fds: not fds & cloexec) or ())
                 # close_fds=False keeps inheritable fds only; fastfork's own are close-on-exec.
                 assert inheritable_r in fds
-                assert not fds & {cloexec_r, cloexec_w, passed_r, sibling.stdout.fileno()}
+                assert not fds & cloexec
     finally:
         for fd in (inheritable_r, inheritable_w, cloexec_r, cloexec_w, passed_r, passed_w):
             os.close(fd)
