@@ -25,12 +25,12 @@ _HAVE_WAITID_PIDFD = _HAVE_PIDFD
 # them all first, so it never holds a sibling's pipe. Code that creates fds no
 # child may inherit holds _fd_lock until they are registered or closed; the
 # core's forks of fastfork children take it too (when other threads exist).
-_owned_fds = set()
+_owned_fds: set[int] = set()
 _fd_lock = threading.Lock()
 
 # (pid, pidfd or -1) of children whose handle was dropped while they ran:
 # reaped later, never left.
-_unreaped = []
+_unreaped: list[tuple[int, int]] = []
 
 
 def _after_fork_in_child():
@@ -281,7 +281,7 @@ class Child:
             self.stop()
 
     # The attributes holding the handle's fds (subclasses add their pipes).
-    _fd_attrs = ("_pidfd",)
+    _fd_attrs: tuple[str, ...] = ("_pidfd",)
     # False where another process reaps the child (a fork server's children).
     _reaps_own_pid = True
     # In C: a Python __del__ would swallow a Ctrl-C that lands while it runs.

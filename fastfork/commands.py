@@ -454,11 +454,11 @@ class CommandResult:
 
     args: list
     returncode: int
-    stdout: bytes = None
-    stderr: bytes = None
+    stdout: bytes | None = None
+    stderr: bytes | None = None
     duration: float = 0.0
     timed_out: bool = False
-    error: OSError = None
+    error: OSError | None = None
 
     @property
     def ok(self):

@@ -17,6 +17,7 @@ import itertools
 import pickle
 import signal
 import time
+from collections.abc import Iterable
 
 from fastfork import _core
 from fastfork._result import OK, FrameReader
@@ -270,7 +271,8 @@ def _fan_out_locally(fn, items, jobs, timeout, return_exceptions, fork_retries, 
 
 
 # Iterators whose next() runs no Python code (so cannot print).
-_C_ITERATORS = frozenset(type(iter(x)) for x in ([], (), range(1), range(1 << 64), "", b""))
+_C_ITERABLES: tuple[Iterable[object], ...] = ([], (), range(1), range(1 << 64), "", b"")
+_C_ITERATORS = frozenset(type(iter(x)) for x in _C_ITERABLES)
 
 
 def _python_may_run_between_forks(items):
