@@ -60,16 +60,8 @@ def close_owned(fd):
     os.close(fd)
 
 
-def close_inherited_fds(keep=()):
-    """In a freshly forked child: close every fd fastfork owns except ``keep``."""
-    for fd in list(_owned_fds):
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    _owned_fds.clear()
-    _owned_fds.update(keep)
+# In a freshly forked child: close every fd fastfork owns but those in ``keep``.
+close_inherited_fds = _core.close_inherited_fds
 
 
 def reap_dropped():

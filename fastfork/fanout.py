@@ -22,8 +22,7 @@ from collections.abc import Iterable
 from fastfork import _core
 from fastfork._result import OK, FrameReader
 from fastfork._checks import check_callable, check_jobs, check_timeout
-from fastfork.child import (Child, Watcher, _owned_fds, close_inherited_fds,
-                            reap_dropped, stop_all)
+from fastfork.child import Child, Watcher, close_inherited_fds, reap_dropped, stop_all
 from fastfork.errors import RETRYABLE_FORK_ERRNOS, ChildError, ForkError, describe_status
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
@@ -175,7 +174,7 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
         # Pipe, fork and bookkeeping happen in one C call that records each
         # step on ``child``: a signal handler raising anywhere (Ctrl-C) can
         # neither leak the pipe nor lose the process.
-        _core.fork_with_pipe(child_main, child, _owned_fds, [] if launched is None else launched,
+        _core.fork_with_pipe(child_main, child, [] if launched is None else launched,
                              signal.SIGKILL if die_with_parent else 0)
         return child
     except BaseException:

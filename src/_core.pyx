@@ -262,16 +262,16 @@ cdef bint _only_thread() noexcept:
     return head == NULL or PyThreadState_Next(head) == NULL
 
 
-cdef pid_t _fork_holding_fd_lock() except -1:
+cdef pid_t _fork_holding_fd_lock(bint alone) except -1:
     """_fork_checked for the library's own children, under fastfork.child's fd lock.
 
     Code that makes fds a child must not inherit (spawn's pipe ends) holds
     that lock until they are closed or registered, so our fork waits for it.
-    Only other threads can hold it: alone, we skip it.
+    Only other threads can hold it: ``alone`` (_only_thread()), we skip it.
     """
     cdef pid_t pid = -1
     cdef bint locked = False
-    if _fd_lock is not None and not _only_thread():
+    if _fd_lock is not None and not alone:
         _fd_lock.acquire()
         locked = True
     try:
@@ -683,7 +683,7 @@ def fork_call(fn, registry, pdeathsig=0):
         # shutdown, on any version: the child would run a half-torn-down runtime.
         raise _FinalizationError("can't fork at interpreter shutdown")
     _flush_stdio()  # or the child would print the parent's buffered output again
-    pid = _fork_holding_fd_lock()
+    pid = _fork_holding_fd_lock(_only_thread())
     if pid != 0:
         registry.append(pid)
         return pid
@@ -715,12 +715,12 @@ cdef void _flush_stdio() noexcept:
             pass
 
 
-def fork_with_pipe(fn, handle, set owned, list launched, pdeathsig=0):
+def fork_with_pipe(fn, handle, list launched, pdeathsig=0):
     """fork_call for a child that reports over a pipe, with every step recorded
     on ``handle`` before any Python code can run.
 
     Makes a close-on-exec pipe and stores its ends as ``handle._result_fd`` and
-    ``handle._write_fd`` (both added to the ``owned`` set), then forks. The
+    ``handle._write_fd`` (both added to fastfork's owned fds), then forks. The
     child runs ``fn()`` (which finds its write end on its copy of ``handle``)
     and ends in ``_exit`` exactly as with fork_call. In the parent the write
     end is closed, the read end made non-blocking, ``handle.pid`` and
@@ -736,21 +736,21 @@ def fork_with_pipe(fn, handle, set owned, list launched, pdeathsig=0):
     cdef pid_t pid
     if pipe2(fds, O_CLOEXEC) < 0:
         _raise_errno(errno)
-    owned.add(fds[0])
-    owned.add(fds[1])
+    _owned_fds_set.add(fds[0])
+    _owned_fds_set.add(fds[1])
     handle._result_fd = fds[0]
     handle._write_fd = fds[1]
     pid = fork_call(fn, [], pdeathsig)
     # Parent only: fork_call never returns in the child.
     handle.pid = pid
     close(fds[1])
-    owned.discard(fds[1])
+    _owned_fds_set.discard(fds[1])
     handle._write_fd = -1
     flags = fcntl(fds[0], F_GETFL)
     fcntl(fds[0], F_SETFL, flags | O_NONBLOCK)
     pidfd = _pidfd_open(pid)
     if pidfd >= 0:
-        owned.add(pidfd)
+        _owned_fds_set.add(pidfd)
     handle._pidfd = pidfd
     launched.append(handle)
     return pid
@@ -767,6 +767,19 @@ def _register_child_state(set owned_fds, list dropped_pids, fd_lock):
 cdef object _owned_fds_set = None
 cdef object _dropped_pids = None
 cdef object _fd_lock = None
+
+
+def close_inherited_fds(keep=()):
+    """In a freshly forked child: close every fd fastfork owns but ``keep``.
+
+    Those in ``keep`` stay in the set of owned fds; the rest leave it.
+    """
+    keep = tuple(keep)
+    for fd in list(_owned_fds_set):
+        if fd not in keep:
+            close(fd)
+    _owned_fds_set.clear()
+    _owned_fds_set.update(keep)
 
 
 def close_fd_attr(obj, str name):

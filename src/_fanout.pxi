@@ -204,21 +204,6 @@ def write_frame(int fd, kind, bytes payload):
     _write_frame(fd, (<bytes>kind)[0], payload, -1, 0)
 
 
-cdef void _close_owned_except(int keep_a, int keep_b) noexcept:
-    """In a fresh child: close every fd fastfork owns but two; they stay owned."""
-    if _owned_fds_set is None:
-        return
-    try:
-        for fd in list(_owned_fds_set):
-            if fd != keep_a and fd != keep_b:
-                close(fd)
-        _owned_fds_set.clear()
-        _owned_fds_set.add(keep_a)
-        _owned_fds_set.add(keep_b)
-    except BaseException:
-        pass
-
-
 # ---------------------------------------------------------------- the engine
 
 cdef struct _Slot:
@@ -501,6 +486,7 @@ cdef class FanOut:
         cdef int s = 0
         cdef int fds[2]
         cdef pid_t pid
+        cdef bint alone
         cdef _Slot *slot
         while self.slots[s].pid:
             s += 1
@@ -517,12 +503,13 @@ cdef class FanOut:
         try:
             if _fork_fault is not None:
                 _fork_fault()
-            if self.flush_each_fork or self.started == 0 or not _only_thread():
+            alone = _only_thread()
+            if self.flush_each_fork or self.started == 0 or not alone:
                 # Or the child would print the parent's buffered output again.
                 # Between two forks of ours only our C code runs, unless
                 # flush_each_fork says otherwise or another thread is alive.
                 _flush_stdio()
-            pid = _fork_holding_fd_lock()
+            pid = _fork_holding_fd_lock(alone)
         except BaseException:
             self._close_slot_fds(slot)
             raise
@@ -554,7 +541,7 @@ cdef class FanOut:
             if self.pdeathsig > 0:
                 if prctl(PR_SET_PDEATHSIG, self.pdeathsig, 0, 0, 0) != 0 or getppid() != self.parent:
                     c_exit(70)
-            _close_owned_except(fd, self.bell_w)
+            close_inherited_fds((fd, self.bell_w))
             code = _run_and_report(self.fn, (item,), {}, fd, self.print_traceback,
                                    self.bell_w, token)
         except BaseException:
