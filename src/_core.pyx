@@ -422,7 +422,6 @@ def _wait_pidfd(int pidfd, int options):
     cdef siginfo_t info
     cdef rusage ru
     cdef long rc
-    cdef int status = 0
     while True:
         memset(&info, 0, sizeof(info))
         memset(&ru, 0, sizeof(ru))
@@ -437,13 +436,16 @@ def _wait_pidfd(int pidfd, int options):
     if info.si_pid == 0:
         memset(&ru, 0, sizeof(ru))
         return 0, 0, _make_rusage(&ru)
+    return info.si_pid, _status_of(&info), _make_rusage(&ru)
+
+
+cdef int _status_of(siginfo_t *info) noexcept nogil:
+    """waitid()'s report of an exited child in waitpid()'s status encoding."""
     if info.si_code == CLD_EXITED:
-        status = (info.si_status & 0xff) << 8
-    elif info.si_code == CLD_KILLED:
-        status = info.si_status & 0x7f
-    elif info.si_code == CLD_DUMPED:
-        status = (info.si_status & 0x7f) | 0x80
-    return info.si_pid, status, _make_rusage(&ru)
+        return (info.si_status & 0xff) << 8
+    if info.si_code == CLD_DUMPED:
+        return (info.si_status & 0x7f) | 0x80
+    return info.si_status & 0x7f  # CLD_KILLED
 
 
 cdef int PyErr_CheckSignals_or_raise() except -1:
@@ -851,9 +853,9 @@ def _c_fork_exit_loop(Py_ssize_t n, int jobs=1):
     children that exited 0. For benchmarks only.
     Raises ValueError for jobs < 1, OSError if fork fails.
     """
-    cdef Py_ssize_t i, ok = 0, oldest = 0, alive = 0
-    cdef pid_t pid = 0
-    cdef int status = 0
+    cdef Py_ssize_t started = 0, ok = 0, oldest = 0, alive = 0
+    cdef pid_t pid
+    cdef int status = 0, fork_errno = 0
     cdef pid_t *pids
     if jobs < 1:
         raise ValueError("jobs must be >= 1")
@@ -861,31 +863,27 @@ def _c_fork_exit_loop(Py_ssize_t n, int jobs=1):
     if pids == NULL:
         raise MemoryError()
     with nogil:
-        for i in range(n + jobs):
-            if alive == jobs or (i >= n and alive > 0):
+        while (started < n and not fork_errno) or alive > 0:
+            if alive == jobs or started == n or fork_errno:
                 while c_waitpid(pids[oldest], &status, 0) < 0 and errno == EINTR:
                     pass
                 if status == 0:
                     ok += 1
                 oldest = (oldest + 1) % jobs
                 alive -= 1
-            if i >= n:
                 continue
             pid = c_fork()
             if pid == 0:
                 c_exit(0)
             if pid < 0:
-                break
+                fork_errno = errno  # stop forking, reap the rest, then raise
+                continue
             pids[(oldest + alive) % jobs] = pid
             alive += 1
-        while alive > 0:  # after a failed fork
-            while c_waitpid(pids[oldest], &status, 0) < 0 and errno == EINTR:
-                pass
-            oldest = (oldest + 1) % jobs
-            alive -= 1
+            started += 1
     free(pids)
-    if pid < 0:
-        _raise_errno(errno)
+    if fork_errno:
+        _raise_errno(fork_errno)
     return ok
 
 

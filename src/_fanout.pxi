@@ -679,8 +679,7 @@ cdef class FanOut:
             if rc == 0:
                 if info.si_pid == 0:
                     return 0
-                slot.returncode = (info.si_status if info.si_code == CLD_EXITED
-                                   else -info.si_status)
+                slot.returncode = _exitcode_of_status(_status_of(&info))
                 slot.reaped = True
                 return 0
             if errno == EINTR:
