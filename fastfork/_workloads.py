@@ -12,14 +12,12 @@ starting the next, so they are compared like for like.
 import collections
 import concurrent.futures
 import dataclasses
-import importlib
 import multiprocessing
 import multiprocessing.forkserver
 import os
 import subprocess
 import sys
 import time
-import types
 
 import fastfork
 from fastfork import _core
@@ -47,8 +45,8 @@ class Method:
 
     ``run(n, *state)`` is the timed part; ``prepare(n) -> state`` (a tuple)
     and ``cleanup(*state)`` run untimed around it. ``requires`` names the
-    attributes (``"fastfork.map"``, ``"_core._c_fork_exit_loop"``; ``"a|b"`` for
-    either) the method needs; it is skipped when one is missing.
+    attributes (``"fastfork.map"``, ``"_core._c_fork_exit_loop"``) the method
+    needs; it is skipped when one is missing.
     """
 
     name: str
@@ -134,36 +132,21 @@ def _reap_quietly(pids):
 
 
 def resolve(path):
-    """Return the object named by ``path`` ("fastfork.map", "_core.x"), or None.
-
-    Submodules of fastfork are imported on the way ("fastfork.server.ForkServer").
-    """
+    """Return the object named by ``path`` ("fastfork.map", "_core.x"), or None."""
     head, _, rest = path.partition(".")
     obj = {"fastfork": fastfork, "_core": _core}[head]
     for part in rest.split("."):
-        found = getattr(obj, part, None)
-        if found is None and isinstance(obj, types.ModuleType):
-            try:
-                found = importlib.import_module(f"{obj.__name__}.{part}")
-            except ImportError:
-                return None
-        if found is None:
+        obj = getattr(obj, part, None)
+        if obj is None:
             return None
-        obj = found
     return obj
-
-
-def first(need):
-    """Return the first object that resolves among the "a|b" alternatives of ``need``."""
-    return next(f for f in map(resolve, need.split("|")) if f is not None)
 
 
 def unavailable(method):
     """Return why ``method`` cannot run here (a short reason), or None if it can."""
     for need in method.requires:
-        # "a|b": any one of several names will do.
-        if all(resolve(path) is None for path in need.split("|")):
-            return f"{need.split('|')[0]} not available yet"
+        if resolve(need) is None:
+            return f"{need} not available yet"
     if method.min_python and sys.version_info < method.min_python:
         return "needs Python " + ".".join(map(str, method.min_python)) + "+"
     return None
@@ -386,12 +369,8 @@ def _exec_spawn_many2(n):
     fastfork.spawn_many([[TRUE]] * n, jobs=2)
 
 
-# The exec helper's C loop (n times spawn /bin/true + waitpid), whichever name it has.
-C_SPAWN_LOOP = "_core._c_spawn_loop|_core._c_vfork_exec_loop|_core._c_spawn_exec_loop"
-
-
 def _exec_c(n):
-    first(C_SPAWN_LOOP)(n)
+    _core._c_spawn_loop(n)
 
 
 EXEC = Workload(
@@ -404,7 +383,7 @@ EXEC = Workload(
         Method("subprocess.run", "stdlib", _exec_run),
         Method("os.posix_spawn+waitpid", "stdlib", _exec_posix_spawn),
         Method("os.fork+execv+waitpid", "stdlib", _exec_fork_execv),
-        Method("C limit", "limit", _exec_c, requires=(C_SPAWN_LOOP,)),
+        Method("C limit", "limit", _exec_c, requires=("_core._c_spawn_loop",)),
         Method("subprocess.Popen jobs=2", "stdlib", _exec_popen2),
         Method("fastfork.spawn_many jobs=2", "fastfork", _exec_spawn_many2,
                requires=("fastfork.spawn_many",)),
@@ -437,14 +416,8 @@ def _startup_forkserver(n):
     _mp_process_window(multiprocessing.get_context("forkserver"), _task, n)
 
 
-# Public name first; the module path until it is exported.
-FORK_SERVER = "fastfork.ForkServer|fastfork.server.ForkServer"
-SHARED_BUFFER = "fastfork.SharedBuffer|fastfork.shared.SharedBuffer"
-PRIVATE_BUFFER = "fastfork.PrivateBuffer|fastfork.shared.PrivateBuffer"
-
-
 def _server_prepare(n):
-    server = first(FORK_SERVER)(preload=("fastfork._workloads",))
+    server = fastfork.ForkServer(preload=("fastfork._workloads",))
     try:
         server.map(_noop, range(1), jobs=1)  # make sure it has started: not timed
     except BaseException:
@@ -469,7 +442,7 @@ STARTUP = Workload(
         Method("os.fork per task", "stdlib", _startup_fork),
         Method("fastfork.map", "fastfork", _startup_map, requires=("fastfork.map",)),
         Method("fastfork.ForkServer.map", "fastfork", _startup_server, _server_prepare,
-               _server_close, requires=(FORK_SERVER,)),
+               _server_close, requires=("fastfork.ForkServer",)),
         Method("multiprocessing forkserver", "stdlib", _startup_forkserver, _forkserver_ready),
         Method("multiprocessing spawn", "stdlib", _startup_spawn),
     ),
@@ -515,11 +488,11 @@ def memory_workload(mib):
             Method("bytearray", "stdlib", run, holding(lambda: allocate_parent(mib)),
                    _close_buffer),
             Method("fastfork.SharedBuffer", "fastfork", run,
-                   holding(lambda: _touch(first(SHARED_BUFFER)(size))), _close_buffer,
-                   requires=(SHARED_BUFFER,)),
+                   holding(lambda: _touch(fastfork.SharedBuffer(size))), _close_buffer,
+                   requires=("fastfork.SharedBuffer",)),
             Method("fastfork.PrivateBuffer (huge pages)", "fastfork", run,
-                   holding(lambda: _touch(first(PRIVATE_BUFFER)(size))), _close_buffer,
-                   requires=(PRIVATE_BUFFER,)),
+                   holding(lambda: _touch(fastfork.PrivateBuffer(size))), _close_buffer,
+                   requires=("fastfork.PrivateBuffer",)),
         ),
         # Run from the small parent only: the buffer is the big memory.
         sizes={"quick": (), "default": (10,), "full": (30,)},

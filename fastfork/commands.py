@@ -199,7 +199,6 @@ class Process(Child):
         # _readers hook) while the command runs, closed once it is reaped.
         self._capture = {fd: [] for fd in capture_fds}
         self._capture_reading = set(capture_fds)   # not at end of file yet
-        self._capture_open = bool(capture_fds)
         # Also as attributes (see _fd_attrs), so that a Process dropped while
         # running has them closed by its finalizer.
         self._capture_fd_0, self._capture_fd_1 = (tuple(capture_fds) + (-1, -1))[:2]
@@ -222,11 +221,9 @@ class Process(Child):
         self._close_capture()
 
     def _close_capture(self):
-        if self._capture_open:
-            self._capture_open = False
-            self._capture_reading.clear()
-            for name in self._capture_fd_attrs:
-                _core.close_fd_attr(self, name)
+        self._capture_reading.clear()
+        for name in self._capture_fd_attrs:
+            _core.close_fd_attr(self, name)  # does nothing once closed
 
     def _captured(self, index):
         """The bytes captured from capture_fds[index], or None."""
