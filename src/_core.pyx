@@ -684,6 +684,7 @@ def fork_call(fn, registry, pdeathsig=0):
         # Unlike os.fork on 3.10/3.11, the library never starts a child during
         # shutdown, on any version: the child would run a half-torn-down runtime.
         raise _FinalizationError("can't fork at interpreter shutdown")
+    PyErr_CheckSignals_or_raise()  # a due handler's output is flushed too
     _flush_stdio()  # or the child would print the parent's buffered output again
     pid = _fork_holding_fd_lock(_only_thread())
     if pid != 0:

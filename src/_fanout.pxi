@@ -503,6 +503,9 @@ cdef class FanOut:
         try:
             if _fork_fault is not None:
                 _fork_fault()
+            # A signal handler due now runs before the flush, not after it (in
+            # _fork_checked), where what it prints would reach the child.
+            PyErr_CheckSignals_or_raise()
             alone = _only_thread()
             if self.flush_each_fork or self.started == 0 or not alone:
                 # Or the child would print the parent's buffered output again.
