@@ -71,3 +71,11 @@ def reaper():
     pids = []
     yield pids
     procutil.kill_and_reap(pids)
+
+
+@pytest.fixture
+def fork_fault():
+    """Install a callable run before each fan-out fork (it may raise OSError)."""
+    from fastfork import _core
+    yield _core._set_fork_fault
+    _core._set_fork_fault(None)

@@ -5,7 +5,6 @@ import os
 import pickle
 import random
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -180,10 +179,10 @@ def test_map_propagates_what_the_items_iterator_raises():
         yield 1
         yield 2
         raise KeyError("no more items")
+    before = procutil.children()
     with pytest.raises(KeyError, match="no more items"):
         fastfork.map(double, items(), jobs=1)
-    # the children already started were reaped: the autouse check sees none left
-    assert list(fastfork.as_completed(double, iter([3]))) == [(0, 6)]
+    assert procutil.children() == before  # the children already started were reaped
 
 
 def test_map_failure_reports_item_after_others_finish():
@@ -344,13 +343,6 @@ def test_lock_held_by_thread_at_fork_time_timeout_frees_parent():
         thread.join()
 
 
-@pytest.fixture
-def fork_fault():
-    """Install a callable run before each fan-out fork (it may raise OSError)."""
-    yield _core._set_fork_fault
-    _core._set_fork_fault(None)
-
-
 def test_fork_retry_then_fork_error(fork_fault):
     calls = {"n": 0}
 
@@ -474,10 +466,12 @@ def test_stdio_flushed_before_fork_and_in_child():
 def test_output_printed_between_forks_is_not_doubled(printer):
     # The engine skips the flush before a fork when no Python code can have
     # run since the last one; each of these runs Python code in the parent
-    # between two forks of the same map, buffered and without a newline.
-    code = textwrap.dedent("""
-        import os, signal, sys, threading, time, fastfork
-        printer = sys.argv[1]
+    # while child 1 or 2 runs (jobs=1: between two forks), buffered and
+    # without a newline.
+    code = f"printer = {printer!r}\n" + textwrap.dedent("""
+        import os, signal, threading, fastfork
+        started_r, started_w = os.pipe()
+        go_r, go_w = os.pipe()
         def items():
             for i in range(6):
                 if printer == "generator":
@@ -486,21 +480,20 @@ def test_output_printed_between_forks_is_not_doubled(printer):
         def child(i):
             if printer == "signal handler" and i == 2:
                 os.kill(os.getppid(), signal.SIGUSR1)
-            time.sleep(0.05)
+            if printer == "thread" and i == 1:
+                os.write(started_w, b"x")
+                os.read(go_r, 1)  # the parent's thread prints meanwhile
             return i
         signal.signal(signal.SIGUSR1, lambda *_: print("parent 2", end=""))
-        stop = threading.Event()
         def chatter():
-            time.sleep(0.12)  # while the map runs (the children take 0.05 s each)
+            os.read(started_r, 1)
             print("parent 3", end="")
-            stop.wait()
+            os.write(go_w, b"x")
         if printer == "thread":
-            threading.Thread(target=chatter).start()
+            threading.Thread(target=chatter, daemon=True).start()
         print(fastfork.map(child, items(), jobs=1))
-        stop.set()
     """)
-    proc = subprocess.run([sys.executable, "-c", code, printer], capture_output=True, text=True,
-                          env=procutil.child_env(unbuffered=False), timeout=60)
+    proc = procutil.run_python(code, unbuffered=False)
     assert proc.returncode == 0, proc.stderr
     for i in (range(6) if printer == "generator" else [2] if printer == "signal handler" else [3]):
         assert proc.stdout.count(f"parent {i}") == 1, proc.stdout
@@ -618,7 +611,9 @@ def test_dropped_handle_is_reaped_later_not_leaked():
         pid = child.pid
         del child
         gc.collect()
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30
+    while procutil.state(pid) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)  # until it has exited (a zombie: nobody reaped it)
     fastfork.start(double, 1).result()  # start() reaps dropped children
     assert procutil.state(pid) is None
 

@@ -103,8 +103,8 @@ def _check_map(jobs, timeout, kinds, items):
             if kind == "return":
                 item = items[i % len(items)]
                 if isinstance(got, fastfork.ChildError) and "timed out" in str(got):
-                    # A timeout far below a fork's cost (junk like 1e-9) rightly stops it.
-                    assert timeout is not None and timeout < 0.5, (timeout, got)
+                    # A timeout can stop even a trivial child (junk like 1e-9, a busy machine).
+                    assert timeout is not None, (timeout, got)
                 elif isinstance(item, float) and math.isnan(item):
                     assert isinstance(got, float) and math.isnan(got)
                 else:

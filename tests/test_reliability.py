@@ -9,6 +9,7 @@ rlimits, cgroups, LD_PRELOAD, seccomp) run in a contained child interpreter
 import errno
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -818,20 +819,32 @@ def test_case23_forking_from_several_threads_at_once():
                        for k in range(4)}
 
 
+def _pipes_held_after(seconds):
+    """In a fan-out child: sleep, then return the inodes of the pipes it holds."""
+    time.sleep(seconds)
+    held = set()
+    for fd in procutil.open_fds():
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if stat.S_ISFIFO(st.st_mode):
+            held.add(st.st_ino)
+    return held
+
+
 def test_case23_fan_out_children_never_hold_a_concurrent_spawns_pipe():
     # spawn's pipe ends for its child are not fastfork's to close in every
     # child: spawn holds the fd lock until they are closed, and the fan-out
-    # forks under it. A fan-out child that inherited a write end would keep
-    # communicate() waiting until that child exits (it sleeps for 1 s).
-    stop, slow, errors = threading.Event(), [], []
+    # forks under it. A fan-out child must never hold one of those pipes.
+    stop, spawn_pipes, errors = threading.Event(), set(), []
 
     def spawner():
         try:
             while not stop.is_set():
-                t0 = time.monotonic()
-                out = fastfork.spawn(["echo", "hi"], stdout=fastfork.PIPE).communicate(timeout=30)[0]
-                if out != b"hi\n" or time.monotonic() - t0 > 0.5:
-                    slow.append(time.monotonic() - t0)
+                proc = fastfork.spawn(["echo", "hi"], stdout=fastfork.PIPE)
+                spawn_pipes.add(os.fstat(proc.stdout.fileno()).st_ino)
+                assert proc.communicate(timeout=30)[0] == b"hi\n"
         except BaseException as exc:
             errors.append(exc)
 
@@ -840,12 +853,14 @@ def test_case23_fan_out_children_never_hold_a_concurrent_spawns_pipe():
         thread = threading.Thread(target=spawner)
         thread.start()
         try:
-            assert fastfork.map(time.sleep, [1.0] * 8, jobs=4) == [None] * 8
-            fastfork.start(time.sleep, 1.0).result(timeout=30)
+            held = fastfork.map(_pipes_held_after, [0.5] * 8, jobs=4)
+            held.append(fastfork.start(_pipes_held_after, 0.5).result(timeout=30))
         finally:
             stop.set()
             thread.join()
-    assert errors == [] and slow == []
+    assert errors == []
+    assert spawn_pipes  # the spawns ran alongside the forks
+    assert all(not pipes & spawn_pipes for pipes in held), held
 
 
 # ---------------------------------------------------------------- 24. pid reuse

@@ -481,7 +481,9 @@ def test_dropped_process_with_captured_output_closes_its_pipes():
         del proc
         gc.collect()
     assert len(procutil.open_fds() - before) == 1  # the pidfd, kept until it is reaped
-    time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while procutil.state(pid) != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the command has exited (a zombie: nobody reaped it)
     fastfork.spawn(["true"]).wait(timeout=30)  # spawn reaps dropped children
     assert procutil.state(pid) is None
     assert procutil.open_fds() == before
