@@ -5,6 +5,7 @@ fastfork as this test session (for tests that change process-wide state).
 """
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -69,6 +70,19 @@ def open_fds():
             continue
         fds.add(int(fd))
     return fds
+
+
+def pipe_inodes():
+    """Return the inodes of the pipes this process holds open."""
+    found = set()
+    for fd in open_fds():
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if stat.S_ISFIFO(st.st_mode):
+            found.add(st.st_ino)
+    return found
 
 
 def kill_and_reap(pids, timeout=5.0):

@@ -18,7 +18,6 @@ import os
 import pickle
 import select
 import signal
-import stat
 import textwrap
 import threading
 import time
@@ -70,19 +69,6 @@ def make_blob(item):
 def sleep_then(x):
     time.sleep(x)
     return x
-
-
-def pipe_inodes():
-    """The inodes of the pipes this process holds open."""
-    found = set()
-    for fd in procutil.open_fds():
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            continue
-        if stat.S_ISFIFO(st.st_mode):
-            found.add(st.st_ino)
-    return found
 
 
 def wait_readable(fd, count, timeout=10.0):
@@ -615,11 +601,11 @@ def test_big_results_with_sigchld_ignored():
 
 def pipes_held(_):
     time.sleep(0.05)  # siblings and the other thread's children are alive meanwhile
-    return pipe_inodes()
+    return procutil.pipe_inodes()
 
 
 def test_fan_out_children_hold_no_pipe_of_another_threads_children():
-    baseline = pipe_inodes()  # the test runner's own pipes, inherited by every child
+    baseline = procutil.pipe_inodes()  # the test runner's own pipes, inherited by every child
     stop = threading.Event()
     theirs = []    # (inode of a start() child's result pipe, the pipes that child held)
     errors = []

@@ -9,7 +9,6 @@ rlimits, cgroups, LD_PRELOAD, seccomp) run in a contained child interpreter
 import errno
 import os
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -822,15 +821,7 @@ def test_case23_forking_from_several_threads_at_once():
 def _pipes_held_after(seconds):
     """In a fan-out child: sleep, then return the inodes of the pipes it holds."""
     time.sleep(seconds)
-    held = set()
-    for fd in procutil.open_fds():
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            continue
-        if stat.S_ISFIFO(st.st_mode):
-            held.add(st.st_ino)
-    return held
+    return procutil.pipe_inodes()
 
 
 def test_case23_fan_out_children_never_hold_a_concurrent_spawns_pipe():
