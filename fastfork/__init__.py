@@ -24,7 +24,9 @@ from fastfork.fanout import FunctionChild, as_completed, background, map, start,
 from fastfork.commands import (DEVNULL, PIPE, STDOUT, CommandResult, Process, spawn,
                             spawn_many)
 from fastfork.errors import (ChildError, FastforkError, ForkError, ServerError,
-                             TimeoutExpired)
+                             ServiceError, TimeoutExpired)
+from fastfork import ready
+from fastfork.services import service
 from fastfork.server import ForkServer, ServerChild
 from fastfork.shared import PrivateBuffer, SharedBuffer
 
@@ -53,6 +55,9 @@ __all__ = [
     "FastforkError",
     "ForkError",
     "ServerError",
+    "ServiceError",
+    "service",
+    "ready",
     "TimeoutExpired",
     "_exit",
     "fork",

@@ -5,6 +5,7 @@
      +-- ForkError         fork() failed (EAGAIN, ENOMEM ...); also an OSError
      +-- TimeoutExpired    a wait ran out of time; also subprocess.TimeoutExpired
      +-- ServerError       a ForkServer died or cannot be reached
+     +-- ServiceError      a service exited or timed out before it was ready
 
 OSErrors from the kernel otherwise pass through unchanged (ChildProcessError
 for ECHILD, BlockingIOError for EAGAIN ...).
@@ -13,7 +14,8 @@ import errno as _errno
 import signal as _signal
 import subprocess as _subprocess
 
-__all__ = ["FastforkError", "ChildError", "ForkError", "TimeoutExpired", "ServerError"]
+__all__ = ["FastforkError", "ChildError", "ForkError", "TimeoutExpired", "ServerError",
+           "ServiceError"]
 
 
 def _signal_name(signum):
@@ -125,6 +127,36 @@ class ServerError(FastforkError):
     """A ForkServer died, or a request to it could not be carried out."""
 
     __module__ = "fastfork"
+
+
+class ServiceError(FastforkError):
+    """A service (fastfork.service) could not be started: it exited or was not ready in time.
+
+    Attributes: ``name`` (the function or command), ``pid``, ``returncode``
+    (its status once stopped and reaped; -N if killed by signal N, None if
+    unknown), ``timed_out`` (True if the ready timeout ran out; False if it
+    exited first) and ``output`` (the last lines it printed, or None).
+    """
+
+    __module__ = "fastfork"
+
+    def __init__(self, message, *, name=None, pid=None, returncode=None, timed_out=False,
+                 output=None):
+        super().__init__(message)
+        self.message = message
+        self.name = name
+        self.pid = pid
+        self.returncode = returncode
+        self.timed_out = timed_out
+        self.output = output
+
+    def __str__(self):
+        return self.message
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), (self.message,), dict(
+            name=self.name, pid=self.pid, returncode=self.returncode,
+            timed_out=self.timed_out, output=self.output)))
 
 
 def _rebuild(cls, args, kwargs):
