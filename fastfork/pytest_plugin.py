@@ -159,10 +159,12 @@ def _describe_death(svc):
 
 
 def _output_of(svc):
-    text = svc.tail(_OUTPUT_LINES)
-    if not text:
+    lines = svc.tail(_OUTPUT_LINES + 1).splitlines()
+    if not lines:
         return "(no output)"
-    return f"(its last lines, at most {_OUTPUT_LINES})\n{text}"
+    if len(lines) > _OUTPUT_LINES:
+        lines[0] = f"(the last {_OUTPUT_LINES} lines)"
+    return "\n".join(lines)
 
 
 def pytest_configure(config):

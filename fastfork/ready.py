@@ -25,6 +25,9 @@ __all__ = ["Probe", "port", "line", "notify", "signal_ready", "free_port"]
 # (a remote host that drops packets); the service's ready timeout still applies.
 _CONNECT_TIMEOUT = 1.0
 
+# line() reads the output in pieces of this size, stopping at the first match.
+_LINE_CHUNK = 1 << 20
+
 # In a service started with ready=notify(): the write end of the pipe to the parent.
 _notify_fd = -1
 
@@ -128,21 +131,25 @@ class _LineWatch(_Watch):
         self._partial = b""   # the last line, until its newline arrives
 
     def check(self):
-        data = self._service._output_from(self._offset)
-        if not data:
-            return None
-        self._offset += len(data)
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        if not lines:
-            return None
-        block = b"\n".join(lines)
-        for text in (block.decode("utf-8", "replace") if self._text else block).split(
-                "\n" if self._text else b"\n"):
-            match = self._pattern.search(text)
-            if match:
-                return match
-        return None
+        while True:
+            data = self._service._output_from(self._offset, _LINE_CHUNK)
+            if not data:
+                return None
+            self._offset += len(data)
+            end = data.rfind(b"\n")
+            if end < 0:
+                self._partial += data
+                continue
+            block = self._partial + data[:end]
+            self._partial = data[end + 1:]
+            if self._text:
+                lines = block.decode("utf-8", "replace").split("\n")
+            else:
+                lines = block.split(b"\n")
+            for text in lines:
+                match = self._pattern.search(text)
+                if match:
+                    return match
 
 
 def line(pattern, flags=0):

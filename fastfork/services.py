@@ -113,6 +113,7 @@ class Service:
         self._output_fd = -1      # the temporary file, while the service may write to it
         self._output = None       # its whole content once the service is stopped
         self._stop_requested = False
+        self._died = False
         self._owner = os.getpid()
         self.ready_result = None
 
@@ -150,6 +151,7 @@ class Service:
         if child is not None and not child.finished:
             child._drain()
             if self._leader_exited():
+                self._note_exit()
                 self._end()
         return self.returncode
 
@@ -161,7 +163,8 @@ class Service:
     @property
     def died(self):
         """True if the service ended without being stopped (it crashed or exited)."""
-        return self._child is not None and not self.alive and not self._stop_requested
+        self.poll()
+        return self._died
 
     def send_signal(self, sig):
         """Send ``sig`` to the leader (not its group); nothing once it is reaped."""
@@ -196,20 +199,22 @@ class Service:
             return 0
         return os.fstat(self._output_fd).st_size
 
-    def _output_from(self, offset):
-        """The output from byte ``offset`` on."""
+    def _output_from(self, offset, size=None):
+        """The output from byte ``offset`` on (at most ``size`` bytes of it)."""
+        end = None if size is None else offset + size
         if self._output is not None:
-            return self._output[offset:]
+            return self._output[offset:end]
         if self._output_fd < 0:
             return b""
         chunks = []
-        while True:
+        while end is None or offset < end:
             # pread: the service shares the file offset; moving it would make it overwrite.
-            chunk = os.pread(self._output_fd, 1 << 24, offset)
+            chunk = os.pread(self._output_fd, 1 << 24 if end is None else end - offset, offset)
             if not chunk:
-                return b"".join(chunks)
+                break
             chunks.append(chunk)
             offset += len(chunk)
+        return b"".join(chunks)
 
     # ------------------------------------------------------------ start
 
@@ -269,6 +274,7 @@ class Service:
         delay = _POLL_MIN
         while True:
             if self._leader_exited():
+                self._note_exit()
                 raise self._not_started(f"before it was ready (waiting for {self._probe})")
             value = watch.check()
             if value is not None:
@@ -308,16 +314,25 @@ class Service:
         """
         if os.getpid() != self._owner:
             raise RuntimeError(f"service {self.name!r} belongs to process {self._owner}")
-        self._stop_requested = True
         child = self._child
         try:
-            if child is not None and not child.finished and not self._leader_exited():
-                self._signal_group(self._stop_signal)
-                self._signal_group(signal.SIGCONT)  # a stopped process acts on nothing else
-                self._wait_exit(self._grace)
+            if child is not None and not child.finished:
+                if self._leader_exited():
+                    self._note_exit()
+                else:
+                    self._stop_requested = True
+                    self._signal_group(self._stop_signal)
+                    self._signal_group(signal.SIGCONT)  # a stopped process acts on nothing else
+                    self._wait_exit(self._grace)
         finally:
+            self._stop_requested = True
             self._end()
         return self.returncode
+
+    def _note_exit(self):
+        """The leader was found exited: it died, unless it was being stopped."""
+        if not self._stop_requested:
+            self._died = True
 
     def _end(self):
         """SIGKILL what is left of the group, reap the leader, keep the output."""

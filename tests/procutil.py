@@ -132,3 +132,16 @@ def run_python(code, *, env=None, timeout=60, check=False, input=None, unbuffere
     return subprocess.run(
         [sys.executable, "-c", code], env=child_env(env, unbuffered), timeout=timeout,
         check=check, capture_output=True, text=True, input=input)
+
+
+def wait_ended(pids, timeout=30.0):
+    """Wait until none of ``pids`` (anyone's processes) runs; return those still running.
+
+    Ended means gone or a zombie: an orphan's zombie waits for init to reap it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [p for p in pids if state(p) not in (None, "Z")]
+        if not running or time.monotonic() > deadline:
+            return running
+        time.sleep(0.005)
