@@ -5,7 +5,7 @@
      +-- ForkError         fork() failed (EAGAIN, ENOMEM ...); also an OSError
      +-- TimeoutExpired    a wait ran out of time; also subprocess.TimeoutExpired
      +-- ServerError       a ForkServer died or cannot be reached
-     +-- ServiceError      a service exited or timed out before it was ready
+     +-- ServiceError      a service exited or was not ready in time
 
 OSErrors from the kernel otherwise pass through unchanged (ChildProcessError
 for ECHILD, BlockingIOError for EAGAIN ...).
@@ -131,6 +131,9 @@ class ServerError(FastforkError):
 
 class ServiceError(FastforkError):
     """A service (fastfork.service) could not be started: it exited or was not ready in time.
+
+    (Also raised, before anything starts, when a command could not be given
+    its stop signal back from this thread.)
 
     Attributes: ``name`` (the function or command), ``pid``, ``returncode``
     (its status once stopped and reaped; -N if killed by signal N, None if

@@ -72,7 +72,8 @@ class Service:
     and ``returncode`` (None while running; -N if killed by signal N) of the
     leader, ``ready_result`` (what the ready probe gave: a match object, the
     notify message, (host, port) ...), ``output`` and ``output_bytes`` (what
-    it printed so far), ``alive``.
+    it printed so far; kept after the stop), ``alive`` and ``died`` (ended
+    without being stopped). Without ``with``: ``start()``, then ``stop()``.
     """
 
     def __init__(self, target, args=(), kwargs=None, *, ready=None, ready_timeout=30.0,
