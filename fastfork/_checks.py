@@ -1,8 +1,13 @@
-"""Argument checks shared by the public API: bad input fails before any process exists."""
+"""Argument checks shared by the public API: bad input fails before any process exists.
+
+Every check raises TypeError for a value of the wrong type and ValueError for
+a value of the right type that is out of range.
+"""
 import math
 import os
 
-__all__ = ["check_callable", "check_jobs", "check_timeout", "poll_ms", "MAX_WAIT"]
+__all__ = ["check_callable", "check_optional_callable", "check_jobs", "check_timeout",
+           "check_count", "check_fan_out", "poll_ms", "MAX_WAIT"]
 
 # poll() takes an int of milliseconds: a longer wait is done in slices of this.
 MAX_WAIT = (2**31 - 1) / 1000
@@ -12,6 +17,22 @@ def check_callable(fn):
     """Raise TypeError unless ``fn`` is callable."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+
+
+def check_optional_callable(value, name):
+    """Return ``value``; TypeError unless it is None or callable."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable or None, not {type(value).__name__}")
+    return value
+
+
+def check_count(value, name, minimum=0):
+    """Return ``value``; TypeError unless an int (not bool), ValueError if below ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, not {value}")
+    return value
 
 
 def check_jobs(jobs):
@@ -37,6 +58,19 @@ def check_timeout(timeout, name="timeout", allow_zero=True):
         raise ValueError(f"{name} must be a finite number {'>=' if allow_zero else '>'} 0, "
                          f"not {timeout!r}")
     return timeout
+
+
+def check_fan_out(jobs, timeout, grace, retries, retries_name, chunksize=1):
+    """Validate the options every fan-out takes; return them normalised.
+
+    Returns (jobs, timeout, grace, retries, chunksize): ``jobs`` None becomes
+    the CPU count, ``timeout`` (None or > 0) and ``grace`` (>= 0) floats.
+    ``retries_name`` names the retries option in messages (``fork_retries``,
+    ``spawn_retries``).
+    """
+    return (check_jobs(jobs), check_timeout(timeout, allow_zero=False),
+            check_timeout(grace, "grace"), check_count(retries, retries_name),
+            check_count(chunksize, "chunksize", minimum=1))
 
 
 def poll_ms(timeout):
