@@ -518,8 +518,11 @@ def drive(scheduler):
     child is stopped and reaped.
     """
     poller = select.poll()
-    callbacks = {}  # fd -> callback, as registered with the poller
     clock = scheduler._clock
+    scheduler.watch_changes()  # start from what is watched now
+    callbacks = scheduler.fds()  # fd -> callback, as registered with the poller
+    for fd in callbacks:
+        poller.register(fd, select.POLLIN)
     try:
         while True:
             scheduler.fill()
@@ -531,8 +534,8 @@ def drive(scheduler):
                 return
             removed, added = scheduler.watch_changes()
             for fd in removed:
-                poller.unregister(fd)
-                del callbacks[fd]
+                if callbacks.pop(fd, None) is not None:
+                    poller.unregister(fd)
             for fd, callback in added.items():
                 poller.register(fd, select.POLLIN)
                 callbacks[fd] = callback
