@@ -89,11 +89,10 @@ def decode_outcome(frame, *, pid, returncode, index, item, timed_out, lost):
     handler, SystemExit), kept as detail; ``lost``: reaped by someone else,
     so ``returncode`` is unknown.
     """
-    where = f"child {pid}"
-    if index is not None:
-        where += f" (item {index}: {short_repr(item)})"
-
     def error(message, cls=ChildError, **fields):
+        where = f"child {pid}"
+        if index is not None:
+            where += f" (item {index}: {short_repr(item)})"
         return cls(f"{where} {message}", pid=pid, returncode=returncode, index=index,
                    item=short_repr(item) if index is not None else None, **fields)
 
