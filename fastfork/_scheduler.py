@@ -107,7 +107,8 @@ class Entry:
         self._pipes = set()     # watched pipe fds
 
     def __repr__(self):
-        state = ("failed" if self.error is not None else "queued" if self.handle is None
+        state = ("failed" if self.error is not None else "cancelled" if self.cancelled
+                 else "queued" if self.handle is None
                  else "finished" if self.finished_at is not None else "running")
         return f"<Entry {self.index} {state} task={self.task!r}>"
 
@@ -125,8 +126,8 @@ class Scheduler:
     and ``stop_signal`` are the module's rules 2, 4 and 5. ``is_failure(entry)``
     says whether a finished child failed (default: it timed out or its
     returncode is not 0); it runs once per entry, as the entry finishes.
-    ``clock`` is the monotonic clock of every time the scheduler takes or
-    returns.
+    ``clock`` (an attribute too) is the monotonic clock of every time the
+    scheduler takes or returns.
 
     The caller drives it: ``fill()`` launches what fits, the callbacks from
     ``watch_changes()`` run when their fds are readable, ``advance()``
@@ -148,7 +149,7 @@ class Scheduler:
         self.stop_on_failure = stop_on_failure
         self._is_failure = _failed if is_failure is None else is_failure
         self.stop_signal = signal.Signals(stop_signal)
-        self._clock = clock
+        self.clock = clock
         self.started = 0                    # children launched so far
         self._indexes = itertools.count()
         self._queue = collections.deque()   # entries drawn or added, not launched yet
@@ -224,17 +225,26 @@ class Scheduler:
         """
         launched = []
         while (self._launching and len(self._running) < self.jobs and not self._fd_wait
-               and not self._closed and self._clock() >= self._backoff_until):
+               and not self._closed and self.clock() >= self._backoff_until):
             entry = self._next_entry()
             if entry is None:
                 break
+            handle = None
             try:
                 handle = self._launch(entry.task)
+                self._start(entry, handle)
             except OSError as exc:
+                if handle is not None:
+                    raise  # from _start, not a failed launch
                 self._launch_failed(entry, exc)
                 continue
+            except BaseException:
+                # Interrupted (Ctrl-C) before the child was recorded: stop it here.
+                if handle is not None and entry not in self._running:
+                    _kill_and_reap([handle])
+                    handle._close_fds()
+                raise
             self._failures = 0
-            self._start(entry, handle)
             launched.append(entry)
         return launched
 
@@ -251,7 +261,7 @@ class Scheduler:
     def _launch_failed(self, entry, exc):
         if exc.errno in RETRYABLE_ERRNOS and self._failures < self.retries:
             self._failures += 1
-            self._backoff_until = self._clock() + backoff(self._failures)
+            self._backoff_until = self.clock() + backoff(self._failures)
             self._queue.appendleft(entry)
             return
         if exc.errno in FD_ERRNOS and self._running:
@@ -270,9 +280,9 @@ class Scheduler:
 
     def _start(self, entry, handle):
         entry.handle = handle
-        entry.started_at = self._clock()
+        self._running[entry] = None  # from here on, close() stops it
+        entry.started_at = self.clock()
         self.started += 1
-        self._running[entry] = None
         if self.timeout is not None:
             entry._deadline = entry.started_at + self.timeout
             self._set_timer(entry._deadline, entry)
@@ -342,12 +352,12 @@ class Scheduler:
     def _poll(self, entry):
         self._polled.append(entry)
         self._poll_every = _POLL_MIN
-        self._poll_at = self._clock() + _POLL_MIN
+        self._poll_at = self.clock() + _POLL_MIN
 
     def _exit(self, entry):
         """The entry's child has been reaped (its fds closed): report it next."""
         self._unwatch(entry)
-        entry.finished_at = self._clock()
+        entry.finished_at = self.clock()
         self._exited.append(entry)
 
     # ------------------------------------------------------------ time
@@ -361,7 +371,7 @@ class Scheduler:
         Earlier if tasks are waiting to be launched: call ``fill()`` after
         every ``advance()`` anyway.
         """
-        now = self._clock()
+        now = self.clock()
         if self._exited or self._finished:
             return now
         while self._timers and self._timers[0][2] not in self._running:
@@ -385,7 +395,7 @@ class Scheduler:
         failed), or is ``cancelled`` before it launched. Raises what
         ``is_failure`` raises.
         """
-        now = self._clock()
+        now = self.clock()
         if self._polled and now >= self._poll_at:
             for entry in list(self._polled):
                 if entry.handle._try_reap():
@@ -453,7 +463,7 @@ class Scheduler:
         if entry in self._running:
             entry.cancelled = True
             if not entry._stopping:
-                self._stop(entry, self._clock())
+                self._stop(entry, self.clock())
             return True
         try:
             self._queue.remove(entry)
@@ -518,7 +528,7 @@ def drive(scheduler):
     child is stopped and reaped.
     """
     poller = select.poll()
-    clock = scheduler._clock
+    clock = scheduler.clock
     scheduler.watch_changes()  # start from what is watched now
     callbacks = scheduler.fds()  # fd -> callback, as registered with the poller
     for fd in callbacks:
