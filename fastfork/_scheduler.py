@@ -224,8 +224,7 @@ class Scheduler:
         still stops everything).
         """
         launched = []
-        while (self._launching and len(self._running) < self.jobs and not self._fd_wait
-               and not self._closed and self.clock() >= self._backoff_until):
+        while self._may_launch(self.clock()):
             entry = self._next_entry()
             if entry is None:
                 break
@@ -247,6 +246,12 @@ class Scheduler:
             self._failures = 0
             launched.append(entry)
         return launched
+
+    def _may_launch(self, now):
+        """True if ``fill()`` would try a launch now."""
+        return (self._launching and len(self._running) < self.jobs and not self._fd_wait
+                and not self._closed and now >= self._backoff_until
+                and (self._queue or self._source is not None))
 
     def _next_entry(self):
         if self._queue:
@@ -366,13 +371,14 @@ class Scheduler:
         heapq.heappush(self._timers, (when, next(self._seq), entry))
 
     def next_deadline(self):
-        """The clock time by which ``advance()`` must be called (None: only on fd events).
+        """The clock time by which ``fill()`` and ``advance()`` must be called next.
 
-        Earlier if tasks are waiting to be launched: call ``fill()`` after
-        every ``advance()`` anyway.
+        None: only when a watched fd becomes readable. The current time when
+        there is room for a task waiting to be launched, or entries to hand
+        out.
         """
         now = self.clock()
-        if self._exited or self._finished:
+        if self._exited or self._finished or self._may_launch(now):
             return now
         while self._timers and self._timers[0][2] not in self._running:
             heapq.heappop(self._timers)  # its child finished: nothing to do

@@ -193,6 +193,20 @@ def test_watch_changes_report_each_fd_once():
     assert entry.handle.finished and scheduler.fds() == {}
 
 
+def test_next_deadline_says_when_to_launch_and_when_to_wait():
+    scheduler = Scheduler(Launcher(), [(abs, (-1,)), (abs, (-2,))], jobs=1)
+    assert scheduler.next_deadline() <= time.monotonic()  # room, and a task waiting
+    [entry] = scheduler.fill()
+    assert scheduler.next_deadline() is None  # no room: wait for the child's fds
+    entry.handle.wait()
+    for callback in scheduler.fds().values():
+        callback()
+    assert scheduler.advance() == [entry]
+    # Room again: a driver must come back at once even with nothing running.
+    assert not scheduler.running and scheduler.next_deadline() <= time.monotonic()
+    assert [e.handle.result() for e in drive(scheduler)] == [2]
+
+
 async def drive_with_asyncio(scheduler):
     """The scheduler driven by an event loop: add_reader on its fds, call_at on its deadline."""
     loop = asyncio.get_running_loop()
@@ -234,8 +248,9 @@ async def drive_with_asyncio(scheduler):
 def test_an_asyncio_driver_runs_the_same_scheduler():
     r, w = os.pipe()
     try:
-        tasks = [(abs, (-i,)) for i in range(6)] + [(ignore_term_and_block, (w,))]
-        scheduler = Scheduler(Launcher(), tasks, jobs=3, timeout=0.5, grace=0.2,
+        # The last task blocks until its timeout stops it.
+        tasks = [(abs, (-i,)) for i in range(6)] + [(wait_for_fd, (r,))]
+        scheduler = Scheduler(Launcher(), tasks, jobs=3, timeout=2.0, grace=0.2,
                               stop_on_failure=False)
         done = asyncio.run(drive_with_asyncio(scheduler))
     finally:
@@ -243,4 +258,4 @@ def test_an_asyncio_driver_runs_the_same_scheduler():
         os.close(w)
     by_index = {e.index: e for e in done}
     assert [by_index[i].handle.result() for i in range(6)] == list(range(6))
-    assert by_index[6].timed_out and by_index[6].handle.returncode == -signal.SIGKILL
+    assert by_index[6].timed_out and by_index[6].handle.returncode == -signal.SIGTERM
