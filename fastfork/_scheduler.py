@@ -151,7 +151,7 @@ class Scheduler:
         self.stop_signal = signal.Signals(stop_signal)
         self.clock = clock
         self.started = 0                    # children launched so far
-        self._indexes = itertools.count()
+        self._next_index = 0
         self._queue = collections.deque()   # entries drawn or added, not launched yet
         self._running = {}                  # entry -> None, in launch order
         self._exited = []                   # running entries whose child has finished
@@ -168,6 +168,7 @@ class Scheduler:
         self._failures = 0                  # EAGAIN/ENOMEM launch failures in a row
         self._backoff_until = 0.0
         self._fd_wait = False               # out of fds: wait for a child to finish
+        self._doomed = None                 # (error, index limit): waiting tasks that fail
         self._closed = False
 
     def __repr__(self):
@@ -184,7 +185,7 @@ class Scheduler:
         """
         if not self._accepting or self._closed:
             raise RuntimeError("this scheduler takes no more tasks")
-        entry = Entry(next(self._indexes), task)
+        entry = self._new_entry(task)
         self._queue.append(entry)
         return entry
 
@@ -224,10 +225,22 @@ class Scheduler:
         still stops everything).
         """
         launched = []
+        failed = 0
         while self._may_launch(self.clock()):
             entry = self._next_entry()
             if entry is None:
                 break
+            if self._doomed is not None:
+                error, limit = self._doomed
+                if limit is None or entry.index < limit:
+                    # Rule 2: it would meet the limit its predecessor gave up on.
+                    entry.error = error
+                    self._finished.append(entry)
+                    failed += 1
+                    if failed >= self.jobs:
+                        break  # a batch at a time: the input may be endless
+                    continue
+                self._doomed = None
             handle = None
             try:
                 handle = self._launch(entry.task)
@@ -253,13 +266,18 @@ class Scheduler:
                 and not self._closed and now >= self._backoff_until
                 and (self._queue or self._source is not None))
 
+    def _new_entry(self, task):
+        entry = Entry(self._next_index, task)
+        self._next_index += 1
+        return entry
+
     def _next_entry(self):
         if self._queue:
             return self._queue.popleft()
         if self._source is None:
             return None
         for task in self._source:
-            return Entry(next(self._indexes), task)
+            return self._new_entry(task)
         self._source = None
         return None
 
@@ -278,10 +296,9 @@ class Scheduler:
         entry.error = exc
         self._report(entry)
         if gave_up and self._launching:
-            # Rule 2: the tasks waiting now would meet the same limit.
-            while (waiting := self._next_entry()) is not None:
-                waiting.error = exc
-                self._report(waiting)
+            # Rule 2: the tasks waiting now fail too -- the rest of ``tasks``,
+            # or the entries added so far.
+            self._doomed = (exc, None if self._source is not None else self._next_index)
 
     def _start(self, entry, handle):
         entry.handle = handle

@@ -5,6 +5,7 @@ The front-end view of the same rules is tests/test_contract.py.
 """
 import asyncio
 import errno
+import itertools
 import os
 import signal
 import time
@@ -84,6 +85,19 @@ def test_retries_run_out_then_that_task_and_every_waiting_one_fail():
         (1, errno.EAGAIN), (2, errno.EAGAIN), (3, errno.EAGAIN)]
     # Tasks 2 and 3 were not tried: they would meet the same limit.
     assert launch.calls == [tasks[0]] + [tasks[1]] * 3
+
+
+def test_given_up_retries_fail_an_endless_input_a_batch_at_a_time():
+    task = (abs, (-1,))
+    launch = Launcher({task: [errno.ENOMEM] * 3})
+    scheduler = Scheduler(launch, itertools.repeat(task), jobs=2, retries=2,
+                          stop_on_failure=False)
+    entries = drive(scheduler)
+    first = list(itertools.islice(entries, 10))
+    entries.close()
+    assert [e.index for e in first] == list(range(10))
+    assert all(e.error.errno == errno.ENOMEM for e in first)
+    assert launch.calls == [task] * 3
 
 
 def test_a_failed_launch_stops_new_launches():
