@@ -5,9 +5,11 @@ a value of the right type that is out of range.
 """
 import math
 import os
+from subprocess import DEVNULL, PIPE, STDOUT
 
 __all__ = ["check_callable", "check_optional_callable", "check_jobs", "check_timeout",
-           "check_count", "check_fan_out", "poll_ms", "MAX_WAIT"]
+           "check_count", "check_fan_out", "check_fd_open", "check_pass_fds", "check_stdio",
+           "poll_ms", "MAX_WAIT"]
 
 # poll() takes an int of milliseconds: a longer wait is done in slices of this.
 MAX_WAIT = (2**31 - 1) / 1000
@@ -71,6 +73,49 @@ def check_fan_out(jobs, timeout, grace, retries, retries_name, chunksize=1):
     return (check_jobs(jobs), check_timeout(timeout, allow_zero=False),
             check_timeout(grace, "grace"), check_count(retries, retries_name),
             check_count(chunksize, "chunksize", minimum=1))
+
+
+def check_fd_open(fd, what):
+    """Return ``fd``; TypeError unless an int, ValueError unless an open fd."""
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(f"{what} must be an int fd, not {type(fd).__name__}")
+    if fd < 0:
+        raise ValueError(f"{what}: {fd} is not a valid fd")
+    try:
+        os.get_inheritable(fd)
+    except OSError:
+        raise ValueError(f"{what}: fd {fd} is not open") from None
+    return fd
+
+
+def check_pass_fds(pass_fds):
+    """Return pass_fds as a sorted tuple of open fds; TypeError/ValueError otherwise."""
+    if isinstance(pass_fds, (str, bytes)):
+        raise TypeError("pass_fds must be a sequence of fds")
+    return tuple(sorted({check_fd_open(fd, "pass_fds") for fd in pass_fds}))
+
+
+def check_stdio(value, name):
+    """Validate a stdin/stdout/stderr argument; return it (a fileobj becomes its fd)."""
+    if value is None or (value in (PIPE, DEVNULL) and not isinstance(value, bool)):
+        return value
+    if value == STDOUT and not isinstance(value, bool):
+        if name != "stderr":
+            raise ValueError(f"STDOUT is only valid for stderr, not {name}")
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be None, PIPE, DEVNULL, an fd or a file object, not bool")
+    if isinstance(value, int):
+        return check_fd_open(value, name)
+    fileno = getattr(value, "fileno", None)
+    if fileno is None:
+        raise TypeError(f"{name} must be None, PIPE, DEVNULL, an fd or a file object, "
+                        f"not {type(value).__name__}")
+    try:
+        fd = fileno()
+    except (OSError, ValueError) as exc:  # closed, or io.UnsupportedOperation
+        raise ValueError(f"{name} has no usable file descriptor: {exc}") from None
+    return check_fd_open(fd, name)
 
 
 def poll_ms(timeout):

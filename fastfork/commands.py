@@ -29,7 +29,8 @@ import time
 from collections.abc import Mapping
 
 from fastfork import _core
-from fastfork._checks import MAX_WAIT, check_fan_out, check_optional_callable, check_timeout
+from fastfork._checks import (MAX_WAIT, check_fan_out, check_optional_callable, check_pass_fds,
+                              check_stdio, check_timeout)
 from fastfork._scheduler import Scheduler, drive
 from fastfork.child import Child, _fd_lock, _owned_fds, own_fd, reap_dropped
 from fastfork.errors import TimeoutExpired
@@ -119,48 +120,6 @@ def _prepare(argv, executable=None, env=None, cwd=None):
         # Like os._execvpe and subprocess: the directories of env's PATH.
         paths = [os.path.join(os.fsencode(d), program) for d in os.get_exec_path(env)]
     return _Command(args, paths, argv_b, envp, cwd_b, exec_name, cwd)
-
-
-def _check_fd_open(fd, what):
-    if isinstance(fd, bool) or not isinstance(fd, int):
-        raise TypeError(f"{what} must be an int fd, not {type(fd).__name__}")
-    if fd < 0:
-        raise ValueError(f"{what}: {fd} is not a valid fd")
-    try:
-        os.get_inheritable(fd)
-    except OSError:
-        raise ValueError(f"{what}: fd {fd} is not open") from None
-    return fd
-
-
-def _check_pass_fds(pass_fds):
-    """Return pass_fds as a sorted tuple of open fds; TypeError/ValueError otherwise."""
-    if isinstance(pass_fds, (str, bytes)):
-        raise TypeError("pass_fds must be a sequence of fds")
-    return tuple(sorted({_check_fd_open(fd, "pass_fds") for fd in pass_fds}))
-
-
-def _check_stdio(value, name):
-    """Validate a stdin/stdout/stderr argument; return it (a fileobj becomes its fd)."""
-    if value is None or (value in (PIPE, DEVNULL) and not isinstance(value, bool)):
-        return value
-    if value == STDOUT and not isinstance(value, bool):
-        if name != "stderr":
-            raise ValueError(f"STDOUT is only valid for stderr, not {name}")
-        return value
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be None, PIPE, DEVNULL, an fd or a file object, not bool")
-    if isinstance(value, int):
-        return _check_fd_open(value, name)
-    fileno = getattr(value, "fileno", None)
-    if fileno is None:
-        raise TypeError(f"{name} must be None, PIPE, DEVNULL, an fd or a file object, "
-                        f"not {type(value).__name__}")
-    try:
-        fd = fileno()
-    except (OSError, ValueError) as exc:  # closed, or io.UnsupportedOperation
-        raise ValueError(f"{name} has no usable file descriptor: {exc}") from None
-    return _check_fd_open(fd, name)
 
 
 # ---------------------------------------------------------------- the handle
@@ -358,9 +317,9 @@ def spawn(argv, *, executable=None, env=None, cwd=None, stdin=None, stdout=None,
     is left open or running then.
     """
     command = _prepare(argv, executable, env, cwd)
-    stdio = (_check_stdio(stdin, "stdin"), _check_stdio(stdout, "stdout"),
-             _check_stdio(stderr, "stderr"))
-    keep = _check_pass_fds(pass_fds)
+    stdio = (check_stdio(stdin, "stdin"), check_stdio(stdout, "stdout"),
+             check_stdio(stderr, "stderr"))
+    keep = check_pass_fds(pass_fds)
     sys.audit("fastfork.spawn", command.exec_name, command.args, cwd, env)
     return _start(command, stdio, keep, bool(close_fds), bool(new_session),
                   bool(die_with_parent))
@@ -511,7 +470,7 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
     jobs, timeout, grace, spawn_retries, _ = check_fan_out(
         jobs, timeout, grace, spawn_retries, "spawn_retries")
     check_optional_callable(callback, "callback")
-    stdin = _check_stdio(stdin, "stdin")
+    stdin = check_stdio(stdin, "stdin")
     if stdin == PIPE:
         raise ValueError("spawn_many cannot give commands a stdin pipe")
     if isinstance(commands, (str, bytes)):
