@@ -173,14 +173,10 @@ def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=Fal
 
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
-    check_callable(fn)
-    jobs, timeout, grace, fork_retries, chunksize = check_fan_out(
-        jobs, timeout, grace, fork_retries, "fork_retries", chunksize)
-    fan = functools.partial(_fan_out_locally, jobs=jobs, timeout=timeout,
-                            fork_retries=fork_retries, grace=grace,
-                            die_with_parent=die_with_parent, until_done=False)
-    return _per_item_or_chunk(fan, fn, iter(iterable), chunksize, return_exceptions,
-                              print_traceback)
+    return _fan_out(functools.partial(_fan_out_locally, until_done=False), fn, iterable,
+                    jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
+                    fork_retries=fork_retries, grace=grace, die_with_parent=die_with_parent,
+                    print_traceback=print_traceback, chunksize=chunksize)
 
 
 def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_retries=8,
@@ -202,14 +198,11 @@ def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_
 
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
-    check_callable(fn)
-    jobs, timeout, grace, fork_retries, chunksize = check_fan_out(
-        jobs, timeout, grace, fork_retries, "fork_retries", chunksize)
-    fan = functools.partial(_fan_out_locally, jobs=jobs, timeout=timeout,
-                            fork_retries=fork_retries, grace=grace,
-                            die_with_parent=die_with_parent, until_done=True)
-    return in_input_order(_per_item_or_chunk(fan, fn, iter(iterable), chunksize,
-                                             return_exceptions, print_traceback))
+    return in_input_order(_fan_out(
+        functools.partial(_fan_out_locally, until_done=True), fn, iterable, jobs=jobs,
+        timeout=timeout, return_exceptions=return_exceptions, fork_retries=fork_retries,
+        grace=grace, die_with_parent=die_with_parent, print_traceback=print_traceback,
+        chunksize=chunksize))
 
 
 def in_input_order(completed):
@@ -218,12 +211,20 @@ def in_input_order(completed):
     return [results[i] for i in range(len(results))]
 
 
-def _per_item_or_chunk(fan, fn, items, chunksize, return_exceptions, print_traceback):
-    """``fan`` over the items, or over chunks of them (fastfork._chunks) if ``chunksize`` > 1.
+def _fan_out(engine, fn, iterable, *, jobs, timeout, return_exceptions, fork_retries, grace,
+             die_with_parent, print_traceback, chunksize):
+    """Validate a fan-out's arguments, then run ``engine`` per item or per chunk.
 
-    ``fan(fn, items, return_exceptions, print_traceback)`` is an
-    as_completed-style fan-out.
+    ``engine(fn, items, return_exceptions, print_traceback, *, jobs, timeout,
+    fork_retries, grace, die_with_parent)`` is an as_completed-style fan-out;
+    with ``chunksize`` > 1 it runs over chunks of the items (fastfork._chunks).
     """
+    check_callable(fn)
+    jobs, timeout, grace, fork_retries, chunksize = check_fan_out(
+        jobs, timeout, grace, fork_retries, "fork_retries", chunksize)
+    items = iter(iterable)
+    fan = functools.partial(engine, jobs=jobs, timeout=timeout, fork_retries=fork_retries,
+                            grace=grace, die_with_parent=die_with_parent)
     if chunksize == 1:
         return fan(fn, items, return_exceptions, print_traceback)
     return chunked(fan, fn, items, chunksize, return_exceptions, print_traceback)
@@ -308,14 +309,10 @@ def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions
     contract as the C engine behind fastfork's own ``as_completed``.
     Validates like as_completed.
     """
-    check_callable(fn)
-    jobs, timeout, grace, fork_retries, chunksize = check_fan_out(
-        jobs, timeout, grace, fork_retries, "fork_retries", chunksize)
-    fan = functools.partial(_scheduled, starter, jobs=jobs, timeout=timeout,
-                            fork_retries=fork_retries, grace=grace,
-                            die_with_parent=die_with_parent)
-    return _per_item_or_chunk(fan, fn, iter(iterable), chunksize, return_exceptions,
-                              print_traceback)
+    return _fan_out(functools.partial(_scheduled, starter), fn, iterable, jobs=jobs,
+                    timeout=timeout, return_exceptions=return_exceptions,
+                    fork_retries=fork_retries, grace=grace, die_with_parent=die_with_parent,
+                    print_traceback=print_traceback, chunksize=chunksize)
 
 
 def _scheduled(starter, fn, items, return_exceptions, print_traceback, *, jobs, timeout,
