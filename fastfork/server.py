@@ -478,11 +478,11 @@ class ForkServer:
             conn._kill_orphan(req_id, [pidfd] if pidfd >= 0 else [])
             close_owned(result_fd)
             raise
+        if launched is not None:
+            launched.append(child)  # first, so that a caller interrupted now still stops it
         with conn.lock:
             conn.children[req_id] = child
         self._children.add(child)
-        if launched is not None:
-            launched.append(child)
         return child
 
     def start(self, fn, /, *args, **kwargs):
