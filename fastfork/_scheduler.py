@@ -39,6 +39,11 @@ child low; see src/_fanout.pxi).
 7. Outcomes are reported as children finish, each with its input
    ``index``; front ends that promise input order put them back in order.
 
+The C engine departs from two of these rules today: it raises on EMFILE or
+ENFILE instead of waiting for a running child (rule 2), and a child stopped
+for its timeout that still sends a result does not stop new launches (rule
+5; it is reported as a ChildTimeout all the same).
+
 The ``Scheduler`` is a state machine that never waits by itself (sans-IO):
 a driver watches the fds it names and calls it back. ``drive()`` is the
 blocking driver (poll) for the synchronous front ends. An asyncio driver
