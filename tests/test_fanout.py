@@ -213,6 +213,12 @@ def test_as_completed_close_stops_running_children():
     gen.close()  # the two sleepers are stopped and reaped (checked by the autouse guard)
 
 
+def test_closing_chunked_as_completed_stops_running_children():
+    gen = fastfork.as_completed(sleep_then, [0.0, 0.0, 30, 30], jobs=2, chunksize=2)
+    assert next(gen) == (0, 0.0)
+    gen.close()  # the chunk of sleepers is stopped and reaped (checked by the autouse guard)
+
+
 def test_timeout_stops_sleeper_stubborn_and_stopped_children():
     def stubborn(x):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -451,6 +451,13 @@ def test_as_completed_yields_everything(server):
     assert got == {i: i * i for i in range(6)}
 
 
+def test_closing_chunked_as_completed_stops_running_children(server):
+    gen = server.as_completed(sleepy, [0, 0, 30, 30], jobs=2, chunksize=2)
+    assert next(gen) == (0, 0)
+    gen.close()
+    assert procutil.children(server.pid) == set()
+
+
 def test_background_stops_the_child(server):
     with server.background(sleepy, 60, grace=5) as child:
         assert child.poll() is None
