@@ -245,11 +245,13 @@ def any_front_end(request, opened):
 
 @pytest.fixture(scope="module", params=front_ends("completion_order"), ids=lambda name: name)
 def completing_front_end(request, opened):
+    """Each front end that hands out results as children finish."""
     return _open(request.param, opened)
 
 
 @pytest.fixture(scope="module", params=front_ends("chunks"), ids=lambda name: name)
 def chunking_front_end(request, opened):
+    """Each front end that takes ``chunksize``."""
     return _open(request.param, opened)
 
 
