@@ -53,15 +53,12 @@ class FrameReader:
     def __init__(self):
         self._chunks = []
         self._size = 0
-        self.eof = False
 
     def feed(self, data):
-        """Add bytes read from the pipe (b"" means end of file)."""
+        """Add bytes read from the pipe (b"", end of file, adds nothing)."""
         if data:
             self._chunks.append(data)
             self._size += len(data)
-        else:
-            self.eof = True
 
     def frame(self):
         """Return (kind, payload) if a whole frame arrived, else None."""

@@ -23,7 +23,8 @@ from fastfork import _core
 from fastfork._result import OK, FrameReader
 from fastfork._checks import check_callable, check_jobs, check_timeout
 from fastfork.child import Child, Watcher, close_inherited_fds, reap_dropped, stop_all
-from fastfork.errors import RETRYABLE_FORK_ERRNOS, ChildError, ForkError, describe_status
+from fastfork.errors import (RETRYABLE_FORK_ERRNOS, ChildError, ForkError, describe_exception,
+                             describe_status)
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
            "fan_out", "in_input_order"]
@@ -132,7 +133,7 @@ def decode_outcome(frame, *, pid, returncode, index, item, timed_out, lost):
     if data["exception"] is not None:
         with contextlib.suppress(Exception):
             cause = pickle.loads(data["exception"])
-    err = error(f"{data['stage']}: {data['exc_type']}: {data['message']}",
+    err = error(f"{data['stage']}: {describe_exception(data['exc_type'], data['message'])}",
                 exc_type=data["exc_type"], remote_traceback=data["traceback"])
     err.__cause__ = cause
     return False, err
