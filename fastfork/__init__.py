@@ -114,11 +114,21 @@ __all__ = [
 
 
 def __getattr__(name):
-    """Load the module that defines ``name`` on first use; AttributeError if none does."""
+    """Load the module that defines ``name`` on first use; AttributeError if none does.
+
+    Raises RuntimeError if that first use comes while the interpreter shuts
+    down (nothing can be imported any more then).
+    """
     source = _SOURCES.get(name)
     if source is None:
         raise AttributeError(f"module 'fastfork' has no attribute {name!r}")
-    __import__(source)
+    try:
+        __import__(source)
+    except ImportError as err:
+        if _sys.is_finalizing():
+            raise RuntimeError(f"fastfork.{name} was first used while the interpreter shuts "
+                               "down, when nothing can be imported any more") from err
+        raise
     value = getattr(_sys.modules[source], name)
     globals()[name] = value  # the next lookup is a plain attribute
     return value

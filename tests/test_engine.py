@@ -484,7 +484,7 @@ def test_engine_close_twice_is_safe():
     # A second close() finds the slots freed and returns. Run in a fresh
     # interpreter, so that a crash fails this test, not the whole session.
     code = textwrap.dedent("""
-        import pickle, fastfork, procutil
+        import pickle, fastfork.child, procutil  # fastfork.child registers the engine's fd set
         from fastfork import _core
         def double(x):
             return 2 * x

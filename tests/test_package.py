@@ -62,6 +62,20 @@ def test_fastfork_run_does_not_load_the_benchmark():
     assert not loaded & {"fastfork.benchmark", "fastfork._workloads", "multiprocessing"}
 
 
+def test_first_use_at_interpreter_shutdown_is_a_runtime_error():
+    proc = procutil.run_python(
+        "import fastfork, os\n"
+        "class AtShutdown:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        try:\n"
+        "            fastfork.ForkServer\n"
+        "        except RuntimeError as exc:\n"
+        "            write(1, str(exc).encode())\n"
+        "keeper = AtShutdown()  # collected while the interpreter finalizes\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "fastfork.ForkServer was first used while the interpreter shuts down" in proc.stdout
+
+
 def test_drop_ins_are_compiled_not_aliases():
     import os as _os
     for name in ("fork", "waitpid", "wait", "wait3", "wait4", "_exit"):

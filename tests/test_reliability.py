@@ -845,22 +845,26 @@ def test_fan_out_children_never_hold_a_concurrent_spawns_pipe():
     # spawn's pipe ends for its child are not fastfork's to close in every
     # child: spawn holds the fd lock until they are closed, and the fan-out
     # forks under it. A fan-out child must never hold one of those pipes.
-    stop, spawn_pipes, errors = threading.Event(), set(), []
+    stop, spawning, spawn_pipes, errors = threading.Event(), threading.Event(), set(), []
 
     def spawner():
         try:
             while not stop.is_set():
                 proc = fastfork.spawn(["echo", "hi"], stdout=fastfork.PIPE)
                 spawn_pipes.add(os.fstat(proc.stdout.fileno()).st_ino)
+                spawning.set()
                 assert proc.communicate(timeout=30)[0] == b"hi\n"
         except BaseException as exc:
             errors.append(exc)
+        finally:
+            spawning.set()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads
         thread = threading.Thread(target=spawner)
         thread.start()
         try:
+            spawning.wait()  # the spawns run before and while the fan-out forks
             held = fastfork.map(_pipes_held_after, [0.5] * 8, jobs=4)
             held.append(fastfork.start(_pipes_held_after, 0.5).result(timeout=30))
         finally:
@@ -938,10 +942,10 @@ def test_pid_reuse_wait_never_reaps_the_new_process():
 def test_fork_during_interpreter_shutdown():
     result = faultlib.run_contained(HEAD + """
 class AtShutdown:
-    def __del__(self, write=os.write, waitpid=os.waitpid, _exit=os._exit, fork=os.fork):
+    def __del__(self, write=os.write, waitpid=os.waitpid, _exit=os._exit, fork=os.fork,
+                ff_fork=fastfork.fork, start=fastfork.start, fan_out=fastfork.map):
         out = []
-        for call in (fork, fastfork.fork, lambda: fastfork.start(int),
-                     lambda: fastfork.map(int, range(2))):
+        for call in (fork, ff_fork, lambda: start(int), lambda: fan_out(int, range(2))):
             try:
                 pid = call()
             except RuntimeError:
