@@ -182,6 +182,12 @@ def _rebuild(cls, args, kwargs):
     return cls(*args, **kwargs)
 
 
+def describe_exception(type_name, message):
+    """Return 'Type: message', or just 'Type' when the exception has no text."""
+    message = str(message)
+    return f"{type_name}: {message}" if message.strip() else type_name
+
+
 def describe_status(returncode):
     """Return words for a Popen-style returncode ('exited with code 3', 'killed by SIGSEGV')."""
     if returncode is None:

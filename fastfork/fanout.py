@@ -78,9 +78,12 @@ class FunctionChild(Child):
     def result(self, timeout=None):
         """Wait for the child and return its function's return value.
 
-        Raises ChildError if the function raised (with the child's traceback),
-        the child died or exited without a result, or the result could not be
-        pickled; fastfork.TimeoutExpired if still running after ``timeout``.
+        A function that ends in SystemExit with exit status 0 (``sys.exit()``,
+        ``sys.exit(0)``) counts as returning None, as a program exiting 0 succeeds.
+        Raises ChildError if the function raised (with the child's traceback;
+        any other SystemExit too, with its exit code), the child died or exited
+        without a result, or the result could not be pickled;
+        fastfork.TimeoutExpired if still running after ``timeout``.
         """
         if not self.finished:
             self.wait(timeout)

@@ -19,6 +19,63 @@ def test_all_names_exist_and_exceptions_say_fastfork():
         assert exc.__module__ == "fastfork"
 
 
+def test_dir_lists_every_export_and_unknown_names_raise_attribute_error():
+    assert set(fastfork.__all__) <= set(dir(fastfork))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fastfork.no_such_name
+    assert fastfork.__version__ == __import__("fastfork._version").__version__
+
+
+def loaded_by(code):
+    """Run ``code`` in a fresh interpreter; return the modules it added to sys.modules."""
+    proc = procutil.run_python(
+        "import sys\nbefore = set(sys.modules)\n" + code
+        + "\nprint(' '.join(sorted(set(sys.modules) - before)))")
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+# Modules that only some capabilities need: importing fastfork must not load them.
+NOT_ON_IMPORT = {"pickle", "socket", "subprocess", "dataclasses", "inspect", "typing",
+                 "threading", "multiprocessing", "fastfork._core", "fastfork.commands",
+                 "fastfork.server", "fastfork.fanout", "fastfork.shared", "fastfork.benchmark",
+                 "fastfork._workloads", "fastfork.runner", "fastfork.cli"}
+
+
+def test_import_fastfork_loads_only_the_package_itself():
+    loaded = loaded_by("import fastfork")
+    assert loaded == {"fastfork", "fastfork._version"}, loaded - NOT_ON_IMPORT
+
+
+def test_a_capability_loads_what_it_needs_on_first_use():
+    loaded = loaded_by("import fastfork\nfastfork.fork")
+    assert "fastfork._core" in loaded
+    assert not loaded & {"socket", "fastfork.server", "fastfork.commands", "fastfork.benchmark"}
+    loaded = loaded_by("from fastfork import ForkServer")
+    assert {"fastfork.server", "socket"} <= loaded
+
+
+def test_fastfork_run_does_not_load_the_benchmark():
+    loaded = loaded_by("from fastfork import cli\n"
+                       "cli.main(['run', '-n', '1', '--', 'true'])")
+    assert "fastfork.runner" in loaded
+    assert not loaded & {"fastfork.benchmark", "fastfork._workloads", "multiprocessing"}
+
+
+def test_first_use_at_interpreter_shutdown_is_a_runtime_error():
+    proc = procutil.run_python(
+        "import fastfork, os\n"
+        "class AtShutdown:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        try:\n"
+        "            fastfork.ForkServer\n"
+        "        except RuntimeError as exc:\n"
+        "            write(1, str(exc).encode())\n"
+        "keeper = AtShutdown()  # collected while the interpreter finalizes\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "fastfork.ForkServer was first used while the interpreter shuts down" in proc.stdout
+
+
 def test_drop_ins_are_compiled_not_aliases():
     import os as _os
     for name in ("fork", "waitpid", "wait", "wait3", "wait4", "_exit"):
