@@ -1,2 +1,2 @@
-"""The version of this fastfork (read by the packaging metadata too)."""
+"""fastfork's version: the one place it is written (pyproject.toml reads it from here)."""
 __version__ = "0.1.0"
