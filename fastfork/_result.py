@@ -10,7 +10,7 @@ import pickle
 import struct
 import traceback
 
-__all__ = ["OK", "ERROR", "error_payload", "FrameReader"]
+__all__ = ["OK", "ERROR", "error_payload", "user_traceback", "FrameReader"]
 
 OK = b"R"
 ERROR = b"E"
@@ -28,7 +28,7 @@ def error_payload(exc, stage):
         "stage": stage,
         "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
         "message": _safe_str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, user_traceback(exc))),
         "exception": None,
     }
     try:
@@ -38,6 +38,25 @@ def error_payload(exc, stage):
     except BaseException:
         pass
     return pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def user_traceback(exc):
+    """The traceback of ``exc`` from the first frame that is not fastfork's own.
+
+    fastfork's frames on top (those that called the function in the child)
+    tell the user nothing, so they are left out, as the standard library
+    leaves out its own where it can. None if every frame is fastfork's.
+    """
+    tb = exc.__traceback__
+    while tb is not None and _is_fastfork_frame(tb.tb_frame):
+        tb = tb.tb_next
+    return tb
+
+
+def _is_fastfork_frame(frame):
+    # The compiled core's frames carry its module's globals, like any other.
+    module = frame.f_globals.get("__name__") or ""
+    return module == "fastfork" or module.startswith("fastfork.")
 
 
 def _safe_str(exc):

@@ -6,6 +6,7 @@ import time
 import pytest
 
 import fastfork
+from fastfork import _core
 from fastfork import child as child_module
 
 
@@ -21,13 +22,15 @@ def raw_child(seconds=30.0, code=0):
 
 
 @pytest.fixture(params=["pidfd", "polling"])
-def mode(request, monkeypatch):
+def mode(request):
     """Run a test with pidfds (where the kernel has them) and with WNOHANG polling."""
-    if request.param == "pidfd" and not child_module._HAVE_PIDFD:
-        pytest.skip("no pidfd here")
-    if request.param == "polling":
-        monkeypatch.setattr(child_module, "_HAVE_PIDFD", False)
-    return request.param
+    using_pidfds = _core._set_use_pidfd(request.param == "pidfd")
+    try:
+        if request.param == "pidfd" and not using_pidfds:
+            pytest.skip("no pidfd here")
+        yield request.param
+    finally:
+        _core._set_use_pidfd(True)
 
 
 def test_wait_returns_exit_code_and_rusage(mode):

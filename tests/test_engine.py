@@ -28,7 +28,6 @@ import pytest
 import fastfork
 import procutil
 from fastfork import _core
-from fastfork.child import _owned_fds
 
 PIPE_CAPACITY = 1 << 16         # Linux's default pipe capacity
 HEADER = 9                      # the frame's kind byte and 8-byte length
@@ -134,7 +133,7 @@ def test_as_completed_results_around_the_pipe_capacity():
 
 def shrink_pipes_then_blob(item):
     """In a map child: shrink its pipes (the result pipe, the doorbell) to one page first."""
-    fds = sorted(_owned_fds)  # in a fan-out child: exactly its result pipe and the doorbell
+    fds = _core.owned_fds()  # in a fan-out child: exactly its result pipe and the doorbell
     assert len(fds) == 2, fds
     for fd in fds:
         fcntl.fcntl(fd, F_SETPIPE_SZ, 4096)
@@ -214,7 +213,7 @@ def stall_mid_write(item):
     """
     marker, n = item
     mark = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    fds = set(_owned_fds)  # the result pipe and the doorbell
+    fds = set(_core.owned_fds())  # the result pipe and the doorbell
     syscall = f"/proc/self/task/{os.getpid()}/syscall"
 
     def watch():
@@ -457,7 +456,7 @@ def test_map_decodes_results_only_after_every_child_exited():
 
 def test_engine_steps_until_done_and_reports_whole_outcomes():
     fds_before = procutil.open_fds()
-    owned_before = set(_owned_fds)
+    owned_before = set(_core.owned_fds())
     items = [(0, 5), (1, PIPE_CAPACITY * 3), (2, 0), (3, 1 << 20)]
     engine = new_engine(make_blob, items, 2)
     outcomes = []
@@ -474,7 +473,7 @@ def test_engine_steps_until_done_and_reports_whole_outcomes():
         assert (returncode, kind, timed_out, lost) == (0, b"R", False, False)
         assert pickle.loads(payload) == make_blob(item)
     assert procutil.open_fds() == fds_before
-    assert _owned_fds == owned_before
+    assert set(_core.owned_fds()) == owned_before
 
 
 def test_engine_close_twice_is_safe():
@@ -534,7 +533,7 @@ def sync_pipe():
 def test_engine_close_stops_running_children(sync_pipe):
     before = procutil.children()
     fds_before = procutil.open_fds()
-    owned_before = set(_owned_fds)
+    owned_before = set(_core.owned_fds())
     engine = new_engine(quick_sleeper_stubborn_stopped,
                         ["quick", "sleeper", "stubborn", "stopped"], 4)
     try:
@@ -553,7 +552,7 @@ def test_engine_close_stops_running_children(sync_pipe):
     assert elapsed >= 0.3 * 0.99  # the stubborn child had its grace before SIGKILL
     assert engine.done_running and engine.step() == []  # outcomes of stopped children dropped
     assert procutil.open_fds() == fds_before
-    assert _owned_fds == owned_before
+    assert set(_core.owned_fds()) == owned_before
 
 
 def test_engine_deleted_while_children_run_kills_and_reaps_them():
@@ -562,7 +561,7 @@ def test_engine_deleted_while_children_run_kills_and_reaps_them():
     # a child blocked writing into its full pipe included.
     before = procutil.children()
     fds_before = procutil.open_fds()
-    owned_before = set(_owned_fds)
+    owned_before = set(_core.owned_fds())
     engine = new_engine(stubborn_or_writer, ["quick", "stubborn", "big"], 3)
     [outcome] = engine.step()
     assert outcome[:2] == (0, "quick")
@@ -574,7 +573,7 @@ def test_engine_deleted_while_children_run_kills_and_reaps_them():
     assert procutil.children() & running == set()  # no zombie: reaped in __dealloc__
     assert all(procutil.state(pid) is None for pid in running)
     assert procutil.open_fds() == fds_before
-    assert _owned_fds == owned_before
+    assert set(_core.owned_fds()) == owned_before
 
 
 def test_big_results_with_sigchld_ignored():
