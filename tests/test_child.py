@@ -40,6 +40,25 @@ def test_wait_returns_exit_code_and_rusage(mode):
     assert child.returncode == 5 and child.rusage is not None and child.finished
 
 
+def wait_until_exited(pid):
+    """Block until ``pid`` has exited, leaving it to be reaped (waitid with WNOWAIT)."""
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+
+
+def test_wait_zero_reaps_a_child_that_has_exited(mode):
+    # As subprocess.Popen.wait(0): an exited child is reaped, not timed out.
+    child = fastfork.Child(raw_child(0.0, code=3))
+    wait_until_exited(child.pid)
+    assert child.wait(0) == 3
+    assert child.finished and child.returncode == 3
+
+
+def test_result_zero_of_a_child_that_has_exited(mode):
+    child = fastfork.start(int, "7")
+    wait_until_exited(child.pid)
+    assert child.result(0) == 7
+
+
 def test_wait_timeout_then_kill(mode):
     child = fastfork.Child(raw_child())
     with pytest.raises(fastfork.TimeoutExpired) as info:
@@ -58,11 +77,20 @@ def test_wait_all_until_any_returns_first_finisher(mode):
 
 
 def test_stop_all_escalates_and_reaps_everything(mode):
+    ready_r, ready_w = os.pipe()
+
     def stubborn():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.write(ready_w, b"!")
         time.sleep(30)
-    kids = [fastfork.start(stubborn) for _ in range(2)] + [fastfork.Child(raw_child())]
-    time.sleep(0.2)  # let the stubborn ones install their handler
+    try:
+        kids = [fastfork.start(stubborn) for _ in range(2)] + [fastfork.Child(raw_child())]
+        ready = b""
+        while len(ready) < 2:  # both stubborn ones ignore SIGTERM now
+            ready += os.read(ready_r, 2)
+    finally:
+        os.close(ready_r)
+        os.close(ready_w)
     child_module.stop_all(kids, grace=0.2)
     assert [k.returncode for k in kids] == [-signal.SIGKILL, -signal.SIGKILL, -signal.SIGTERM]
 

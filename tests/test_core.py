@@ -141,24 +141,158 @@ def test_fork_with_threads_only_forking_thread_survives_and_warns_like_os(where,
         assert warned == []
 
 
+# Each entry point forks on a line marked "# at: NAME", with an idle thread
+# running; the script reports the warnings each one issued.
+THREADS_WARNING_SCRIPT = """
+import json, os, subprocess, threading, warnings, fastfork
+release = threading.Event()
+idle = threading.Thread(target=release.wait)
+idle.start()
+seen = {}
+
+def record(name, caught):
+    seen[name] = [[w.filename, w.lineno, w.category.__name__,
+                   str(w.message).replace(str(os.getpid()), "PID")] for w in caught]
+
+def fork_here(fork):
+    pid = fork()  # at: in-function
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fork_here(fork)
+    record(name + " in a function", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pid = os.fork()  # at: os
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+record("os", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pid = fastfork.fork()  # at: fastfork
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+record("fastfork", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fastfork.map(abs, [-1])  # at: map
+record("map", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fastfork.start(abs, -1).result(timeout=30)  # at: start
+record("start", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    list(fastfork.as_completed(abs, [-1]))  # at: as_completed
+record("as_completed", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with fastfork.background(abs, -1) as child:  # at: background
+        child.wait(timeout=30)
+record("background", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with fastfork.ForkServer() as server:  # at: ForkServer
+        server.start(abs, -1).result(timeout=30)
+record("ForkServer", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fastfork.spawn(["true"]).wait(timeout=30)
+record("spawn", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    subprocess.run(["true"])
+record("subprocess", caught)
+
+release.set()
+idle.join()
+print(json.dumps(seen))
+"""
+
+
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="os.fork warns about threads from 3.12")
-@pytest.mark.parametrize("how", ["map", "start"])
-def test_threads_warning_of_a_library_fork_names_the_callers_line(how):
-    release = threading.Event()
-    idle = threading.Thread(target=release.wait)
-    idle.start()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if how == "map":
-                fastfork.map(abs, [-1])
-            else:
-                fastfork.start(abs, -1).result(timeout=30)
-    finally:
+def test_threads_warning_names_the_line_that_forked_for_every_entry_point():
+    lines = {line.rpartition("# at: ")[2]: number
+             for number, line in enumerate(THREADS_WARNING_SCRIPT.splitlines(), 1)
+             if "# at: " in line}
+    seen = run_script(THREADS_WARNING_SCRIPT)
+
+    def warned_at(name):
+        return [["<string>", lines[name], "DeprecationWarning",
+                 "This process (pid=PID) is multi-threaded, use of fork() may lead to "
+                 "deadlocks in the child."]]
+
+    # fastfork.fork warns exactly as os.fork does, at module level and in a function.
+    assert seen["os"] == warned_at("os")
+    assert seen["fastfork"] == warned_at("fastfork")
+    assert seen["fastfork in a function"] == seen["os in a function"] == warned_at("in-function")
+    # The library's forks name the user's line that called into fastfork.
+    for name in ("map", "start", "as_completed", "background", "ForkServer"):
+        assert seen[name] == warned_at(name), name
+    # spawn creates its process vfork-style and execs at once: like subprocess, no warning.
+    assert seen["spawn"] == seen["subprocess"] == []
+
+
+@pytest.mark.parametrize("how", ["fork", "start"])
+def test_a_signal_during_an_at_fork_hook_is_not_lost_with_threads_running(how):
+    # This thread blocks signals while the hooks run, so the kernel hands the
+    # SIGINT to the idle thread, whose C-level handler only sets a flag; the
+    # Python-level handler would then run inside the hook, in this thread,
+    # and what it raised would be printed as "Exception ignored" and lost.
+    call = {
+        "fork": "pid = fastfork.fork()\n    if pid == 0:\n        os._exit(0)",
+        "start": "fastfork.start(int).result(timeout=30)",
+    }[how]
+    proc = procutil.run_python(textwrap.dedent("""
+        import os, signal, threading, warnings, fastfork, procutil
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w)
+        release = threading.Event()
+        idle = threading.Thread(target=release.wait)
+        idle.start()
+        armed = []
+
+        def before():
+            if armed:
+                armed.clear()
+                os.kill(os.getpid(), signal.SIGINT)
+                os.read(r, 1)  # the idle thread has received it
+                sum(range(100))  # where a due Python-level handler runs
+
+        os.register_at_fork(before=before)
+        armed.append(1)
+        outcome = "lost"
+        try:
+            {call}
+        except KeyboardInterrupt:
+            outcome = "raised"
+        for pid in procutil.children():
+            os.waitpid(pid, 0)
         release.set()
         idle.join()
-    warned = [w for w in caught if w.category is DeprecationWarning]
-    assert [w.filename for w in warned] == [__file__]
+        print(outcome, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    """).format(call=call))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["raised", "True"], proc.stderr
+    assert "Exception ignored" not in proc.stderr
 
 
 def test_fork_without_threads_does_not_warn(reaper):
