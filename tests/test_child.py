@@ -6,6 +6,7 @@ import time
 import pytest
 
 import fastfork
+import procutil
 from fastfork import _core
 from fastfork import child as child_module
 
@@ -121,3 +122,64 @@ def test_repr_and_context_manager(mode):
 def test_huge_timeouts_do_not_overflow(mode):
     child = fastfork.Child(raw_child(0.01))
     assert child.wait(timeout=1e12) == 0
+
+
+@pytest.mark.parametrize("pid, error", [(0, ValueError), (-1, ValueError), ("1", TypeError),
+                                        (1.5, TypeError)])
+def test_bad_pids_are_refused(pid, error):
+    with pytest.raises(error):
+        fastfork.Child(pid)
+
+
+def test_an_unstarted_handle_never_waits_for_or_signals_the_process_group():
+    # pid 0 would mean "any child in the process group" to wait4() and kill().
+    handle = fastfork.FunctionChild()
+    assert handle.pid is None
+    with pytest.raises(ChildProcessError):
+        handle._poll_status()
+    with pytest.raises(ChildProcessError):
+        handle._signal(signal.SIGKILL)
+
+
+def test_dropping_a_handle_closes_its_fds_and_queues_a_running_child(mode):
+    import gc
+    import warnings
+    before = procutil.open_fds()
+    ready_r, ready_w = os.pipe()  # the child exits once this is closed
+    pid = fastfork.fork()
+    if pid == 0:
+        try:
+            os.close(ready_w)
+            os.read(ready_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_r)
+    child = fastfork.Child(pid)
+    assert child._owner == os.getpid()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del child
+        gc.collect()
+    assert [str(w.message) for w in caught] == [f"child {pid} is still running"]
+    assert caught[0].category is ResourceWarning
+    # Its pidfd (if any) goes with the queued child until that is reaped.
+    assert len(procutil.open_fds() - before) == (2 if mode == "pidfd" else 1)
+    os.close(ready_w)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    child_module.reap_dropped()
+    assert procutil.state(pid) is None
+    assert procutil.open_fds() == before
+
+
+def test_dropping_the_handle_of_an_exited_child_reaps_it_at_once(mode):
+    import gc
+    import warnings
+    pid = raw_child(0.0)
+    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        child = fastfork.Child(pid)
+        del child
+        gc.collect()
+    assert caught == []
+    assert procutil.state(pid) is None

@@ -7,6 +7,7 @@ at-fork hooks, audit hooks, rlimits, cgroups, interpreter shutdown) run in a
 fresh interpreter through ``procutil.run_python``.
 """
 import _imp
+import errno
 import json
 import math
 import os
@@ -1350,3 +1351,49 @@ def test_reap_interrupted_hands_over_what_it_already_reaped():
         print(json.dumps([reaped == [(fast, 3 << 8)], fastfork.reap([slow]) == [(slow, 9)]]))
     """)
     assert out == [True, True]
+
+
+# ------------------------------------------------------------------ owned fds
+
+
+def test_owned_fds_are_recorded_forgotten_and_closed():
+    r, w = os.pipe()
+    try:
+        assert _core.own_fd(r) == r
+        assert r in _core.owned_fds() and w not in _core.owned_fds()
+        _core.disown_fd(r)
+        assert r not in _core.owned_fds()
+        _core.own_fd(w)
+    finally:
+        os.close(r)
+    _core.close_owned(w)
+    assert w not in _core.owned_fds()
+    with pytest.raises(OSError) as info:
+        _core.close_owned(w)  # closed already
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(ValueError):
+        _core.own_fd(-1)
+    with pytest.raises(TypeError):
+        _core.own_fd("3")
+
+
+def owned_fd_seen_by_child(fd):
+    """In a fastfork child: is ``fd`` still owned, and still open?"""
+    try:
+        os.fstat(fd)
+        is_open = True
+    except OSError:
+        is_open = False
+    return [fd in _core.owned_fds(), is_open]
+
+
+def test_fastfork_children_close_every_owned_fd_first():
+    r, w = os.pipe()
+    _core.own_fd(r)
+    try:
+        assert fastfork.start(owned_fd_seen_by_child, r).result(timeout=30) == [False, False]
+        assert fastfork.map(owned_fd_seen_by_child, [r]) == [[False, False]]
+        assert r in _core.owned_fds()  # the parent's copy is untouched
+    finally:
+        _core.close_owned(r)
+        os.close(w)
