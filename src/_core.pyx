@@ -21,7 +21,7 @@ errno (so EAGAIN is ``BlockingIOError`` and ECHILD ``ChildProcessError``, as in
 ``os``). fastfork's own exceptions are raised by the Python layer.
 """
 
-from cpython.exc cimport PyErr_CheckSignals, PyErr_SetInterruptEx, PyErr_WarnEx
+from cpython.exc cimport PyErr_CheckSignals, PyErr_WarnEx
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
 from libc.errno cimport EAGAIN, ECHILD, EINTR, EINVAL, ENOMEM, ESRCH, errno

@@ -2,7 +2,8 @@
 #
 # What Cython bundles (libc.*, posix.*, cpython.*) is cimported from there where
 # it is used; this file holds only the rest: CPython's fork hooks, Linux's
-# pidfd and prctl calls, poll(2), pipe2(2), and the exec path's plan (spawn.h).
+# pidfd and prctl calls, poll(2), pipe2(2), and the project's own C helpers
+# (spawn.h: the exec path's plan; sighold.h: signals held during at-fork hooks).
 # Each function states its exception contract: none of these raise (they
 # report through their return value and errno), except PySys_Audit.
 
@@ -17,9 +18,10 @@ cdef extern from "Python.h":
     int PySys_Audit(const char *event, const char *format, ...) except -1
     # A borrowed reference, or NULL.
     PyObject *PySys_GetObject(const char *name) noexcept
-    # Runs func(arg) in the main thread at the next point where signal
-    # handlers run; an exception it sets (returning -1) propagates from there.
-    int Py_AddPendingCall(int (*func)(void *) noexcept, void *arg) noexcept
+    ctypedef void (*PyOS_sighandler_t)(int) noexcept nogil
+    # The C-level disposition of a signal (sigaction), as a handler address.
+    PyOS_sighandler_t PyOS_getsig(int sig) noexcept
+    unsigned long PyThread_get_thread_ident() noexcept
     # A new reference, or NULL at the end (or on error, with the error set).
     PyObject *PyIter_Next_raw "PyIter_Next"(PyObject *iterator) noexcept
 
@@ -30,6 +32,12 @@ cdef extern from "Python.h":
     PyInterpreterState *PyInterpreterState_Get() noexcept
     PyThreadState *PyInterpreterState_ThreadHead(PyInterpreterState *interp) noexcept
     PyThreadState *PyThreadState_Next(PyThreadState *tstate) noexcept
+
+
+cdef extern from "Python.h" nogil:
+    # Trip the Python-level handler of a signal as if it had just arrived
+    # (async-signal-safe, callable without the GIL).
+    int PyErr_SetInterruptEx(int signum) noexcept
 
 
 cdef extern from *:
@@ -110,3 +118,8 @@ cdef extern from "spawn.h" nogil:
         FF_STEP_SETSID
         FF_STEP_PDEATHSIG
         FF_STEP_EXEC
+
+
+cdef extern from "sighold.h" nogil:
+    void ff_hold_signals(void (*python_handler)(int) noexcept nogil) noexcept
+    void ff_release_signals(int (*deliver)(int) noexcept) noexcept

@@ -3,12 +3,13 @@
 # fork a child that runs Python code (fork_call, fork_with_pipe). Included by
 # _core.pyx.
 
-from cpython.exc cimport PyErr_SetObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.signal cimport SIG_DFL, SIG_ERR, SIG_IGN
 
 from _decls cimport (
-    PyInterpreterState_Get, PyInterpreterState_ThreadHead, PyThreadState, PyThreadState_Next,
-    Py_AddPendingCall,
+    PyErr_SetInterruptEx, PyInterpreterState_Get, PyInterpreterState_ThreadHead,
+    PyOS_getsig, PyOS_sighandler_t, PyThread_get_thread_ident, PyThreadState,
+    PyThreadState_Next, ff_hold_signals, ff_release_signals,
 )
 
 import builtins
@@ -130,94 +131,54 @@ cdef void _warn_if_threaded(bint library) noexcept:
 # CPython runs Python-level signal handlers in the main thread only, but any
 # thread that does not block a signal may receive it, and the C-level handler
 # that receives it only sets a flag. So with other threads running, blocking
-# signals in the forking thread does not stop a handler from running inside
-# an at-fork hook, where what it raises would be printed as "Exception
-# ignored" and lost. For that case the Python-level handlers are swapped for
-# one that only records the signal, and the recorded signals are raised again
-# (PyErr_SetInterruptEx) once the hooks are done.
+# signals in the forking (main) thread does not stop a handler from running
+# inside an at-fork hook, where what it raises would be printed as "Exception
+# ignored" and lost. For that case the C-level handlers are held back while
+# the hooks run (src/sighold.c): no Python code runs for it, so it costs a
+# fork no page writes.
+
+cdef unsigned long _main_thread_ident = threading.main_thread().ident
+cdef PyOS_sighandler_t _python_handler = NULL
+
+
+cdef PyOS_sighandler_t _python_signal_handler() except? NULL:
+    """CPython's C-level signal handler (the one that runs Python-level handlers).
+
+    Learned from the first signal found with a Python-level handler; NULL
+    while no signal has one.
+    """
+    global _python_handler
+    cdef PyOS_sighandler_t disposition
+    if _python_handler == NULL:
+        for sig in _all_signals:
+            disposition = PyOS_getsig(sig)
+            if (disposition != <PyOS_sighandler_t>SIG_DFL
+                    and disposition != <PyOS_sighandler_t>SIG_IGN
+                    and disposition != <PyOS_sighandler_t>SIG_ERR
+                    and callable(_getsignal(sig))):
+                _python_handler = disposition
+                break
+    return _python_handler
+
+
+cdef bint _hold_python_signals() except -1:
+    """Hold back Python-level signal handlers for the at-fork hooks, if one
+    could run inside them: in the main thread, with other threads running.
+
+    Returns True if held (ff_release_signals must follow).
+    """
+    cdef PyOS_sighandler_t handler
+    if PyThread_get_thread_ident() != _main_thread_ident or _count_threads() <= 1:
+        return False
+    handler = _python_signal_handler()
+    if handler == NULL:
+        return False
+    ff_hold_signals(handler)
+    return True
+
 
 cdef object _getsignal = _signal_module.getsignal
-cdef object _setsignal = _signal_module.signal
 cdef tuple _all_signals = tuple(sorted(_signal_module.valid_signals()))
-cdef list _deferred_signals = []
-
-
-def _defer_signal(signum, frame):
-    """The Python-level handler of every signal while at-fork hooks run: records it."""
-    _deferred_signals.append(signum)
-
-
-cdef int _raise_pending(void *exc) noexcept:
-    """A pending call (Py_AddPendingCall) raising the exception it was given."""
-    err = <object>exc
-    Py_DECREF(err)  # the reference _raise_later took
-    PyErr_SetObject(type(err), err)
-    return -1
-
-
-cdef void _raise_later(exc) noexcept:
-    """Raise ``exc`` at the next point where signal handlers run.
-
-    For an exception a signal handler raised where it cannot propagate (the
-    fork has happened: its pid must reach the caller).
-    """
-    Py_INCREF(exc)
-    if Py_AddPendingCall(_raise_pending, <void *>exc) < 0:
-        Py_DECREF(exc)  # the queue is full: a Ctrl-C at least is not lost
-        if isinstance(exc, KeyboardInterrupt):
-            PyErr_SetInterruptEx(_signal_module.SIGINT)
-
-
-cdef void _set_handler(sig, handler) noexcept:
-    """signal.signal(sig, handler), whatever a due signal handler raises.
-
-    signal.signal runs the due handlers before it changes anything; what
-    they raise is raised later (_raise_later), and the change tried again.
-    """
-    while True:
-        try:
-            _setsignal(sig, handler)
-            return
-        except BaseException as exc:
-            _raise_later(exc)
-
-
-cdef dict _defer_signal_handlers():
-    """Have the Python-level signal handlers only record, if one could run now.
-
-    That is when other threads run and this is the main thread. Returns
-    {signal: the handler swapped out}, or None when nothing was swapped.
-    """
-    if _count_threads() <= 1 or _thread.get_ident() != threading.main_thread().ident:
-        return None
-    swapped = {}
-    for sig in _all_signals:
-        handler = _getsignal(sig)
-        if callable(handler):
-            _set_handler(sig, _defer_signal)
-            swapped[sig] = handler
-    return swapped
-
-
-cdef void _end_signal_deferral(dict swapped, bint deliver) noexcept:
-    """Put back the handlers _defer_signal_handlers swapped out.
-
-    A handler a hook installed meanwhile stays. With ``deliver`` (in the
-    parent) the recorded signals are handled at the next chance, as if they
-    arrived now; a child drops them (they were sent to its parent).
-    """
-    if swapped is None:
-        return
-    try:
-        for sig, handler in swapped.items():
-            if _getsignal(sig) is _defer_signal:
-                _set_handler(sig, handler)
-        if deliver:
-            for sig in dict.fromkeys(_deferred_signals):
-                PyErr_SetInterruptEx(sig)
-        _deferred_signals.clear()
-    except BaseException as exc:
-        _raise_later(exc)
 
 
 # ---------------------------------------------------------------- fork
@@ -233,6 +194,7 @@ cdef pid_t _fork_checked(bint library) except -1:
     """
     cdef pid_t pid
     cdef int saved_errno
+    cdef bint holding
     cdef sigset_t all_signals, saved_mask
     # Same checks in the same order as CPython's os_fork_impl: shutdown
     # first, then the audit event.
@@ -241,15 +203,15 @@ cdef pid_t _fork_checked(bint library) except -1:
     PySys_Audit("os.fork", NULL)
     # Unlike os.fork, no Python signal handler runs inside an at-fork hook
     # (what it raised would be lost): this thread blocks every signal until
-    # the hooks are done, and the handlers of signals other threads receive
-    # only record them meanwhile.
+    # the hooks are done, and signals other threads receive are held back
+    # meanwhile (_hold_python_signals).
     sigfillset(&all_signals)
     pthread_sigmask(SIG_BLOCK, &all_signals, &saved_mask)
     try:
         # A signal that arrived before the mask (while C code ran, so no
         # handler has run yet) is handled now: raising here forks nothing.
         PyErr_CheckSignals()
-        swapped = _defer_signal_handlers()
+        holding = _hold_python_signals()
     except BaseException:
         pthread_sigmask(SIG_SETMASK, &saved_mask, NULL)
         raise
@@ -258,7 +220,8 @@ cdef pid_t _fork_checked(bint library) except -1:
     saved_errno = errno
     if pid == 0:
         PyOS_AfterFork_Child()
-        _end_signal_deferral(swapped, False)
+        if holding:
+            ff_release_signals(NULL)  # signals sent to the parent are not the child's
         pthread_sigmask(SIG_SETMASK, &saved_mask, NULL)
         return 0
     # os.fork warns in the parent even when fork() failed.
@@ -267,7 +230,8 @@ cdef pid_t _fork_checked(bint library) except -1:
     PyOS_AfterFork_Parent()
     if _warn_threads and not _warn_before_hooks:
         _warn_if_threaded(library)
-    _end_signal_deferral(swapped, True)
+    if holding:
+        ff_release_signals(PyErr_SetInterruptEx)
     # Signals this thread held back are delivered now.
     pthread_sigmask(SIG_SETMASK, &saved_mask, NULL)
     if pid < 0:
@@ -310,12 +274,15 @@ cdef pid_t _fork_holding_fd_lock(bint alone) except -1:
 
 
 def _after_fork_in_child():
+    global _main_thread_ident
     # A child forked while the fd lock was held (by fastfork's own fork, or by
     # another thread when user code calls os.fork) must be able to fork too.
     # Only one thread survives a fork, so no one else can hold it here.
     if _fd_lock.locked():
         _fd_lock.release()
     _forget_dropped()
+    # The forking thread is the child's main thread (as CPython makes it).
+    _main_thread_ident = PyThread_get_thread_ident()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -55,29 +55,24 @@ cdef class ChildHandle:
 
     def __dealloc__(self):
         cdef int status
-        cdef pid_t rc
-        cdef bint running = False
+        cdef pid_t rc = -1
         if self._c_owner != getpid():
             return  # a copy in a forked process: neither the fds nor the child are its
         if self._c_pid > 0 and self._reaps_own_pid and not self._reaped:
-            while True:
-                rc = _wait_child(self._c_pid, self._c_pidfd, WNOHANG, &status, NULL)
-                if rc >= 0 or errno != EINTR:
-                    break
-            running = rc == 0
-            if running:
-                # The pidfd goes along, so the later reap can never take a reused pid.
+            # An exited child is reaped here; a running one (or one the wait
+            # was interrupted for) is queued, and its pidfd goes along, so the
+            # later reap can never take a reused pid.
+            rc = _wait_child(self._c_pid, self._c_pidfd, WNOHANG, &status, NULL)
+            if rc == 0 or (rc < 0 and errno == EINTR):
                 _drop_child(self._c_pid, self._c_pidfd)
                 self._c_pidfd = -1
         self._close_all()
-        if running:
+        if rc == 0:
             try:
                 PyErr_WarnEx(ResourceWarning,
                              f"child {self._c_pid} is still running".encode(), 1)
-            except Warning:
-                pass  # warnings set to "error": a finalizer cannot raise it
-            except BaseException as exc:
-                _raise_later(exc)  # a signal handler's exception (Ctrl-C) is not lost
+            except BaseException:
+                pass  # a finalizer has nowhere to raise it
 
     cdef void _close_all(self) noexcept:
         _close_fd(&self._c_pidfd)

@@ -251,10 +251,10 @@ def test_threads_warning_names_the_line_that_forked_for_every_entry_point():
 
 @pytest.mark.parametrize("how", ["fork", "start"])
 def test_a_signal_during_an_at_fork_hook_is_not_lost_with_threads_running(how):
-    # This thread blocks signals while the hooks run, so the kernel hands the
-    # SIGINT to the idle thread, whose C-level handler only sets a flag; the
-    # Python-level handler would then run inside the hook, in this thread,
-    # and what it raised would be printed as "Exception ignored" and lost.
+    # While the hooks run, the forking thread blocks signals, but another
+    # thread can still receive one; its C-level handler sets a flag, and the
+    # Python-level handler would then run inside the hook, in the main thread,
+    # where what it raised would be printed as "Exception ignored" and lost.
     call = {
         "fork": "pid = fastfork.fork()\n    if pid == 0:\n        os._exit(0)",
         "start": "fastfork.start(int).result(timeout=30)",
@@ -263,23 +263,27 @@ def test_a_signal_during_an_at_fork_hook_is_not_lost_with_threads_running(how):
         import os, signal, threading, warnings, fastfork, procutil
         warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        r, w = os.pipe()
-        os.set_blocking(w, False)
-        signal.set_wakeup_fd(w)
-        release = threading.Event()
-        idle = threading.Thread(target=release.wait)
-        idle.start()
-        armed = []
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
+
+        def other_thread():
+            os.read(go_r, 1)
+            # raise() returns once this thread's C-level handler has run.
+            signal.raise_signal(signal.SIGINT)
+            os.write(done_w, b"!")
+
+        helper = threading.Thread(target=other_thread)
+        helper.start()
+        armed = [1]
 
         def before():
             if armed:
                 armed.clear()
-                os.kill(os.getpid(), signal.SIGINT)
-                os.read(r, 1)  # the idle thread has received it
-                sum(range(100))  # where a due Python-level handler runs
+                os.write(go_w, b"!")
+                os.read(done_r, 1)  # the signal has been received meanwhile
+                sum(range(100))  # bytecode, where a due Python-level handler runs
 
         os.register_at_fork(before=before)
-        armed.append(1)
         outcome = "lost"
         try:
             {call}
@@ -287,8 +291,7 @@ def test_a_signal_during_an_at_fork_hook_is_not_lost_with_threads_running(how):
             outcome = "raised"
         for pid in procutil.children():
             os.waitpid(pid, 0)
-        release.set()
-        idle.join()
+        helper.join()
         print(outcome, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
     """).format(call=call))
     assert proc.returncode == 0, proc.stderr
@@ -296,88 +299,27 @@ def test_a_signal_during_an_at_fork_hook_is_not_lost_with_threads_running(how):
     assert "Exception ignored" not in proc.stderr
 
 
-def test_fork_without_threads_does_not_warn(reaper):
-    # A thread joined by an earlier test may linger in the kernel for a moment.
-    deadline = time.monotonic() + 5
-    while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    for fork in (os.fork, fastfork.fork):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pid = fork_and(fork, lambda: 0)
-        reaper.append(pid)
+def test_a_signal_handler_set_by_an_at_fork_hook_stays_with_threads_running():
+    # Held signals get their handler back after the hooks, unless a hook set
+    # one of its own: here SIG_DFL, whose default action ends the process.
+    proc = procutil.run_python(textwrap.dedent("""
+        import os, signal, threading, warnings, fastfork
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        signal.signal(signal.SIGUSR1, lambda *args: print("handled"))
+        release = threading.Event()
+        idle = threading.Thread(target=release.wait, daemon=True)
+        idle.start()
+        os.register_at_fork(before=lambda: signal.signal(signal.SIGUSR1, signal.SIG_DFL))
+        pid = fastfork.fork()
+        if pid == 0:
+            os._exit(0)
         os.waitpid(pid, 0)
-        assert [w for w in caught if w.category is DeprecationWarning] == []
-
-
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="os.fork warns about threads from 3.12")
-@pytest.mark.parametrize("action", ["error", "raise KeyboardInterrupt"])
-def test_an_exception_from_the_threads_warning_is_cleared_like_os(action, reaper):
-    # os.fork clears whatever the warning raises (PyErr_Clear): the fork
-    # happened, so the pid is returned -- and fork_call records it.
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    release = threading.Event()
-    idle = threading.Thread(target=release.wait)
-    idle.start()
-    registry = []
-    try:
-        with warnings.catch_warnings():
-            if action == "error":
-                warnings.simplefilter("error", DeprecationWarning)
-            else:
-                warnings.simplefilter("always")
-                warnings.showwarning = interrupt
-            try:
-                for fork in (os.fork, fastfork.fork):
-                    pid = fork_and(fork, lambda: 0)
-                    reaper.append(pid)
-                    assert type(pid) is int and pid > 0
-                pid = _core.fork_call(lambda: 0, registry)
-                reaper.append(pid)
-            except KeyboardInterrupt:  # would abort the whole pytest session
-                pytest.fail("KeyboardInterrupt escaped from fork")
-    finally:
-        release.set()
-        idle.join()
-    assert registry == [pid]
-    assert fastfork.reap(reaper) == [(p, 0) for p in reaper]
-
-
-def test_threads_warning_is_issued_around_the_after_fork_hooks_like_os():
-    # 3.12 warns before the after_in_parent hooks run, 3.13 after them: a hook
-    # that starts a thread makes the difference visible.
-    out = run_script("""
-        import json, os, threading, time, warnings, fastfork
-        release, started = threading.Event(), []
-        def start_thread():
-            t = threading.Thread(target=release.wait)
-            t.start()
-            started.append(t)
-        os.register_at_fork(after_in_parent=start_thread)
-
-        def kernel_threads():
-            with open("/proc/self/stat") as f:
-                return int(f.read().rpartition(")")[2].split()[17])
-        out = {}
-        for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
-            while kernel_threads() > 1:  # a joined thread can linger in the kernel a moment
-                time.sleep(0.001)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                pid = fork()
-                if pid == 0:
-                    os._exit(0)
-            os.waitpid(pid, 0)
-            release.set()
-            started.pop().join()
-            release.clear()
-            out[name] = len(caught)
-        print(json.dumps(out))
-    """)
-    assert out["fastfork"] == out["os"]
-    assert out["fastfork"] == (1 if sys.version_info >= (3, 13) else 0)
+        print(signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, flush=True)
+        signal.raise_signal(signal.SIGUSR1)  # its default action ends the process
+        print("survived")
+    """))
+    assert proc.stdout.split() == ["True"], proc.stderr
+    assert proc.returncode == -signal.SIGUSR1, proc.stderr
 
 
 @FORKS
