@@ -10,8 +10,9 @@ no signal handler can run between two of their steps. One topic per file:
 - ``_wait.pxi``: one way to wait for a child (through a pidfd where the kernel
   has them, else by pid), ``reap`` (a batch waitpid with the GIL released) and
   the children whose handles were dropped while they ran;
-- ``_fork.pxi``: fork between the interpreter's hooks, the child's start-up,
-  ``fork_call`` and ``fork_with_pipe``;
+- ``_fork.pxi``: fork between the interpreter's hooks (signals held back
+  meanwhile, ``sighold.c``), the child's start-up, ``fork_call`` and
+  ``fork_with_pipe``;
 - ``_handle.pxi``: ``ChildHandle``, the C half of ``fastfork.Child``;
 - ``_spawn.pxi``: the exec path; ``_fanout.pxi``: the fan-out engine;
 - ``_limits.pxi``: the ``_c_*`` loops the benchmarks compare against.

@@ -3,7 +3,6 @@
 # fork a child that runs Python code (fork_call, fork_with_pipe). Included by
 # _core.pyx.
 
-from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.signal cimport SIG_DFL, SIG_ERR, SIG_IGN
 
 from _decls cimport (
