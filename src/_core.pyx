@@ -37,7 +37,8 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.types cimport pid_t, sigset_t
 from posix.unistd cimport _exit as c_exit, close, fork as c_fork, getpid, getppid
 from posix.unistd cimport read as c_read, usleep, write as c_write
-from posix.wait cimport WEXITED, WNOHANG, wait4 as c_wait4
+from posix.wait cimport WEXITED, WNOHANG, wait as c_wait, wait3 as c_wait3, wait4 as c_wait4
+from posix.wait cimport waitpid as c_waitpid
 
 from _decls cimport (
     CLD_DUMPED, CLD_EXITED, NSIG, P_PIDFD, POLLIN, PR_SET_PDEATHSIG, PyOS_AfterFork_Child,
@@ -91,7 +92,7 @@ def waitpid(pid, options, /):
     cdef pid_t c_pid = PyNumber_Index(pid)
     cdef int c_options = PyNumber_Index(options)
     cdef int status = 0
-    cdef pid_t res = _wait_retrying(c_pid, -1, c_options, &status, NULL)
+    cdef pid_t res = _wait_retrying(_wait_child, c_pid, -1, c_options, &status, NULL)
     return res, status
 
 
@@ -101,7 +102,7 @@ def wait():
     Returns (pid, status). Raises ChildProcessError when there is no child.
     """
     cdef int status = 0
-    cdef pid_t res = _wait_retrying(-1, -1, 0, &status, NULL)
+    cdef pid_t res = _wait_retrying(_libc_wait, -1, -1, 0, &status, NULL)
     return res, status
 
 
@@ -111,7 +112,7 @@ def wait3(options):
     Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
     ready, (0, 0, zeroed rusage). Raises ChildProcessError when there is no child.
     """
-    return _wait_with_rusage(-1, -1, PyNumber_Index(options))
+    return _wait_with_rusage(_libc_wait3, -1, -1, PyNumber_Index(options))
 
 
 def wait4(pid, options):
@@ -120,7 +121,7 @@ def wait4(pid, options):
     Returns (pid, status, resource.struct_rusage); with WNOHANG and nothing
     ready, (0, 0, zeroed rusage). Raises ChildProcessError (ECHILD) or OSError.
     """
-    return _wait_with_rusage(PyNumber_Index(pid), -1, PyNumber_Index(options))
+    return _wait_with_rusage(_wait_child, PyNumber_Index(pid), -1, PyNumber_Index(options))
 
 
 include "_fds.pxi"

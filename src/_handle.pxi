@@ -2,8 +2,6 @@
 # (Child, FunctionChild, ServerChild, Process) add the waiting and reading.
 # Included by _core.pyx.
 
-import warnings
-
 
 cdef class ChildHandle:
     """A child's pid and the fds its handle owns, in C fields.
@@ -11,10 +9,10 @@ cdef class ChildHandle:
     The fds -- a pidfd, the result pipe's read and write ends, up to two
     pipes capturing output -- are each closed and forgotten in one C step
     (_close_fd), so a signal handler raising never leaves one open or closes
-    one twice. When the handle is garbage-collected its fds are closed and a
-    child still running is queued for reap_dropped (and a ResourceWarning
-    issued), without Python code that a signal could interrupt. A copy of
-    the handle in another process (after a fork) touches nothing.
+    one twice. When the handle is garbage-collected, its fds are closed and
+    a child still running is queued for reap_dropped in C, where no signal
+    handler can interrupt (a ResourceWarning follows). A copy of the handle
+    in another process (after a fork) touches nothing.
     """
 
     cdef pid_t _c_pid                   # 0 until the process exists
@@ -168,7 +166,7 @@ cdef class ChildHandle:
         process was never started).
         """
         self._check_started()
-        return _wait_with_rusage(self._c_pid, self._c_pidfd, WNOHANG)
+        return _wait_with_rusage(_wait_child, self._c_pid, self._c_pidfd, WNOHANG)
 
     def _signal(self, int sig):
         """Send ``sig`` to the (unreaped) child, through its pidfd where it has one.

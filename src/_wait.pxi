@@ -22,14 +22,15 @@ cdef bint _probe_pidfd() noexcept:
     """True if this kernel has pidfd_open and waitid(P_PIDFD) (Linux 5.4+).
 
     Asked of our own pid, which is not our child: a kernel that knows P_PIDFD
-    answers ECHILD, one that does not (5.3) EINVAL.
+    answers ECHILD; one that does not (5.3), EINVAL; a seccomp filter, ENOSYS
+    or EPERM.
     """
     cdef siginfo_t info
     cdef int fd = <int>syscall(SYS_pidfd_open, getpid(), 0)
     cdef bint usable
     if fd < 0:
         return False
-    usable = syscall(SYS_waitid, P_PIDFD, fd, &info, WEXITED | WNOHANG, NULL) == 0 or errno != EINVAL
+    usable = syscall(SYS_waitid, P_PIDFD, fd, &info, WEXITED | WNOHANG, NULL) == 0 or errno == ECHILD
     close(fd)
     return usable
 
@@ -54,14 +55,17 @@ cdef int _open_pidfd(pid_t pid) noexcept nogil:
 
 
 cdef pid_t _wait_child(pid_t pid, int pidfd, int options, int *status, rusage *ru) noexcept nogil:
-    """One wait for a child: through ``pidfd`` where it has one (>= 0), else wait4(pid).
+    """One wait for a child: through ``pidfd`` where it has one (>= 0), else by pid.
 
-    With a pidfd, ``options`` may only be 0 or WNOHANG. Returns the pid reaped
-    (``status`` in waitpid's encoding, ``ru`` filled if not NULL), 0 when
-    WNOHANG finds nothing ready, or -1 with errno.
+    By pid: waitpid(), or wait4() when ``ru`` is wanted. With a pidfd,
+    ``options`` may only be 0 or WNOHANG. Returns the pid reaped (``status``
+    in waitpid's encoding, ``ru`` filled if not NULL), 0 when WNOHANG finds
+    nothing ready, or -1 with errno.
     """
     cdef siginfo_t info
     if pidfd < 0:
+        if ru == NULL:
+            return c_waitpid(pid, status, options)
         return c_wait4(pid, status, options, ru)
     memset(&info, 0, sizeof(info))
     # The raw system call: glibc's waitid() has no rusage argument.
@@ -74,13 +78,29 @@ cdef pid_t _wait_child(pid_t pid, int pidfd, int options, int *status, rusage *r
     return info.si_pid
 
 
-cdef pid_t _wait_retrying(pid_t pid, int pidfd, int options, int *status, rusage *ru) except -1:
-    """_wait_child with the GIL released, retried on EINTR after running the
-    signal handlers (what they raise propagates). Raises OSError from errno."""
+# os.wait and os.wait3 make these libc calls, and so do their drop-ins: the
+# same system calls, seen by the same tools (an LD_PRELOAD shim, say).
+cdef pid_t _libc_wait(pid_t pid, int pidfd, int options, int *status, rusage *ru) noexcept nogil:
+    return c_wait(status)
+
+
+cdef pid_t _libc_wait3(pid_t pid, int pidfd, int options, int *status, rusage *ru) noexcept nogil:
+    return c_wait3(status, options, ru)
+
+
+ctypedef pid_t (*_WaitCall)(pid_t pid, int pidfd, int options, int *status,
+                            rusage *ru) noexcept nogil
+
+
+cdef pid_t _wait_retrying(_WaitCall call, pid_t pid, int pidfd, int options, int *status,
+                          rusage *ru) except -1:
+    """``call`` (_wait_child, or a drop-in's libc call) with the GIL released,
+    retried on EINTR after running the signal handlers (what they raise
+    propagates). Raises OSError from errno."""
     cdef pid_t res
     while True:
         with nogil:
-            res = _wait_child(pid, pidfd, options, status, ru)
+            res = call(pid, pidfd, options, status, ru)
         if res >= 0:
             return res
         if errno != EINTR:
@@ -88,7 +108,7 @@ cdef pid_t _wait_retrying(pid_t pid, int pidfd, int options, int *status, rusage
         PyErr_CheckSignals()
 
 
-cdef object _wait_with_rusage(pid_t pid, int pidfd, int options):
+cdef object _wait_with_rusage(_WaitCall call, pid_t pid, int pidfd, int options):
     """_wait_retrying as os.wait4 reports it: (pid, status, resource.struct_rusage).
 
     With WNOHANG and nothing ready, (0, 0, zeroed rusage).
@@ -97,7 +117,7 @@ cdef object _wait_with_rusage(pid_t pid, int pidfd, int options):
     cdef rusage ru
     cdef pid_t res
     memset(&ru, 0, sizeof(ru))
-    res = _wait_retrying(pid, pidfd, options, &status, &ru)
+    res = _wait_retrying(call, pid, pidfd, options, &status, &ru)
     if res == 0:
         memset(&ru, 0, sizeof(ru))
     return res, status, _make_rusage(&ru)
