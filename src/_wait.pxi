@@ -1,9 +1,10 @@
 # Waiting for children. Included by _core.pyx.
 #
-# One wait step (_wait_child) for every caller: through the child's pidfd
-# where the kernel has waitid(P_PIDFD) (Linux 5.4+), so a pid that someone
-# else reaped and the kernel handed to a new process is never taken for ours;
-# by pid elsewhere. Whether to use pidfds is probed once, at import, as
+# One wait step (_wait_child) for every caller (bar the drop-ins wait() and
+# wait3(), which make their os twin's call): through the child's pidfd where
+# the kernel has waitid(P_PIDFD) (Linux 5.4+), so a pid that someone else
+# reaped and the kernel handed to a new process is never taken for ours; by
+# pid elsewhere. Whether to use pidfds is probed once, at import, as
 # psutil's can_use_pidfd_open() does; _open_pidfd then gives no pidfd where
 # they are not used. Blocking waits release the GIL; on EINTR they run the
 # signal handlers and retry (_wait_retrying), except on cleanup paths where
