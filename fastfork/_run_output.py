@@ -308,7 +308,7 @@ class Output:
                 regions.append((stream, self._spool_end, length))
                 self._spool_end += length
         captured.held = regions
-        captured.fds = [-1, -1]
+        captured.close()
         self._held[captured.job.seq] = captured
 
     def _advance(self):
