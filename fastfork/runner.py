@@ -20,8 +20,9 @@ blank lines and lines starting with # are skipped. Jobs read /dev/null and
 get FASTFORK_SEQ ({#}), FASTFORK_SLOT ({%}) and FASTFORK_INDEX ({#} - 1)
 in their environment.
 
-Output. By default each job's stdout and stderr go to temporary files and
-are printed whole when the job ends: jobs never mix, even for megabytes.
+Output. By default each job's stdout and stderr go to temporary files (in
+memory, or in --tmpdir DIR) and are printed whole when the job ends: jobs
+never mix, even for megabytes.
 --line-buffer prints whole lines as they come; --ungroup lets jobs write
 directly (fastest; lines may mix). -k/--keep-order prints jobs in input
 order; --tag puts the item and a TAB before each line. --results DIR keeps
@@ -104,6 +105,8 @@ def add_arguments(parser):
                      help="prefix each output line with the item and a TAB")
     out.add_argument("--results", metavar="DIR",
                      help="also keep each job's stdout, stderr, cmd and exitval in DIR/N/")
+    out.add_argument("--tmpdir", metavar="DIR",
+                     help="hold running jobs' output in files in DIR instead of in memory")
     out.add_argument("--quiet", action="store_true", help="print no summary")
     bar = out.add_mutually_exclusive_group()
     bar.add_argument("--bar", dest="bar", action="store_true", default=None,
@@ -163,9 +166,12 @@ def _check_options(args, command, listed):
         raise ValueError("--no-shell applies to command lines read as input (no COMMAND)")
     if args.mode == "ungroup":
         for flag, given in (("-k/--keep-order", args.keep_order), ("--tag", args.tag),
-                            ("--results", args.results is not None)):
+                            ("--results", args.results is not None),
+                            ("--tmpdir", args.tmpdir is not None)):
             if given:
                 raise ValueError(f"{flag} needs the output captured: not with --ungroup")
+    if args.tmpdir is not None and not os.path.isdir(args.tmpdir):
+        raise ValueError(f"--tmpdir {args.tmpdir}: not a directory")
     if (args.resume or args.resume_failed) and not args.joblog:
         raise ValueError("--resume and --resume-failed need --joblog FILE")
 
@@ -285,7 +291,8 @@ def _run(args, jobs, skipped, halt, timeout):
     bar = Bar(len(jobs), stderr) if show_bar else None
     sys.stdout.flush()
     output = Output(args.mode, args.keep_order, args.tag, args.results,
-                    order=[j.seq for j in jobs], before_write=bar.clear if bar else None)
+                    order=[j.seq for j in jobs], before_write=bar.clear if bar else None,
+                    tmpdir=args.tmpdir)
     joblog = None
     started = time.monotonic()
     runner = None

@@ -247,6 +247,12 @@ def test_results_directory(tmp_path, capfd):
     assert (results / "2" / "cmd").read_text().startswith("/bin/sh -c ")
 
 
+def test_tmpdir_holds_output_in_unlinked_files(tmp_path, capfd):
+    status, out, _ = run(["-k", "--tmpdir", str(tmp_path), "--", "echo"], capfd, b"a\nb\n")
+    assert (status, out) == (0, "a\nb\n")
+    assert os.listdir(tmp_path) == []
+
+
 def test_summary_goes_to_stderr_after_every_job(capfd):
     status, out, err = run(["-j", "2", "--", SH, "-c", "echo to-err >&2", ":::", "1", "2"],
                            capfd)
@@ -459,6 +465,8 @@ def test_exit_status_is_the_number_of_failures_up_to_101(capfd):
     (["-u", "-k", "--", "echo"], "-k/--keep-order needs the output captured"),
     (["-u", "--tag", "--", "echo"], "--tag needs the output captured"),
     (["-u", "--results", "d", "--", "echo"], "--results needs the output captured"),
+    (["-u", "--tmpdir", "/", "--", "echo"], "--tmpdir needs the output captured"),
+    (["--tmpdir", "/nonexistent-dir", "--", "echo"], "not a directory"),
     (["--resume", "--", "echo"], "--resume and --resume-failed need --joblog"),
     (["--", "echo", "{1}"], "unknown replacement string '{1}'"),
     (["--", "echo", ":::", "a", ":::", "b"], "only one ::: list is supported"),
