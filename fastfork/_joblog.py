@@ -7,8 +7,9 @@ The file is tab-separated with the header GNU parallel writes::
 Host is ``:`` (this machine), Starttime seconds since the epoch, JobRuntime
 seconds, Send 0 (jobs get no input), Receive the bytes of output the job
 wrote when its output was captured (0 with --ungroup). A job killed by a
-signal has Exitval -1 and the signal's number in Signal; a program that
-could not be started has Exitval 127 (not found) or 126.
+signal, or stopped for its timeout, has Exitval -1 (and the signal's number
+in Signal); a program that could not be started has Exitval 127 (not
+found) or 126.
 
 Each line is written with one ``write`` to a file opened with O_APPEND, so
 an interrupted run never leaves half a line; reading ignores a trailing
@@ -21,11 +22,11 @@ __all__ = ["HEADER", "JobLog", "read_joblog", "log_fields"]
 HEADER = b"Seq\tHost\tStarttime\tJobRuntime\tSend\tReceive\tExitval\tSignal\tCommand\n"
 
 
-def log_fields(returncode):
+def log_fields(returncode, timed_out=False):
     """Return (Exitval, Signal) for a Popen-style ``returncode`` (-N: killed by signal N)."""
     if returncode < 0:
         return -1, -returncode
-    return returncode, 0
+    return (-1 if timed_out else returncode), 0
 
 
 def read_joblog(path):
@@ -87,9 +88,9 @@ class JobLog:
         if data and not data.endswith(b"\n"):
             os.truncate(self._fd, data.rfind(b"\n") + 1)
 
-    def record(self, seq, start_time, runtime, received, returncode, command):
+    def record(self, seq, start_time, runtime, received, returncode, command, timed_out=False):
         """Write the line of job ``seq``; ``command`` is bytes (one line)."""
-        exitval, signal = log_fields(returncode)
+        exitval, signal = log_fields(returncode, timed_out)
         line = b"%d\t:\t%.3f\t%10.3f\t0\t%d\t%d\t%d\t%s\n" % (
             seq, start_time, runtime, received, exitval, signal, command)
         os.write(self._fd, line)

@@ -90,8 +90,7 @@ class JobRunner:
             return True
         outcome = Outcome(job.seq, returncode, runtime, start_time, timed_out, error,
                           attempts, job.describe())
-        received = self.output.received(job)
-        self.output.finish(job, returncode)
+        received = self.output.finish(job, returncode)
         if self.joblog is not None:
             self.joblog.record(job.seq, start_time, runtime, received, returncode,
                                outcome.command)

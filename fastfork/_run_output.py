@@ -201,34 +201,30 @@ class Output:
             raise
         return fds
 
-    def received(self, job):
-        """Bytes of output ``job`` wrote so far (0 when output is not captured)."""
-        captured = self._running.get(job.seq)
-        if captured is None:
-            return 0
-        return sum(os.fstat(fd).st_size for fd in captured.fds)
-
     def finish(self, job, returncode=None):
-        """``job`` ended: print (or hold) its output; with ``returncode`` None, discard it.
+        """``job`` ended: print (or hold) its output; return the bytes it wrote.
 
-        A discarded attempt (to be retried, or stopped) prints nothing and
-        keeps the job's place in the order.
+        With ``returncode`` None the attempt is discarded (to be retried, or
+        stopped): nothing is printed and the job keeps its place in the order.
+        Returns 0 when output is not captured.
         """
         captured = self._running.pop(job.seq, None)
         if captured is None:
-            return
+            return 0
         try:
             if returncode is None:
-                return
+                return 0
+            sizes = [os.fstat(fd).st_size for fd in captured.fds]
             if self.results is not None:
                 self._write_exitval(job, returncode)
             if not self.keep_order or self._order and self._order[0] == job.seq:
-                self._forward(captured, to_end=True)
+                self._forward(captured, sizes)
                 if self.keep_order:
                     self._order.popleft()
                     self._advance()
             else:
-                self._hold(captured)
+                self._hold(captured, sizes)
+            return sum(sizes)
         finally:
             captured.close()
 
@@ -254,19 +250,23 @@ class Output:
         if self.keep_order:
             head = self._running.get(self._order[0]) if self._order else None
             if head is not None:
-                self._forward(head, to_end=False)
+                self._forward(head)
             return
         for captured in list(self._running.values()):
-            self._forward(captured, to_end=False)
+            self._forward(captured)
 
-    def _forward(self, captured, to_end):
-        """Print what ``captured`` has not printed yet: all of it, or up to its last newline."""
+    def _forward(self, captured, sizes=None):
+        """Print what ``captured`` has not printed yet.
+
+        With ``sizes`` (the job has ended) all of it, up to those sizes;
+        without, only up to each file's last newline.
+        """
         for stream, fd in enumerate(captured.fds):
             start = captured.sent[stream]
-            end = os.fstat(fd).st_size
+            end = os.fstat(fd).st_size if sizes is None else sizes[stream]
             if end <= start:
                 continue
-            if not to_end:
+            if sizes is None:
                 last = self._last_newline(fd, start, end)
                 if last < 0:
                     continue
@@ -305,14 +305,13 @@ class Output:
 
     # ------------------------------------------------------------ keep-order
 
-    def _hold(self, captured):
+    def _hold(self, captured, sizes):
         """Move the output of a job that ended before its turn into the spool."""
         if self._spool < 0:
             # On disk unless asked otherwise: held output can grow to the whole run's.
             self._spool = _temp_file(self._tmpdir or tempfile.gettempdir())
         regions = []
-        for stream, fd in enumerate(captured.fds):
-            size = os.fstat(fd).st_size
+        for stream, (fd, size) in enumerate(zip(captured.fds, sizes)):
             if size > captured.sent[stream]:
                 os.lseek(self._spool, self._spool_end, os.SEEK_SET)
                 length = self._copier.copy(self._spool, fd, captured.sent[stream],

@@ -96,6 +96,7 @@ def test_joblog_round_trip(tmp_path):
     assert lines[3].split(b"\t")[6:8] == [b"-1", b"15"]
     assert read_joblog(path) == {1: True, 2: False, 3: False}
     assert log_fields(-9) == (-1, 9) and log_fields(4) == (4, 0)
+    assert log_fields(0, timed_out=True) == (-1, 0)  # ended by itself after its SIGTERM
 
 
 def test_joblog_resume_appends_and_drops_a_cut_line(tmp_path):

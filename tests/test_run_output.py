@@ -29,9 +29,8 @@ def test_grouped_prints_each_job_whole_when_it_ends(capfdbinary):
     write(fa, b"a2 no newline")
     output.poll()  # grouped: nothing before the end
     assert capfdbinary.readouterr() == (b"", b"")
-    assert output.received(a) == len(b"a1\nea\na2 no newline")
-    output.finish(b, 0)
-    output.finish(a, 0)
+    assert output.finish(b, 0) == 3
+    assert output.finish(a, 0) == len(b"a1\nea\na2 no newline")
     output.close()
     assert capfdbinary.readouterr() == (b"b1\na1\na2 no newline", b"ea\n")
 
@@ -143,8 +142,7 @@ def test_results_directory(tmp_path, capfdbinary):
 def test_ungroup_captures_nothing():
     output = Output("ungroup")
     assert output.open(FakeJob(1)) == (None, None)
-    assert output.received(FakeJob(1)) == 0
-    output.finish(FakeJob(1), 0)
+    assert output.finish(FakeJob(1), 0) == 0
     output.close()
 
 

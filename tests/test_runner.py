@@ -10,6 +10,7 @@ import pytest
 
 import faultlib
 import procutil
+from fastfork import _workloads as W
 from fastfork import runner
 
 SH = "/bin/sh"
@@ -546,3 +547,10 @@ def test_python_m_fastfork_run_help_documents_the_modes():
     for word in (b"--line-buffer", b"--keep-order", b"--joblog", b"--resume-failed",
                  b"--halt", b"{/.}", b"Examples:"):
         assert word in result.stdout
+
+
+@pytest.mark.parametrize("workload, method", [
+    (w.key, m.name) for w in (W.RUN_TRUE, W.RUN_ECHO, W.RUN_OUTPUT) for m in w.methods])
+def test_benchmark_workloads_run(workload, method):
+    # Shape only: each method of the CLI workloads runs its jobs (no timing here).
+    W.measure(W.WORKLOADS[workload].method(method), 3 if workload != "run-output" else 1)
