@@ -45,7 +45,8 @@ terminal (--bar / --no-bar to choose).
 Exit status: 0 if every job succeeded, else the number of failed jobs (at
 most 101); 2 for a usage error; 130 after Ctrl-C, which stops every job
 (the job log and results stay whole: a job without a line or an exitval
-did not finish, and --resume runs it again).
+did not finish, and --resume runs it again); 141 when whoever reads the
+output goes away (| head), which stops every job too.
 
 Examples:
     find . -name '*.log' | fastfork run -j 8 -- gzip
@@ -177,7 +178,7 @@ def _check_options(args, command, listed):
 
 
 def _read_input(args, stdin):
-    """Return the input's items (bytes), or None when there is no input to read."""
+    """Return the input's items (bytes), from -a FILE or stdin."""
     if args.arg_file is not None:
         if args.arg_file == "-":
             return _read_stream(stdin, args, "stdin")
@@ -191,6 +192,8 @@ def _read_input(args, stdin):
 
 
 def _read_stream(stdin, args, what):
+    if stdin is None:  # fd 0 closed: no input
+        return []
     data = stdin.buffer.read() if hasattr(stdin, "buffer") else os.fsencode(stdin.read())
     return split_items(data, b"\0" if args.null else b"\n", what)
 
@@ -295,7 +298,6 @@ def _run(args, jobs, skipped, halt, timeout):
                     tmpdir=args.tmpdir)
     joblog = None
     started = time.monotonic()
-    runner = None
     try:
         if args.joblog:
             joblog = JobLog(args.joblog, resume=args.resume or args.resume_failed)
