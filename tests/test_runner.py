@@ -108,6 +108,13 @@ def test_slots_and_environment(capfd):
     assert sorted(int(r[2]) for r in rows) == list(range(1, 31))
 
 
+def test_no_two_running_jobs_share_a_slot(tmp_path, capfd):
+    # A job holds directory SLOT while it runs: a second job in the same slot fails.
+    status, out, err = run(["-j", "3", "-n", "60", "--", SH, "-c",
+                            f"mkdir {tmp_path}/{{%}} || exit 9; rmdir {tmp_path}/{{%}}"], capfd)
+    assert status == 0, err
+
+
 def test_terminal_stdin_means_no_input(capfd):
     # A command with stdin a terminal (and no -n/-a/:::) runs once, as -n 1.
     status, out, err = run(["--", "echo", "run {}"], capfd, b"never read\n", tty=True)
