@@ -607,7 +607,7 @@ TARGETS = (
 )
 
 
-# ---------------------------------------------------------------- 7. fastfork run, the command line
+# ---------------------------------------------------------------- 8. fastfork run, the command line
 # The runner as users start it (a fresh interpreter, input on stdin), beside xargs -P,
 # GNU parallel when it is installed, and the same jobs through spawn_many in-process.
 # Every method's stdout goes through a pipe to `cat > /dev/null`, as in `... | consumer`.
