@@ -10,6 +10,7 @@ output), and halt when --halt says so (stop launching, or close).
 """
 import dataclasses
 import errno
+import heapq
 import os
 import time
 
@@ -20,6 +21,8 @@ __all__ = ["JobRunner", "Outcome"]
 
 # How often running jobs' output is looked at with --line-buffer.
 _LINE_POLL = 0.05
+# The environment variables each job gets (see JobRunner).
+_JOB_VARIABLES = ("FASTFORK_SEQ", "FASTFORK_SLOT", "FASTFORK_INDEX")
 
 
 @dataclasses.dataclass
@@ -72,8 +75,10 @@ class JobRunner:
         self.halted = None         # "soon" or "now" once --halt stopped the run
         self.stopped = []          # seqs stopped by --halt now: not recorded, rerun on resume
         self.not_run = []          # jobs never started
-        self._base_env = commands._encode_env(env)
-        self._free_slots = []      # a heap would do; slots are few and this stays sorted
+        # Without this run's variables: a nested run must see its own values, not ours.
+        self._base_env = commands._encode_env(
+            {k: v for k, v in env.items() if k not in _JOB_VARIABLES})
+        self._free_slots = []      # heap of free slot numbers
         self._attempts = {}        # seq -> attempts so far
         self._start_times = {}     # seq -> wall-clock start of the current attempt
         self._slots = {}           # seq -> slot of the current attempt
@@ -122,11 +127,10 @@ class JobRunner:
             running = {entry.task.seq for entry in self._scheduler.running}
             for seq in [seq for seq in self._slots if seq not in running]:
                 self._release(self._slots.pop(seq))
-        return self._free_slots.pop(0)
+        return heapq.heappop(self._free_slots)
 
     def _release(self, slot):
-        self._free_slots.append(slot)
-        self._free_slots.sort()
+        heapq.heappush(self._free_slots, slot)
 
     def _ended(self, entry, scheduler):
         """Handle a finished attempt: retry it, or record the job's outcome.

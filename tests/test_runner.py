@@ -96,7 +96,8 @@ def test_replacement_strings_end_to_end(capfd):
     assert (status, out) == (0, "dir/file.tar file.tar.gz dir file.tar 1 1\n")
 
 
-def test_slots_and_environment(capfd):
+def test_slots_and_environment(capfd, monkeypatch):
+    monkeypatch.setenv("FASTFORK_SLOT", "outer")  # as inside another run: replaced
     status, out, _ = run(["-j", "3", "-n", "30", "--", SH, "-c",
                           "echo {%} $FASTFORK_SLOT {#} $FASTFORK_SEQ {} $FASTFORK_INDEX"], capfd)
     assert status == 0
