@@ -26,11 +26,13 @@ from fastfork.commands import (DEVNULL, PIPE, STDOUT, CommandResult, Process, sp
 from fastfork.errors import (ChildError, FastforkError, ForkError, ServerError,
                              TimeoutExpired)
 from fastfork.server import ForkServer, ServerChild
+from fastfork.executor import ForkExecutor
 from fastfork.shared import PrivateBuffer, SharedBuffer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ForkExecutor",
     "ForkServer",
     "ServerChild",
     "PrivateBuffer",

@@ -435,7 +435,17 @@ class ForkServer:
         kwargs = {} if kwargs is None else kwargs
         if not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
-        payload, buffer_fds, setup = pickle_call(fn, tuple(args), kwargs, self._pickler)
+        return self._start_pickled(self._pickle(fn, tuple(args), kwargs), print_traceback,
+                                   index, item, launched)
+
+    def _pickle(self, fn, args, kwargs):
+        """Pickle a call for this server: (payload, SharedBuffer fds, setup); TypeError if it cannot travel."""
+        return pickle_call(fn, args, kwargs, self._pickler)
+
+    def _start_pickled(self, pickled, print_traceback=False, index=None, item=None,
+                       launched=None):
+        """start_child for a call pickled by ``_pickle``."""
+        payload, buffer_fds, setup = pickled
         conn = self._connection()
         req_id, pid, pidfd, result_fd = conn.request_start(payload, buffer_fds, setup,
                                                            print_traceback)
@@ -480,6 +490,17 @@ class ForkServer:
         return fanout.in_input_order(self.as_completed(
             fn, iterable, jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
             fork_retries=fork_retries, grace=grace, print_traceback=print_traceback))
+
+    def executor(self, max_workers=None, **options):
+        """Return a ``fastfork.ForkExecutor`` whose tasks this server forks.
+
+        ``options``: ``timeout`` and ``grace`` as for ForkExecutor. Shutting
+        the executor down leaves the server running; several executors may
+        share it. Raises TypeError/ValueError for bad arguments.
+        """
+        from fastfork.executor import ForkExecutor
+        self._check_usable()
+        return ForkExecutor(max_workers, server=self, **options)
 
     @contextlib.contextmanager
     def background(self, fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0):
