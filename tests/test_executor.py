@@ -116,6 +116,10 @@ def signal_ready_then_wait_gate(ready, gate, value=None):
     return wait_gate(gate, value)
 
 
+def whoami():
+    return os.getpid(), os.getppid()
+
+
 def sleep_and_print(seconds, msg):
     time.sleep(seconds)
     print(msg, flush=True)
@@ -798,3 +802,66 @@ def test_lambda_without_cloudpickle_is_refused_before_forking(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["[0, 1, 4, 9]", "True 3", "TypeError True"]
+
+
+def test_forkserver_executor_method(server):
+    with server.executor(max_workers=2, timeout=30) as ex:
+        assert isinstance(ex, ForkExecutor) and ex._server is server
+        pid, ppid = ex.submit(whoami).result()
+        assert ppid == server.pid
+    assert server.pid is not None  # the executor leaves its server running
+    with pytest.raises(ValueError):
+        server.executor(max_workers=0)
+    with pytest.raises(TypeError):
+        server.executor(2, pickler="pickle")
+
+
+def test_tasks_die_with_the_parent(tmp_path):
+    import subprocess
+    ready = Gate(tmp_path / "ready")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "import os, signal, sys, time\n"
+             f"sys.path.insert(0, {HERE!r})\n"
+             "import fastfork, test_executor\n"
+             "ex = fastfork.ForkExecutor(3)\n"
+             "fs = [ex.submit(test_executor.signal_ready_then_sleep, sys.argv[1], 60)\n"
+             "      for _ in range(3)]\n"
+             "time.sleep(60)\n", ready.path],
+            env=procutil.child_env())
+        pids = [ready.read_line() for _ in range(3)]
+        proc.kill()
+        proc.wait(30)
+    finally:
+        ready.close()
+    assert all(gone(p) for p in pids), [procutil.state(p) for p in pids]
+
+
+def _fork_warnings(caught):
+    return [w for w in caught if issubclass(w.category, DeprecationWarning)
+            and "multi-threaded" in str(w.message)]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="forking with threads warns on 3.12+")
+def test_fastforks_own_threads_do_not_make_forks_warn():
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with ForkExecutor(2) as ex:
+            assert ex.submit(mul, 2, 3).result() == 6
+            # The executor's thread is alive: the caller's own fan-out does not warn either.
+            assert fastfork.map(abs, [-1, -2]) == [1, 2]
+    assert not _fork_warnings(caught)
+    # A thread of the caller's running at fork time is what the warning is about.
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with ForkExecutor(2) as ex:
+                assert ex.submit(mul, 2, 3).result() == 6
+    finally:
+        stop.set()
+        thread.join()
+    assert _fork_warnings(caught)
