@@ -13,8 +13,9 @@ once each (``_server_main`` runs them)::
 
     ("main", "path", script, argv)     import the main script as __mp_main__
     ("main", "module", name, argv)     the same for a main run with ``python -m``
-    ("import", "cloudpickle")          the call travels by value (BY_VALUE): import
-                                       cloudpickle; the result returns by value too
+    ("import", module)                 import a module (a helper the call refers to)
+    ("import", "cloudpickle")          the call travels by value (BY_VALUE): the
+                                       result returns by value too
 
 Everything is checked here, before anything is sent or forked: what cannot
 travel raises TypeError saying what to do.

@@ -26,7 +26,7 @@ import select
 import threading
 import time
 import weakref
-from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, RUNNING,
+from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED,
                                       InvalidStateError)
 
 from fastfork._checks import check_callable, check_timeout, poll_ms
@@ -35,6 +35,7 @@ from fastfork._scheduler import RETRYABLE_ERRNOS, Scheduler
 from fastfork.child import _fd_lock, close_owned, own_fd
 from fastfork.errors import ChildError, ChildTimeout, ForkError, ServerError
 from fastfork.fanout import start_child
+from fastfork.server import ForkServer
 
 __all__ = ["ForkExecutor"]
 
@@ -62,7 +63,7 @@ class _TaskFuture(concurrent.futures.Future):
             self._state = CANCELLED
             self._condition.notify_all()
         self._invoke_callbacks()
-        self._on_cancel(self, state == RUNNING)
+        self._on_cancel(self)
         return True
 
 
@@ -182,13 +183,15 @@ class ForkExecutor(concurrent.futures.Executor):
     die_with_parent=True, server=None)``: at most ``max_workers`` tasks run
     at once (default: the CPU count). ``timeout`` limits each task's run
     time: a task over it is stopped (SIGTERM, ``grace`` seconds, SIGKILL) and
-    its future fails with ``fastfork.errors.ChildTimeout``, a ``ChildError``
-    and a ``TimeoutError``. A task that raises, crashes, exits or returns
-    what cannot be pickled fails its own future with ``ChildError`` (the
-    child's traceback included); the executor goes on. ``cancel()`` on a
-    running task's future stops its process. ``die_with_parent`` has the
-    kernel kill the tasks if this process dies. ``server``: a ForkServer
-    that forks the tasks instead of this process (see ``ForkServer.executor``).
+    its future fails with ``fastfork.ChildTimeout``, a ``ChildError`` and a
+    ``TimeoutError``. What a task raises is raised again by its future, as
+    concurrent.futures does, with a ``ChildError`` holding the child's
+    traceback as its cause; a task that crashes, exits or returns what
+    cannot be pickled fails its own future with a ``ChildError``; either way
+    the executor goes on. ``cancel()`` on a running task's future stops its
+    process. ``die_with_parent`` has the kernel kill the tasks if this
+    process dies. ``server``: a ForkServer that forks the tasks instead of
+    this process (see ``ForkServer.executor``).
 
     Raises TypeError/ValueError for bad arguments, before any process exists.
     """
@@ -197,7 +200,6 @@ class ForkExecutor(concurrent.futures.Executor):
 
     def __init__(self, max_workers=None, *, timeout=None, grace=1.0, die_with_parent=True,
                  server=None):
-        from fastfork.server import ForkServer
         self._max_workers = _check_max_workers(max_workers)
         self._timeout = check_timeout(timeout, allow_zero=False)
         self._grace = check_timeout(grace, "grace")
@@ -228,11 +230,16 @@ class ForkExecutor(concurrent.futures.Executor):
         cannot be pickled) and RuntimeError after shutdown, before anything
         is forked.
         """
+        return self._submit(fn, args, kwargs)
+
+    def _submit(self, fn, args, kwargs, setup=()):
+        """submit(); ``setup``: more for a fork server to prepare (see ``_pickling``)."""
         check_callable(fn)
         self._check_owner()
         pickled = None
         if self._server is not None:
-            pickled = self._server._pickle(fn, args, kwargs)
+            payload, fds, needs = self._server._pickle(fn, args, kwargs)
+            pickled = payload, fds, needs + setup
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -265,17 +272,18 @@ class ForkExecutor(concurrent.futures.Executor):
         _check_map_options(chunksize, buffersize)
         if chunksize > 1:
             calls = ((batch,) for batch in _batched(zip(*iterables), chunksize))
+            # A fork server imports this module once, not each chunk's child.
             return _chain_lists(self._map(functools.partial(_run_chunk, fn), calls,
-                                          timeout, buffersize))
+                                          timeout, buffersize, (("import", __name__),)))
         return self._map(fn, zip(*iterables), timeout, buffersize)
 
-    def _map(self, fn, calls, timeout, buffersize):
+    def _map(self, fn, calls, timeout, buffersize, setup=()):
         end_time = None if timeout is None else timeout + time.monotonic()
         if buffersize is None:
-            futures = collections.deque(self.submit(fn, *args) for args in calls)
+            futures = collections.deque(self._submit(fn, args, {}, setup) for args in calls)
         else:
-            futures = collections.deque(
-                self.submit(fn, *args) for args in itertools.islice(calls, buffersize))
+            futures = collections.deque(self._submit(fn, args, {}, setup)
+                                        for args in itertools.islice(calls, buffersize))
         executor = weakref.ref(self)
 
         # A generator nested in map, so that the calls are submitted before
@@ -286,7 +294,7 @@ class ForkExecutor(concurrent.futures.Executor):
                     if buffersize is not None and (ex := executor()) is not None:
                         args = next(calls, None)
                         if args is not None:
-                            futures.append(ex.submit(fn, *args))
+                            futures.append(ex._submit(fn, args, {}, setup))
                         del ex
                     if end_time is None:
                         yield _result_or_cancel(futures.popleft())
@@ -331,7 +339,9 @@ class ForkExecutor(concurrent.futures.Executor):
 
     def _join(self):
         manager = self._manager
-        if manager is not None and os.getpid() == self._owner:
+        # From a done callback, which the manager thread runs, there is nothing to wait for.
+        if (manager is not None and os.getpid() == self._owner
+                and manager is not threading.current_thread()):
             manager.join()
 
     def __exit__(self, exc_type, exc_val, exc_tb):
@@ -406,7 +416,7 @@ class _Manager(threading.Thread):
             self._inbox.append(task)
             self._wake()
 
-    def cancel(self, future, running):
+    def cancel(self, future):
         """A future's cancel() ran: drop its task or stop its process."""
         with self.lock:
             self._cancels.append(future)
