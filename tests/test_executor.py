@@ -8,6 +8,7 @@ wait on a ``Gate``: a named FIFO, which works across both modes (a server's
 children do not inherit the test's fds).
 """
 import asyncio
+import errno
 import concurrent.futures as cf
 import ctypes
 import gc
@@ -22,6 +23,7 @@ import weakref
 import pytest
 
 import fastfork
+import faultlib
 import procutil
 from fastfork import ChildError, ForkExecutor, ForkServer
 
@@ -697,6 +699,7 @@ def run_last():
     except RuntimeError as err:
         print(err)
 import fastfork
+import faultlib
 ex = fastfork.ForkExecutor(2)
 ex.submit(id, 42).result()
 """
@@ -753,6 +756,7 @@ def test_ctrl_c_stops_and_reaps_every_child(tmp_path, server):
 MAIN_SCRIPT = """
 import sys
 import fastfork
+import faultlib
 
 class Point:
     def __init__(self, x):
@@ -865,3 +869,30 @@ def test_fastforks_own_threads_do_not_make_forks_warn():
         stop.set()
         thread.join()
     assert _fork_warnings(caught)
+
+
+FORK_FAULTS = """
+import errno, os, sys
+import fastfork, faultlib, procutil
+FDS = procutil.open_fds()
+shim = faultlib.shim()
+out = {}
+with fastfork.ForkExecutor(2) as ex:
+    # Transient EAGAIN (every 3rd fork fails, 5 times): retried, every result arrives.
+    out["results"] = list(ex.map(abs, range(-20, 0)))
+    out["failures"] = shim.failures("fork")
+    # No fork works: the task fails with ForkError, the executor goes on.
+    shim.configure("fork", errno.ENOMEM)
+    err = ex.submit(abs, -1).exception()
+    out["error"] = [type(err).__name__, err.errno]
+    shim.arm(False)
+    out["after"] = ex.submit(abs, -2).result()
+faultlib.report(out, FDS)
+"""
+
+
+def test_fork_failures_are_retried_then_fail_one_task():
+    value = faultlib.contained(FORK_FAULTS, runner=faultlib.run_with_shim, funcs="fork",
+                               errno="EAGAIN", every=3, count=5)
+    assert value == {"results": list(range(20, 0, -1)), "failures": 5,
+                     "error": ["ForkError", errno.ENOMEM], "after": 2}
