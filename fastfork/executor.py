@@ -238,6 +238,7 @@ class ForkExecutor(concurrent.futures.Executor):
         self._check_owner()
         pickled = None
         if self._server is not None:
+            self._server._check_usable()  # ValueError if it was closed
             payload, fds, needs = self._server._pickle(fn, args, kwargs)
             pickled = payload, fds, needs + setup
         with self._lock:
