@@ -176,15 +176,17 @@ class _Server:
         """
         ran = False
         for step in setup:
-            if step not in self.setup_done:
+            # One main script per server, imported once (even if sys.argv changed since).
+            key = step[:1] if step[0] == "main" else step
+            if key not in self.setup_done:
                 ran = True
                 try:
                     run_setup(step)
-                    self.setup_done[step] = None
+                    self.setup_done[key] = None
                 except BaseException as exc:  # SystemExit from a script, too
-                    self.setup_done[step] = exc
-            if self.setup_done[step] is not None:
-                return step, self.setup_done[step]
+                    self.setup_done[key] = exc
+            if self.setup_done[key] is not None:
+                return step, self.setup_done[key]
         if ran:
             # What the import made joins what the children share untouched.
             gc.collect()
