@@ -763,8 +763,11 @@ def test_ctrl_c_stops_and_reaps_every_child(tmp_path, server):
 
 
 MAIN_SCRIPT = """
-import sys
+import os, sys
 import fastfork
+
+with open(sys.argv[2], "a") as log:  # who imports this script
+    log.write(f"{os.getpid()}\\n")
 import faultlib
 
 class Point:
@@ -791,30 +794,35 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize("pickler,lambda_line", [
-    ("auto", "11"),
-    ("pickle", "TypeError False"),
-    ("cloudpickle", "11"),
-])
-def test_main_script_functions_and_lambdas_through_the_server(tmp_path, pickler, lambda_line):
-    pytest.importorskip("cloudpickle")
-    script = tmp_path / "prog.py"
-    script.write_text(MAIN_SCRIPT)
+def run_main_script(tmp_path, pickler, prelude=""):
+    """Run MAIN_SCRIPT as a program; return (its output lines, how many imported it)."""
     import subprocess
-    proc = subprocess.run([sys.executable, str(script), pickler], env=procutil.child_env(),
-                          capture_output=True, text=True, timeout=60)
+    script, log = tmp_path / "prog.py", tmp_path / "imports.log"
+    script.write_text(prelude + MAIN_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), pickler, str(log)],
+                          env=procutil.child_env(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["[0, 1, 4, 9]", "True 3", lambda_line]
+    return proc.stdout.splitlines(), len(log.read_text().split())
+
+
+@pytest.mark.parametrize("pickler,lambda_line,importers", [
+    ("auto", "11", 2),            # the script itself, and the server once
+    ("pickle", "TypeError False", 2),
+    ("cloudpickle", "11", 1),     # everything travels by value
+])
+def test_main_script_functions_and_lambdas_through_the_server(tmp_path, pickler, lambda_line,
+                                                              importers):
+    pytest.importorskip("cloudpickle")
+    lines, imported = run_main_script(tmp_path, pickler)
+    assert lines == ["[0, 1, 4, 9]", "True 3", lambda_line]
+    assert imported == importers
 
 
 def test_lambda_without_cloudpickle_is_refused_before_forking(tmp_path):
-    script = tmp_path / "prog.py"
-    script.write_text("import sys; sys.modules['cloudpickle'] = None\n" + MAIN_SCRIPT)
-    import subprocess
-    proc = subprocess.run([sys.executable, str(script), "auto"], env=procutil.child_env(),
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["[0, 1, 4, 9]", "True 3", "TypeError True"]
+    lines, imported = run_main_script(tmp_path, "auto",
+                                      prelude="import sys; sys.modules['cloudpickle'] = None\n")
+    assert lines == ["[0, 1, 4, 9]", "True 3", "TypeError True"]
+    assert imported == 2
 
 
 def test_forkserver_executor_method(server):
