@@ -191,7 +191,10 @@ class ForkExecutor(concurrent.futures.Executor):
     the executor goes on. ``cancel()`` on a running task's future stops its
     process. ``die_with_parent`` has the kernel kill the tasks if this
     process dies. ``server``: a ForkServer that forks the tasks instead of
-    this process (see ``ForkServer.executor``).
+    this process (see ``ForkServer.executor``). Leaving a ``with`` block by
+    Ctrl-C stops every task (SIGTERM, grace, SIGKILL) and reaps it; at
+    interpreter exit the tasks already submitted finish first, as in
+    concurrent.futures (a Ctrl-C while waiting for them stops them).
 
     Raises TypeError/ValueError for bad arguments, before any process exists.
     """
