@@ -23,6 +23,7 @@ import os
 import pickle
 import reprlib
 import select
+import signal
 import threading
 import time
 import weakref
@@ -33,7 +34,7 @@ from fastfork._checks import check_callable, check_timeout, poll_ms
 from fastfork._result import ERROR
 from fastfork._scheduler import RETRYABLE_ERRNOS, Scheduler
 from fastfork.child import _fd_lock, close_owned, own_fd
-from fastfork.errors import ChildError, ChildTimeout, ForkError, ServerError
+from fastfork.errors import ChildTimeout, ForkError
 from fastfork.fanout import start_child
 from fastfork.server import ForkServer
 
@@ -452,6 +453,11 @@ class _Manager(threading.Thread):
     # ------------------------------------------------------------ the thread
 
     def run(self):
+        # Signals sent to the process must reach the main thread: one taken by
+        # this thread would leave the main thread blocked in a wait (a lock,
+        # Future.result) with its Ctrl-C never handled. The tasks get back the
+        # mask this thread started with.
+        self._task_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
         scheduler = Scheduler(self._launch, jobs=self._max_workers, timeout=self._timeout,
                               grace=self._grace, stop_on_failure=False)
         live = {}  # future -> Entry, for tasks handed to the scheduler
@@ -477,7 +483,7 @@ class _Manager(threading.Thread):
                     continue
                 _apply_watch_changes(scheduler, poller, callbacks)
                 deadline = scheduler.next_deadline()
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                wait = None if deadline is None else max(0.0, deadline - scheduler.clock())
                 for fd, _ in poller.poll(poll_ms(wait)):
                     if fd == self._wake_r:
                         _drain(fd)
@@ -537,7 +543,7 @@ class _Manager(threading.Thread):
         call = task.call
         try:
             if self._server is None:
-                return start_child(call.fn, call.args, call.kwargs,
+                return start_child(_run_task, (self._task_mask, call.fn, call.args, call.kwargs),
                                    die_with_parent=self._die_with_parent,
                                    index=task.index, item=call)
             return self._server._start_pickled(task.pickled, index=task.index, item=call)
@@ -605,6 +611,12 @@ def _apply_watch_changes(scheduler, poller, callbacks):
     for fd, callback in added.items():
         poller.register(fd, select.POLLIN)
         callbacks[fd] = callback
+
+
+def _run_task(mask, fn, args, kwargs):
+    """In a task's child: unblock the signals the manager thread blocks, run the task."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return fn(*args, **kwargs)
 
 
 def _drain(fd):

@@ -122,6 +122,10 @@ def signal_ready_then_wait_gate(ready, gate, value=None):
     return wait_gate(gate, value)
 
 
+def blocked_signals():
+    return signal.pthread_sigmask(signal.SIG_BLOCK, ())
+
+
 def whoami():
     return os.getpid(), os.getppid()
 
@@ -398,6 +402,12 @@ def test_a_crashing_task_fails_only_its_future(executor, fn, args, words, code):
     # The executor is not broken.
     assert executor.submit(mul, 6, 7).result() == 42
     assert list(executor.map(mul, [1, 2], [3, 4])) == [3, 8]
+
+
+def test_tasks_block_no_signal_the_caller_does_not(executor):
+    # The executor's thread blocks every signal (so that the main thread gets
+    # them); its tasks must not inherit that.
+    assert executor.submit(blocked_signals).result() == blocked_signals() == set()
 
 
 def test_100_mb_result(executor):

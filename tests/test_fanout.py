@@ -213,6 +213,12 @@ def test_as_completed_close_stops_running_children():
     gen.close()  # the two sleepers are stopped and reaped (checked by the autouse guard)
 
 
+def test_closing_chunked_as_completed_stops_running_children():
+    gen = fastfork.as_completed(sleep_then, [0.0, 0.0, 30, 30], jobs=2, chunksize=2)
+    assert next(gen) == (0, 0.0)
+    gen.close()  # the chunk of sleepers is stopped and reaped (checked by the autouse guard)
+
+
 def test_timeout_stops_sleeper_stubborn_and_stopped_children():
     def stubborn(x):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -229,6 +235,17 @@ def test_timeout_stops_sleeper_stubborn_and_stopped_children():
     assert err.returncode == -signal.SIGKILL
     [err] = fastfork.map(stops_itself, [1], timeout=0.3, return_exceptions=True)
     assert err.returncode is not None and "timed out" in str(err)
+
+
+def test_timed_out_child_is_a_child_timeout_that_pickles():
+    [err] = fastfork.map(sleep_then, [30], timeout=0.3, return_exceptions=True)
+    assert isinstance(err, fastfork.ChildTimeout) and isinstance(err, TimeoutError)
+    assert err.timed_out and err.index == 0 and err.returncode == -signal.SIGTERM
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is fastfork.ChildTimeout and copy.timed_out and str(copy) == str(err)
+    with pytest.raises(TimeoutError):
+        fastfork.map(sleep_then, [30], timeout=0.3)
+    assert pickle.loads(pickle.dumps(fastfork.ChildError("x", pid=1))).timed_out is False
 
 
 def test_large_results_do_not_deadlock():
