@@ -12,7 +12,7 @@ import pickle
 import struct
 import traceback
 
-from fastfork.errors import ChildError, ChildTimeout, describe_status
+from fastfork.errors import ChildError, ChildTimeout, describe_exception, describe_status
 
 __all__ = ["OK", "ERROR", "error_payload", "FrameReader", "decode_outcome", "short_repr"]
 
@@ -57,15 +57,12 @@ class FrameReader:
     def __init__(self):
         self._chunks = []
         self._size = 0
-        self.eof = False
 
     def feed(self, data):
-        """Add bytes read from the pipe (b"" means end of file)."""
+        """Add bytes read from the pipe (b"", end of file, adds nothing)."""
         if data:
             self._chunks.append(data)
             self._size += len(data)
-        else:
-            self.eof = True
 
     def frame(self):
         """Return (kind, payload) if a whole frame arrived, else None."""
@@ -109,7 +106,7 @@ def decode_outcome(frame, *, pid, returncode, index, item, timed_out, lost):
         return False, error(f"sent a result that could not be unpickled: {exc!r}")
     if kind == OK:
         return True, data
-    err = error(f"{data['stage']}: {data['exc_type']}: {data['message']}",
+    err = error(f"{data['stage']}: {describe_exception(data['exc_type'], data['message'])}",
                 exc_type=data["exc_type"], remote_traceback=data["traceback"])
     err.__cause__ = _exception_of(data)
     return False, err
@@ -128,8 +125,8 @@ def _timeout_error(frame, returncode, error):
         data = pickle.loads(payload)
     except Exception:
         return error(message, ChildTimeout)
-    err = error(f"{message}; after the stop signal it {data['stage']}: {data['exc_type']}: "
-                f"{data['message']}", ChildTimeout,
+    err = error(f"{message}; after the stop signal it {data['stage']}: "
+                f"{describe_exception(data['exc_type'], data['message'])}", ChildTimeout,
                 exc_type=data["exc_type"], remote_traceback=data["traceback"])
     err.__cause__ = _exception_of(data)
     return err

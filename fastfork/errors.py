@@ -6,6 +6,7 @@
      +-- ForkError         fork() failed (EAGAIN, ENOMEM ...); also an OSError
      +-- TimeoutExpired    a wait ran out of time; also subprocess.TimeoutExpired
      +-- ServerError       a ForkServer died or cannot be reached
+     +-- ServiceError      a service exited or was not ready in time
 
 OSErrors from the kernel otherwise pass through unchanged (ChildProcessError
 for ECHILD, BlockingIOError for EAGAIN ...).
@@ -14,7 +15,7 @@ import signal as _signal
 import subprocess as _subprocess
 
 __all__ = ["FastforkError", "ChildError", "ChildTimeout", "ForkError", "TimeoutExpired",
-           "ServerError"]
+           "ServerError", "ServiceError"]
 
 
 def _signal_name(signum):
@@ -143,9 +144,48 @@ class ServerError(FastforkError):
     __module__ = "fastfork"
 
 
+class ServiceError(FastforkError):
+    """A service (fastfork.service) could not be started: it exited or was not ready in time.
+
+    (Also raised, before anything starts, when a command could not be given
+    its stop signal back from this thread.)
+
+    Attributes: ``name`` (the function or command), ``pid``, ``returncode``
+    (its status once stopped and reaped; -N if killed by signal N, None if
+    unknown), ``timed_out`` (True if the ready timeout ran out; False if it
+    exited first) and ``output`` (the last lines it printed, or None).
+    """
+
+    __module__ = "fastfork"
+
+    def __init__(self, message, *, name=None, pid=None, returncode=None, timed_out=False,
+                 output=None):
+        super().__init__(message)
+        self.message = message
+        self.name = name
+        self.pid = pid
+        self.returncode = returncode
+        self.timed_out = timed_out
+        self.output = output
+
+    def __str__(self):
+        return self.message
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), (self.message,), dict(
+            name=self.name, pid=self.pid, returncode=self.returncode,
+            timed_out=self.timed_out, output=self.output)))
+
+
 def _rebuild(cls, args, kwargs):
     """Unpickle an exception whose constructor takes keyword-only fields."""
     return cls(*args, **kwargs)
+
+
+def describe_exception(type_name, message):
+    """Return 'Type: message', or just 'Type' when the exception has no text."""
+    message = str(message)
+    return f"{type_name}: {message}" if message.strip() else type_name
 
 
 def describe_status(returncode):

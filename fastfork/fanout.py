@@ -78,9 +78,12 @@ class FunctionChild(Child):
     def result(self, timeout=None):
         """Wait for the child and return its function's return value.
 
-        Raises ChildError if the function raised (with the child's traceback),
-        the child died or exited without a result, or the result could not be
-        pickled; fastfork.TimeoutExpired if still running after ``timeout``.
+        A function that ends in SystemExit with exit status 0 (``sys.exit()``,
+        ``sys.exit(0)``) counts as returning None, as a program exiting 0 succeeds.
+        Raises ChildError if the function raised (with the child's traceback;
+        any other SystemExit too, with its exit code), the child died or exited
+        without a result, or the result could not be pickled;
+        fastfork.TimeoutExpired if still running after ``timeout``.
         """
         if not self.finished:
             self.wait(timeout)
@@ -101,7 +104,8 @@ class FunctionChild(Child):
 
 
 def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
-                print_traceback=False, index=None, item=None, launched=None):
+                print_traceback=False, index=None, item=None, launched=None,
+                stop_signal=None, keep_fds=()):
     """Fork a child that runs ``fn(*args, **kwargs)``; return its FunctionChild.
 
     ``die_with_parent`` (Linux) has the kernel SIGKILL the child when this
@@ -110,6 +114,11 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
     ``launched``, a list, gets the handle appended as soon as the process
     exists (before any signal handler can run), for callers that must stop
     every child they started whatever interrupts them.
+    ``stop_signal``: the signal that will stop the child. It gets that
+    signal's default action (KeyboardInterrupt for SIGINT) even where this
+    process ignores or catches it, and one sent right after the fork is not
+    lost. ``keep_fds``: fds of fastfork's own (see child.own_fd) that the
+    child keeps open; it closes the others.
     Raises TypeError for a non-callable; OSError if the pipe or fork fails
     (nothing is left open or running then).
     """
@@ -121,15 +130,18 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
     child = FunctionChild(index=index, item=item)
 
     def child_main():
-        close_inherited_fds(keep={child._write_fd})
+        close_inherited_fds(keep={child._write_fd, *keep_fds})
+        if stop_signal is not None:
+            _take_default_action(stop_signal)
         return _core.run_function(fn, tuple(args), kwargs, child._write_fd, print_traceback)
 
     try:
         # Pipe, fork and bookkeeping happen in one C call that records each
         # step on ``child``: a signal handler raising anywhere (Ctrl-C) can
         # neither leak the pipe nor lose the process.
-        _core.fork_with_pipe(child_main, child, [] if launched is None else launched,
-                             signal.SIGKILL if die_with_parent else 0)
+        with _held_back(stop_signal):
+            _core.fork_with_pipe(child_main, child, [] if launched is None else launched,
+                                 signal.SIGKILL if die_with_parent else 0)
         return child
     except BaseException:
         child._abandon()
@@ -370,14 +382,50 @@ def background(fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0,
     Yields the FunctionChild. On leaving the block, normally or by exception,
     the child is sent ``stop_signal`` (SIGINT suits servers that want
     KeyboardInterrupt), given ``grace`` seconds, then SIGKILLed, and reaped.
+    The child always acts on ``stop_signal`` (its default action, even when
+    this process ignores it, as a background job does SIGINT).
     ``die_with_parent`` (default True, Linux) kills it if this process dies.
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
     check_callable(fn)
     grace = check_timeout(grace, "grace")
     stop_signal = signal.Signals(stop_signal)
-    child = start_child(fn, args, kwargs, die_with_parent=die_with_parent)
+    launched = []
     try:
-        yield child
+        yield start_child(fn, args, kwargs, die_with_parent=die_with_parent,
+                          stop_signal=stop_signal, launched=launched)
     finally:
-        stop_all([child], grace, sig=stop_signal)
+        stop_all(launched, grace, sig=stop_signal)
+
+
+# Signals no process can catch, ignore or block: nothing to hand over.
+_UNCATCHABLE = (signal.SIGKILL, signal.SIGSTOP)
+
+
+@contextlib.contextmanager
+def _held_back(sig):
+    """Block ``sig`` in this thread for the block (None: do nothing).
+
+    A child forked meanwhile starts with it blocked: one sent before the child
+    has set its handler (``_take_default_action``) waits instead of meeting
+    the parent's disposition, which may be SIG_IGN.
+    """
+    if sig is None or sig in _UNCATCHABLE:
+        yield
+        return
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, {sig})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
+def _take_default_action(sig):
+    """In a forked child: give ``sig`` its default action, then unblock it.
+
+    SIGINT gets Python's KeyboardInterrupt handler; others SIG_DFL.
+    """
+    if sig in _UNCATCHABLE:
+        return
+    signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
