@@ -30,6 +30,7 @@ import weakref
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED,
                                       InvalidStateError)
 
+from fastfork import _core
 from fastfork._checks import check_callable, check_timeout, poll_ms
 from fastfork._result import ERROR
 from fastfork._scheduler import RETRYABLE_ERRNOS, Scheduler
@@ -458,6 +459,9 @@ class _Manager(threading.Thread):
         # Future.result) with its Ctrl-C never handled. The tasks get back the
         # mask this thread started with.
         self._task_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        # Nor does it hold a lock a forked child could need (it prints nothing;
+        # the import lock is taken around every fork): forks need not warn about it.
+        _core._library_thread(True)
         scheduler = Scheduler(self._launch, jobs=self._max_workers, timeout=self._timeout,
                               grace=self._grace, stop_on_failure=False)
         live = {}  # future -> Entry, for tasks handed to the scheduler
@@ -493,7 +497,10 @@ class _Manager(threading.Thread):
             failure = exc
             raise
         finally:
-            self._finish(scheduler, live, failure)
+            try:
+                self._finish(scheduler, live, failure)
+            finally:
+                _core._library_thread(False)
 
     def _take_requests(self, scheduler, live):
         with self.lock:

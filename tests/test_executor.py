@@ -502,6 +502,8 @@ def test_done_callbacks_run_outside_the_executor_lock(executor):
     assert done.wait(30) and seen == [4, 9]
 
 
+# The eight submitting threads run while the executor forks: 3.12+ rightly warns.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_submit_from_8_threads_at_once(make_executor):
     ex = make_executor(max_workers=4)
     barrier = threading.Barrier(8)
