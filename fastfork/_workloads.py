@@ -554,10 +554,9 @@ TINY = Workload(
 
 
 MEMORY = memory_workload(1024)
-WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY)}
 
 
-# ---------------------------------------------------------------- 7. import time
+# ---------------------------------------------------------------- 8. import time
 
 def _import_seconds(module):
     """Import ``module`` in a fresh interpreter; return the seconds it reports taking.
@@ -600,7 +599,7 @@ IMPORT = Workload(
     expect="above 1x means faster: fastfork loads its parts on first use",
 )
 
-WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, MEMORY, IMPORT)}
+WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY, IMPORT)}
 
 
 # ---------------------------------------------------------------- targets
@@ -653,7 +652,7 @@ TARGETS = (
 )
 
 
-# ---------------------------------------------------------------- 8. fastfork run, the command line
+# ---------------------------------------------------------------- 9. fastfork run, the command line
 # The runner as users start it (a fresh interpreter, input on stdin), beside xargs -P,
 # GNU parallel when it is installed, and the same jobs through spawn_many in-process.
 # Every method's stdout goes through a pipe to `cat > /dev/null`, as in `... | consumer`.
@@ -754,4 +753,89 @@ TARGETS += (
            f"xargs -P {RUN_JOBS}", "small", 0.9, ">= 0.9x"),
     Target("run grouped vs --ungroup, 10 MiB per job", "run-output", "fastfork run (grouped)",
            "small", "fastfork run --ungroup", "small", 1 / 1.2, ">= 0.83x"),
+)
+
+
+# ---------------------------------------------------------------- 10. a process per task, via an executor
+
+def _executor_prepare(make):
+    """prepare(n) -> (executor, server or None): made and warmed up (one task), untimed."""
+    def prepare(n):
+        executor, server = make()
+        try:
+            executor.submit(_noop, 0).result()
+        except BaseException:
+            _executor_cleanup(executor, server)
+            raise
+        return executor, server
+    return prepare
+
+
+def _executor_map(n, executor, server):
+    for _ in executor.map(_noop, range(n)):
+        pass
+
+
+def _executor_cleanup(executor, server):
+    executor.shutdown()
+    if server is not None:
+        server.close()
+
+
+def _fork_executor():
+    return fastfork.ForkExecutor(JOBS), None
+
+
+def _fork_executor_server():
+    server = fastfork.ForkServer(preload=("fastfork._workloads",)).open()
+    return server.executor(JOBS), server
+
+
+def _pool_per_task():
+    # max_tasks_per_child refuses the fork context; forkserver is its fastest.
+    return concurrent.futures.ProcessPoolExecutor(
+        JOBS, mp_context=multiprocessing.get_context("forkserver"), max_tasks_per_child=1), None
+
+
+def _pool_reused():
+    return concurrent.futures.ProcessPoolExecutor(JOBS), None
+
+
+def _executor_fastfork_map(n):
+    fastfork.map(_noop, range(n), jobs=JOBS)
+
+
+EXECUTOR = Workload(
+    key="executor", title=f"fresh process per task, N tiny tasks via an executor (workers={JOBS})",
+    baseline="ProcessPoolExecutor(max_tasks_per_child=1)",
+    methods=(
+        Method("ProcessPoolExecutor(max_tasks_per_child=1)", "stdlib", _executor_map,
+               _executor_prepare(_pool_per_task), _executor_cleanup, min_python=(3, 11),
+               slow=True),
+        Method("fastfork.ForkExecutor", "fastfork", _executor_map,
+               _executor_prepare(_fork_executor), _executor_cleanup),
+        Method("fastfork.ForkExecutor (server)", "fastfork", _executor_map,
+               _executor_prepare(_fork_executor_server), _executor_cleanup),
+        Method("fastfork.map", "fastfork", _executor_fastfork_map),
+        # Not a process per task: the same workers run every task.
+        Method("ProcessPoolExecutor() reused", "stdlib", _executor_map,
+               _executor_prepare(_pool_reused), _executor_cleanup),
+    ),
+    sizes={"quick": (20,), "default": (200,), "full": (500,)},
+    big_sizes={"quick": (4,), "default": (20,), "full": (50,)},
+    headline="fastfork.ForkExecutor",
+    expect="above 1x means faster: a fork per task instead of a pool process per task",
+)
+WORKLOADS[EXECUTOR.key] = EXECUTOR
+
+TARGETS += (
+    Target("ForkExecutor vs PPE(max_tasks_per_child=1)", "executor", "fastfork.ForkExecutor",
+           "small", "ProcessPoolExecutor(max_tasks_per_child=1)", "small", 10.0, ">= 10x"),
+    Target("ForkExecutor vs fastfork.map (per task <= 1.3x)", "executor",
+           "fastfork.ForkExecutor", "small", "fastfork.map", "small", 1 / 1.3, ">= 0.77x"),
+    Target("ForkExecutor vs fastfork.map, big parent", "executor", "fastfork.ForkExecutor",
+           "big", "fastfork.map", "big", 1 / 1.3, ">= 0.77x"),
+    Target("ForkExecutor: server vs caller, big parent", "executor",
+           "fastfork.ForkExecutor (server)", "big", "fastfork.ForkExecutor", "big", 15.0,
+           ">= 15x"),
 )

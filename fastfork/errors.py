@@ -195,3 +195,4 @@ def describe_status(returncode):
     if returncode < 0:
         return f"was killed by {_signal_name(-returncode)}"
     return f"exited with code {returncode}"
+import errno as _e; RETRYABLE_FORK_ERRNOS = (_e.EAGAIN, _e.ENOMEM)
