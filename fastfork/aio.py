@@ -57,6 +57,34 @@ def _running_loop() -> asyncio.AbstractEventLoop:
                            "coroutine (asyncio.run(main()))") from None
 
 
+def _leave_the_loop():
+    """In a forked child: undo the signal plumbing of the parent's event loop.
+
+    The child inherits the loop's wakeup fd (a signal in the child would wake
+    the parent's loop, which would run the parent's handler for it) and the
+    handlers the loop and asyncio.run installed (SIGTERM set with
+    add_signal_handler would no longer end the child; SIGINT would cancel a
+    task of a loop that does not run here). Those go back to their defaults:
+    SIG_DFL, and KeyboardInterrupt for SIGINT.
+    """
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        try:
+            handler = signal.getsignal(sig)
+        except (OSError, ValueError):
+            continue
+        module = getattr(getattr(handler, "func", handler), "__module__", None) or ""
+        if module.startswith(("asyncio.", "uvloop.")):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                          else signal.SIG_DFL)
+
+
+def _outside_the_loop(fn, args, kwargs):
+    """The function a child forked by fastfork.aio runs: ``fn`` once the loop is left."""
+    _leave_the_loop()
+    return fn(*args, **kwargs)
+
+
 class _Handle:
     """What an async child and an async process share: waiting, signalling, stopping."""
 
@@ -162,8 +190,13 @@ def start_child(fn: Callable[..., T], args: Iterable[Any] = (),
     running event loop, before any process exists; OSError if fork fails.
     """
     loop = _running_loop()
+    check_callable(fn)
     grace = check_timeout(grace, "grace")
-    child = _fanout.start_child(fn, args, kwargs, die_with_parent=die_with_parent,
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+    child = _fanout.start_child(_outside_the_loop, (fn, tuple(args), kwargs),
+                                die_with_parent=die_with_parent,
                                 print_traceback=print_traceback)
     try:
         return AsyncChild(child, loop, grace)
