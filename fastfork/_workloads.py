@@ -16,6 +16,7 @@ import dataclasses
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -46,9 +47,9 @@ class Method:
     """One way of creating the children of a workload.
 
     ``run(n, *state)`` is the timed part; ``prepare(n) -> state`` (a tuple)
-    and ``cleanup(*state)`` run untimed around it. ``requires`` names the
-    attributes (``"fastfork.map"``, ``"_core._c_fork_exit_loop"``) the method
-    needs; it is skipped when one is missing.
+    and ``cleanup(*state)`` run untimed around it. With ``reports_time``,
+    ``run`` returns the seconds to count itself (what the children measured,
+    e.g. an import time) instead of being timed whole.
     """
 
     name: str
@@ -56,9 +57,9 @@ class Method:
     run: object
     prepare: object = None
     cleanup: object = None
-    requires: tuple = ()
     min_python: tuple = ()
     slow: bool = False  # outside "full" mode, run only at the workload's smallest N
+    reports_time: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +68,9 @@ class Workload:
 
     ``sizes[mode]`` are the numbers of children for the small parent,
     ``big_sizes[mode]`` those for the big parent (smaller where every child
-    pays the big parent's fork cost).
+    pays the big parent's fork cost). ``headline`` is the fastfork method
+    whose ratio to the baseline sums the group up, ``expect`` what to expect
+    of that ratio and why, in a few words for the reader of the table.
     """
 
     key: str
@@ -76,6 +79,8 @@ class Workload:
     methods: tuple
     sizes: dict
     big_sizes: dict
+    headline: str = ""
+    expect: str = ""
 
     def method(self, name):
         """Return the method called ``name``; KeyError if there is none."""
@@ -133,22 +138,8 @@ def _reap_quietly(pids):
             pass
 
 
-def resolve(path):
-    """Return the object named by ``path`` ("fastfork.map", "_core.x"), or None."""
-    head, _, rest = path.partition(".")
-    obj = {"fastfork": fastfork, "_core": _core}[head]
-    for part in rest.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def unavailable(method):
     """Return why ``method`` cannot run here (a short reason), or None if it can."""
-    for need in method.requires:
-        if resolve(need) is None:
-            return f"{need} not available yet"
     if method.min_python and sys.version_info < method.min_python:
         return "needs Python " + ".".join(map(str, method.min_python)) + "+"
     return None
@@ -162,8 +153,9 @@ def measure(method, n):
     state = method.prepare(n) if method.prepare else ()
     try:
         t0 = time.perf_counter()
-        method.run(n, *state)
-        return time.perf_counter() - t0
+        reported = method.run(n, *state)
+        elapsed = time.perf_counter() - t0
+        return reported if method.reports_time else elapsed
     finally:
         if method.cleanup:
             method.cleanup(*state)
@@ -212,11 +204,13 @@ FORK = Workload(
     key="fork", title="fork + exit + reap, one child at a time", baseline="os.fork",
     methods=(
         Method("os.fork", "stdlib", _fork_os),
-        Method("fastfork.fork", "fastfork", _fork_fastfork, requires=("fastfork.fork",)),
-        Method("C limit", "limit", _fork_c, requires=("_core._c_fork_exit_loop",)),
+        Method("fastfork.fork", "fastfork", _fork_fastfork),
+        Method("C limit", "limit", _fork_c),
     ),
     sizes={"quick": (50,), "default": (300,), "full": (1000,)},
     big_sizes={"quick": (5,), "default": (30,), "full": (50,)},
+    headline="fastfork.fork",
+    expect="about 1x is expected: the same kernel fork() between the same interpreter hooks",
 )
 
 
@@ -257,13 +251,13 @@ REAP = Workload(
     key="reap", title="reap N already-exited children", baseline="os.waitpid loop",
     methods=(
         Method("os.waitpid loop", "stdlib", _reap_os, _make_zombies, _reap_quietly),
-        Method("fastfork.reap", "fastfork", _reap_fastfork, _make_zombies, _reap_quietly,
-               requires=("fastfork.reap",)),
-        Method("C limit", "limit", _reap_c, _make_zombies, _reap_quietly,
-               requires=("_core._c_waitpid_loop",)),
+        Method("fastfork.reap", "fastfork", _reap_fastfork, _make_zombies, _reap_quietly),
+        Method("C limit", "limit", _reap_c, _make_zombies, _reap_quietly),
     ),
     sizes={"quick": (100,), "default": (500,), "full": (1000,)},
     big_sizes={"quick": (5,), "default": (30,), "full": (50,)},
+    headline="fastfork.reap",
+    expect="about 1x is expected: each child is one kernel waitpid either way",
 )
 
 
@@ -308,15 +302,17 @@ FANOUT = Workload(
     baseline="os.fork loop",
     methods=(
         Method("os.fork loop", "stdlib", _fanout_os),
-        Method("fastfork.map", "fastfork", _fanout_fastfork, requires=("fastfork.map",)),
+        Method("fastfork.map", "fastfork", _fanout_fastfork),
         Method("multiprocessing.Process", "stdlib", _fanout_mp),
         # The children run no Python at all: what is left is the kernel's fork and exit.
-        Method("C limit", "limit", _fanout_c, requires=("_core._c_fork_exit_loop",)),
+        Method("C limit", "limit", _fanout_c),
         Method("ProcessPoolExecutor(max_tasks_per_child=1)", "stdlib", _fanout_pool,
                _forkserver_ready, min_python=(3, 11), slow=True),
     ),
     sizes={"quick": (100,), "default": (100, 1000), "full": (100, 1000)},
     big_sizes={"quick": (5,), "default": (30,), "full": (100,)},
+    headline="fastfork.map",
+    expect="about 1x is expected: both pay one kernel fork per child",
 )
 
 
@@ -379,19 +375,19 @@ EXEC = Workload(
     key="exec", title=f"exec fan-out: spawn and reap {TRUE}", baseline="subprocess.Popen+wait",
     methods=(
         Method("subprocess.Popen+wait", "stdlib", _exec_popen),
-        Method("fastfork.spawn", "fastfork", _exec_spawn, requires=("fastfork.spawn",)),
-        Method("fastfork.spawn_many", "fastfork", _exec_spawn_many,
-               requires=("fastfork.spawn_many",)),
+        Method("fastfork.spawn", "fastfork", _exec_spawn),
+        Method("fastfork.spawn_many", "fastfork", _exec_spawn_many),
         Method("subprocess.run", "stdlib", _exec_run),
         Method("os.posix_spawn+waitpid", "stdlib", _exec_posix_spawn),
         Method("os.fork+execv+waitpid", "stdlib", _exec_fork_execv),
-        Method("C limit", "limit", _exec_c, requires=("_core._c_spawn_loop",)),
+        Method("C limit", "limit", _exec_c),
         Method("subprocess.Popen jobs=2", "stdlib", _exec_popen2),
-        Method("fastfork.spawn_many jobs=2", "fastfork", _exec_spawn_many2,
-               requires=("fastfork.spawn_many",)),
+        Method("fastfork.spawn_many jobs=2", "fastfork", _exec_spawn_many2),
     ),
     sizes={"quick": (50,), "default": (300,), "full": (1000,)},
     big_sizes={"quick": (5,), "default": (50,), "full": (100,)},
+    headline="fastfork.spawn",
+    expect="about 1x is expected: both create the child vfork-style",
 )
 
 
@@ -442,14 +438,17 @@ STARTUP = Workload(
     methods=(
         Method("python -c (subprocess)", "stdlib", _startup_python),
         Method("os.fork per task", "stdlib", _startup_fork),
-        Method("fastfork.map", "fastfork", _startup_map, requires=("fastfork.map",)),
+        Method("fastfork.map", "fastfork", _startup_map),
         Method("fastfork.ForkServer.map", "fastfork", _startup_server, _server_prepare,
-               _server_close, requires=("fastfork.ForkServer",)),
+               _server_close),
         Method("multiprocessing forkserver", "stdlib", _startup_forkserver, _forkserver_ready),
         Method("multiprocessing spawn", "stdlib", _startup_spawn),
     ),
     sizes={"quick": (4,), "default": (20,), "full": (50,)},
     big_sizes={"quick": (4,), "default": (20,), "full": (50,)},
+    headline="fastfork.ForkServer.map",
+    expect="far above 1x is expected: its children fork from a small server, "
+           "no interpreter starts",
 )
 
 
@@ -490,27 +489,126 @@ def memory_workload(mib):
             Method("bytearray", "stdlib", run, holding(lambda: allocate_parent(mib)),
                    _close_buffer),
             Method("fastfork.SharedBuffer", "fastfork", run,
-                   holding(lambda: _touch(fastfork.SharedBuffer(size))), _close_buffer,
-                   requires=("fastfork.SharedBuffer",)),
+                   holding(lambda: _touch(fastfork.SharedBuffer(size))), _close_buffer),
             Method("fastfork.PrivateBuffer (huge pages)", "fastfork", run,
-                   holding(lambda: _touch(fastfork.PrivateBuffer(size))), _close_buffer,
-                   requires=("fastfork.PrivateBuffer",)),
+                   holding(lambda: _touch(fastfork.PrivateBuffer(size))), _close_buffer),
         ),
         # Run from the small parent only: the buffer is the big memory.
         sizes={"quick": (), "default": (10,), "full": (30,)},
         big_sizes={"quick": (), "default": (), "full": ()},
+        headline="fastfork.SharedBuffer",
+        expect="far above 1x is expected: fork does not copy shared memory's page tables",
     )
 
 
+# ---------------------------------------------------------------- 7. many tiny tasks
+
+TASK_WORKERS = 2
+CHUNK = 100
+
+
+def _tiny(i):
+    """The work of one task in the tiny-tasks workload: next to nothing."""
+    return i * i
+
+
+def _tiny_map(n):
+    fastfork.map(_tiny, range(n), jobs=TASK_WORKERS)
+
+
+def _tiny_map_chunked(n):
+    fastfork.map(_tiny, range(n), jobs=TASK_WORKERS, chunksize=CHUNK)
+
+
+def _tiny_pool(n):
+    with multiprocessing.Pool(TASK_WORKERS) as pool:
+        pool.map(_tiny, range(n))
+
+
+def _tiny_executor(chunksize):
+    def run(n):
+        with concurrent.futures.ProcessPoolExecutor(TASK_WORKERS) as pool:
+            for _ in pool.map(_tiny, range(n), chunksize=chunksize):
+                pass
+    return run
+
+
+TINY = Workload(
+    key="tiny", title=f"N tiny tasks, {TASK_WORKERS} at a time (rate: tasks/s; "
+                      "pool and executor start-up timed)",
+    baseline=f"multiprocessing.Pool({TASK_WORKERS}).map",
+    methods=(
+        Method(f"multiprocessing.Pool({TASK_WORKERS}).map", "stdlib", _tiny_pool),
+        Method(f"fastfork.map chunksize={CHUNK}", "fastfork", _tiny_map_chunked),
+        Method(f"ProcessPoolExecutor({TASK_WORKERS}).map chunksize={CHUNK}", "stdlib",
+               _tiny_executor(CHUNK)),
+        # A child (or a pickled round trip) per task: measured at the smallest N
+        # outside --full.
+        Method("fastfork.map", "fastfork", _tiny_map, slow=True),
+        Method(f"ProcessPoolExecutor({TASK_WORKERS}).map", "stdlib", _tiny_executor(1),
+               slow=True),
+    ),
+    sizes={"quick": (500,), "default": (500, 5000), "full": (500, 5000)},
+    # From the big parent every child (fastfork.map: one per task) pays its fork.
+    big_sizes={"quick": (), "default": (), "full": (500,)},
+)
+
+
 MEMORY = memory_workload(1024)
-WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, MEMORY)}
+WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY)}
+
+
+# ---------------------------------------------------------------- 7. import time
+
+def _import_seconds(module):
+    """Import ``module`` in a fresh interpreter; return the seconds it reports taking.
+
+    The figure is the import's cumulative time from ``python -X importtime``:
+    what the import costs, without the interpreter's own start-up.
+    Raises RuntimeError if the interpreter fails or reports no such import.
+    """
+    # The child must import the fastfork measured here, installed or not.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastfork.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"python -c 'import {module}' failed: {proc.stderr.strip()}")
+    for line in proc.stderr.splitlines():
+        # "import time: <self us> | <cumulative us> | <indented module name>"
+        fields = line.split("|")
+        if len(fields) == 3 and fields[2].strip() == module:
+            return int(fields[1]) / 1e6
+    raise RuntimeError(f"python -X importtime reported no import of {module} "
+                       "(was it imported at start-up?)")
+
+
+def _import_method(module, kind):
+    def run(n):
+        # n times the median: one slow interpreter does not move the figure.
+        return n * statistics.median(_import_seconds(module) for _ in range(n))
+    return Method(f"import {module}", kind, run, reports_time=True)
+
+
+IMPORT = Workload(
+    key="import", title="import in a fresh interpreter (-X importtime); a child is one import",
+    baseline="import subprocess",
+    methods=(_import_method("subprocess", "stdlib"), _import_method("fastfork", "fastfork")),
+    sizes={"quick": (5,), "default": (20,), "full": (50,)},
+    big_sizes={"quick": (), "default": (), "full": ()},
+    headline="import fastfork",
+    expect="above 1x means faster: fastfork loads its parts on first use",
+)
+
+WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, MEMORY, IMPORT)}
 
 
 # ---------------------------------------------------------------- targets
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A goal from the issues: ``method`` / ``versus`` throughput must reach ``goal``.
+    """A goal the project sets itself: ``method`` / ``versus`` throughput must reach ``goal``.
 
     Each side is (workload, method, parent) with parent "small" or "big";
     ``versus`` None means ``method`` itself from the other parent size.
@@ -551,6 +649,8 @@ TARGETS = (
            "fastfork.ForkServer.map", "big", "python -c (subprocess)", "big", 20.0, ">= 20x"),
     Target("fork with data in SharedBuffer vs bytearray", "memory",
            "fastfork.SharedBuffer", "small", "bytearray", "small", 30.0, ">= 30x"),
+    Target("import fastfork vs import subprocess", "import", "import fastfork", "small",
+           "import subprocess", "small", 1 / 1.5, ">= 0.67x"),
 )
 
 

@@ -158,6 +158,8 @@ cdef int _run_and_report(fn, tuple args, dict kwargs, int fd, bint print_traceba
 
     Returns the exit code the child should end with: 0 after a result, 1 after
     an exception or an unpicklable result, SystemExit's code after SystemExit.
+    SystemExit with exit status 0 (``sys.exit()``, ``sys.exit(0)``) is a
+    success whose result is None, as when a program exits 0.
     Raises only if even the report cannot be made (the caller exits 70).
     """
     cdef int code = 0
@@ -166,8 +168,11 @@ cdef int _run_and_report(fn, tuple args, dict kwargs, int fd, bint print_traceba
         value = fn(*args, **kwargs)
     except SystemExit as exc:
         code = _exit_code_of(exc)
-        kind = _ERROR
-        payload = _error_payload(exc, "exited")
+        if code == 0:
+            payload = _dumps(None, _PROTOCOL)
+        else:
+            kind = _ERROR
+            payload = _error_payload(exc, "exited")
     except BaseException as exc:
         code = 1
         if print_traceback:

@@ -6,6 +6,7 @@ import time
 import pytest
 
 import fastfork
+import procutil
 from fastfork import child as child_module
 
 
@@ -55,11 +56,14 @@ def test_wait_all_until_any_returns_first_finisher(mode):
 
 
 def test_stop_all_escalates_and_reaps_everything(mode):
+    ready = procutil.Ready()
     def stubborn():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        ready.signal()
         time.sleep(30)
-    kids = [fastfork.start(stubborn) for _ in range(2)] + [fastfork.Child(raw_child())]
-    time.sleep(0.2)  # let the stubborn ones install their handler
+    with ready:
+        kids = [fastfork.start(stubborn) for _ in range(2)] + [fastfork.Child(raw_child())]
+        ready.wait(2)  # the stubborn ones have installed their handler
     child_module.stop_all(kids, grace=0.2)
     assert [k.returncode for k in kids] == [-signal.SIGKILL, -signal.SIGKILL, -signal.SIGTERM]
 

@@ -1202,7 +1202,7 @@ def test_reap_interrupted_hands_over_what_it_already_reaped():
         if slow == 0:
             time.sleep(30)
             os._exit(0)
-        time.sleep(0.1)  # the fast child has exited
+        os.waitid(os.P_PID, fast, os.WEXITED | os.WNOWAIT)  # the fast child has exited
         def interrupt(*args):
             raise KeyboardInterrupt
         signal.signal(signal.SIGALRM, interrupt)

@@ -278,12 +278,15 @@ def stubborn_or_writer(kind):
         return kind
     if kind == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.write(SYNC_W, b"s")
         time.sleep(30)
     time.sleep(0.1)  # let "quick" finish first
+    os.write(SYNC_W, b"w")
     return blob(50 << 20)  # overfills its pipe: blocks while nobody drains it
 
 
-def test_closing_as_completed_stops_writers_blocked_on_a_full_pipe_and_stubborn_children():
+def test_closing_as_completed_stops_writers_blocked_on_a_full_pipe_and_stubborn_children(
+        sync_pipe):
     before = procutil.children()
     fds_before = procutil.open_fds()
     started = time.monotonic()
@@ -291,7 +294,7 @@ def test_closing_as_completed_stops_writers_blocked_on_a_full_pipe_and_stubborn_
                                 jobs=4, grace=0.3)
     with contextlib.closing(gen):
         assert next(gen) == (0, "quick")
-        time.sleep(0.2)  # the writers fill their pipes, ring, and block: nobody drains now
+        wait_readable(sync_pipe, 3)  # the writers fill their pipes and block: nobody drains now
         assert len(procutil.children() - before) == 3
     assert procutil.children() - before == set()
     assert procutil.open_fds() == fds_before
@@ -481,7 +484,7 @@ def test_engine_close_twice_is_safe():
     # A second close() finds the slots freed and returns. Run in a fresh
     # interpreter, so that a crash fails this test, not the whole session.
     code = textwrap.dedent("""
-        import pickle, fastfork, procutil
+        import pickle, fastfork.child, procutil  # fastfork.child registers the engine's fd set
         from fastfork import _core
         def double(x):
             return 2 * x
@@ -556,7 +559,7 @@ def test_engine_close_stops_running_children(sync_pipe):
     assert _owned_fds == owned_before
 
 
-def test_engine_deleted_while_children_run_kills_and_reaps_them():
+def test_engine_deleted_while_children_run_kills_and_reaps_them(sync_pipe):
     # The __dealloc__ safety net: an engine dropped without close() (no Python
     # code can run there) SIGKILLs and reaps its children and closes its fds,
     # a child blocked writing into its full pipe included.
@@ -568,7 +571,7 @@ def test_engine_deleted_while_children_run_kills_and_reaps_them():
     assert outcome[:2] == (0, "quick")
     running = procutil.children() - before
     assert len(running) == 2
-    time.sleep(0.3)  # "big" is blocked writing by now: step() no longer drains its pipe
+    wait_readable(sync_pipe, 2)  # "big" is writing: step() no longer drains its pipe
     del engine, outcome
     gc.collect()
     assert procutil.children() & running == set()  # no zombie: reaped in __dealloc__

@@ -117,11 +117,12 @@ def test_python_m_fastfork_run():
 
 def test_ctrl_c_stops_every_command():
     code = textwrap.dedent("""
-        import os, signal, threading, procutil
+        import procutil
         from fastfork import runner
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+        # The first command sends the runner SIGINT, as Ctrl-C would, once it runs.
+        interrupt_first = '[ "$FASTFORK_INDEX" = 0 ] && kill -INT $PPID; exec sleep 30'
         status = runner.main(runner.build_parser().parse_args(
-            ["-j", "3", "-n", "10", "--", "sleep", "30"]))
+            ["-j", "3", "-n", "10", "--", "sh", "-c", interrupt_first]))
         print(status, sorted(procutil.descendants()))
     """)
     result = faultlib.run_contained(code)
