@@ -3,9 +3,12 @@
 ``run`` forks a child running a function and awaits its result; ``start``
 returns a handle to await later; ``spawn`` starts a command whose pipes are
 asyncio streams; ``background`` ties a helper process to an ``async with``
-block. The API parallels the synchronous one (``fastfork.start``,
-``fastfork.spawn`` ...) and raises the same errors for the same bad input,
-before any process exists.
+block; ``map``, ``as_completed`` and ``spawn_many`` fan out over many items
+or commands. The API parallels the synchronous one (``fastfork.start``,
+``fastfork.map``, ``fastfork.spawn`` ...) and raises the same errors for the
+same bad input, before any process exists. The fan-outs run on the same
+scheduler as the synchronous ones (``fastfork._scheduler``), driven by the
+event loop instead of poll().
 
 Every child is watched through its pidfd with ``loop.add_reader`` (polled
 with back-off where there is none), and its result pipe is drained as data
@@ -25,19 +28,22 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import (AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping,
+                             Sequence)
 from typing import IO, Any, Generic, TypeVar, Union
 
 from fastfork import commands as _commands
 from fastfork import fanout as _fanout
+from fastfork._aiodrive import LoopDriver
 from fastfork._aiowatch import LoopWatch, stop as _stop, wait_or_stop
-from fastfork._checks import check_callable, check_timeout
+from fastfork._checks import check_callable, check_fan_out, check_timeout
 from fastfork.child import stop_all
-from fastfork.commands import DEVNULL, PIPE, STDOUT
+from fastfork.commands import DEVNULL, PIPE, STDOUT, CommandResult
 from fastfork.errors import TimeoutExpired
 
 __all__ = ["AsyncChild", "AsyncProcess", "run", "start", "start_child", "background",
-           "spawn", "PIPE", "STDOUT", "DEVNULL"]
+           "map", "as_completed", "spawn", "spawn_many", "CommandResult", "PIPE", "STDOUT",
+           "DEVNULL"]
 
 T = TypeVar("T")
 StrOrBytesPath = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
@@ -85,6 +91,12 @@ def _outside_the_loop(fn, args, kwargs):
     return fn(*args, **kwargs)
 
 
+def _start_outside_the_loop(fn, args=(), kwargs=None, **options):
+    """``fastfork.start_child``, the child leaving the parent's loop first."""
+    return _fanout.start_child(_outside_the_loop,
+                               (fn, tuple(args), {} if kwargs is None else kwargs), **options)
+
+
 class _Handle:
     """What an async child and an async process share: waiting, signalling, stopping."""
 
@@ -117,8 +129,13 @@ class _Handle:
         """True if someone else reaped the process, so its exit status is unknown."""
         return self._child.lost
 
+    def _check_loop(self) -> None:
+        if asyncio.get_running_loop() is not self._watch.loop:
+            raise RuntimeError(f"{self!r} belongs to the event loop that started it; "
+                               "await it there")
+
     def send_signal(self, sig: int) -> None:
-        """Send ``sig``; does nothing once the process has been reaped (pidfd: never a reused pid)."""
+        """Send ``sig``; nothing once reaped (through the pidfd: never a recycled pid)."""
         self._child.send_signal(sig)
 
     def terminate(self) -> None:
@@ -138,6 +155,7 @@ class _Handle:
         before the CancelledError propagates.
         """
         timeout = check_timeout(timeout)
+        self._check_loop()
         if not await wait_or_stop(self._watch, self.grace, timeout):
             raise TimeoutExpired(self.pid, timeout, cmd=getattr(self, "args", None))
         return self.returncode
@@ -149,6 +167,7 @@ class _Handle:
         """
         grace = check_timeout(grace, "grace")
         sig = signal.Signals(sig)
+        self._check_loop()
         await _stop(self._watch, grace, sig)
         return self.returncode
 
@@ -195,9 +214,8 @@ def start_child(fn: Callable[..., T], args: Iterable[Any] = (),
     kwargs = {} if kwargs is None else kwargs
     if not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
-    child = _fanout.start_child(_outside_the_loop, (fn, tuple(args), kwargs),
-                                die_with_parent=die_with_parent,
-                                print_traceback=print_traceback)
+    child = _start_outside_the_loop(fn, args, kwargs, die_with_parent=die_with_parent,
+                                    print_traceback=print_traceback)
     try:
         return AsyncChild(child, loop, grace)
     except BaseException:
@@ -221,9 +239,9 @@ async def run(fn: Callable[..., T], /, *args: Any, timeout: float | None = None,
 
     Raises ChildError as ``fastfork.map`` does (the function raised, the
     child died); past ``timeout`` seconds the child is stopped (SIGTERM, one
-    second, SIGKILL) and ChildError is raised. Cancelling the awaiting task
-    stops the child the same way. TypeError/ValueError for bad arguments
-    before anything forks.
+    second, SIGKILL) and fastfork.ChildTimeout (a ChildError and a
+    TimeoutError) is raised. Cancelling the awaiting task stops the child the
+    same way. TypeError/ValueError for bad arguments before anything forks.
     """
     timeout = check_timeout(timeout, allow_zero=False)
     handle = start_child(fn, args, kwargs)
@@ -255,13 +273,77 @@ async def background(fn: Callable[..., Any], /, *args: Any,
         await handle.stop(grace, stop_signal)
 
 
+# ---------------------------------------------------------------- fan-out
+
+def as_completed(fn: Callable[[Any], T], iterable: Iterable[Any], *, jobs: int | None = None,
+                 timeout: float | None = None, return_exceptions: bool = False,
+                 fork_retries: int = 8, grace: float = 1.0, die_with_parent: bool = True,
+                 print_traceback: bool = False) -> AsyncGenerator[tuple[int, Any], None]:
+    """Run ``fn(item)`` in a forked child per item; yield (index, result) as they finish.
+
+    ``async for index, value in aio.as_completed(...)``. The options and
+    the rules (at most ``jobs`` at once, per-child ``timeout`` with
+    ChildTimeout, EAGAIN/ENOMEM retried, the first failure stopping new
+    launches and raised once the running children are reported, or per-item
+    errors with ``return_exceptions``) are those of ``fastfork.as_completed``:
+    the same scheduler, driven by the event loop. When the iteration ends
+    early -- cancelled, an exception, or the generator closed
+    (``contextlib.aclosing``) -- every running child is stopped (SIGTERM,
+    ``grace`` awaited, SIGKILL) and reaped. Raises TypeError/ValueError for
+    bad arguments here, before any process is created.
+    """
+    check_callable(fn)
+    jobs, timeout, grace, fork_retries, _ = check_fan_out(
+        jobs, timeout, grace, fork_retries, "fork_retries")
+    return _as_completed(fn, iter(iterable), return_exceptions, print_traceback, jobs=jobs,
+                         timeout=timeout, fork_retries=fork_retries, grace=grace,
+                         die_with_parent=die_with_parent)
+
+
+async def _as_completed(fn, items, return_exceptions, print_traceback, **options):
+    fan = _fanout.FunctionFanOut(_start_outside_the_loop, fn, items, return_exceptions,
+                                 print_traceback, **options)
+    driver = LoopDriver(fan.scheduler)
+    try:
+        while entries := await driver.finished():
+            for entry in entries:
+                reported = fan.take(entry)
+                if reported is not None:
+                    yield reported
+        fan.finish()
+    finally:
+        await driver.close()
+        fan.close()
+
+
+async def map(fn: Callable[[Any], T], iterable: Iterable[Any], *, jobs: int | None = None,
+              timeout: float | None = None, return_exceptions: bool = False,
+              fork_retries: int = 8, grace: float = 1.0, die_with_parent: bool = True,
+              print_traceback: bool = False) -> list[Any]:
+    """Run ``fn(item)`` in a forked child per item; return the results in input order.
+
+    ``fastfork.map`` on the event loop: the same options, errors and rules
+    (see ``as_completed``). Cancelling the awaiting task stops and reaps
+    every running child before the CancelledError propagates. Raises
+    TypeError/ValueError for bad arguments before any process is created.
+    """
+    results = {}
+    completed = as_completed(fn, iterable, jobs=jobs, timeout=timeout,
+                             return_exceptions=return_exceptions, fork_retries=fork_retries,
+                             grace=grace, die_with_parent=die_with_parent,
+                             print_traceback=print_traceback)
+    async with contextlib.aclosing(completed):
+        async for index, value in completed:
+            results[index] = value
+    return [results[i] for i in range(len(results))]
+
+
 # ---------------------------------------------------------------- commands
 
 class _PipeProtocol(asyncio.StreamReaderProtocol):
     """A command's pipe: closed at end of file, with a future set once it is closed."""
 
-    def __init__(self, reader: asyncio.StreamReader | None,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(reader)
         self.closed = loop.create_future()
 
@@ -301,10 +383,11 @@ class AsyncProcess(_Handle):
         """Turn the Process's pipe files into asyncio streams."""
         process = self._child
         if process.stdin is not None:
-            transport, protocol = await self._loop.connect_write_pipe(
-                lambda: _PipeProtocol(None, self._loop), process.stdin)
-            self._pipes["stdin"] = transport, protocol
-            self.stdin = asyncio.StreamWriter(transport, protocol, None, self._loop)
+            # (The protocol's reader stays unused: this pipe is only written.)
+            writer, protocol = await self._loop.connect_write_pipe(
+                lambda: _PipeProtocol(asyncio.StreamReader(), self._loop), process.stdin)
+            self._pipes["stdin"] = writer, protocol
+            self.stdin = asyncio.StreamWriter(writer, protocol, None, self._loop)
         for name in ("stdout", "stderr"):
             fileobj = getattr(process, name)
             if fileobj is not None:
@@ -418,3 +501,36 @@ async def spawn(argv: Sequence[StrOrBytesPath], *, executable: StrOrBytesPath | 
         await handle._abort()
         raise
     return handle
+
+
+async def spawn_many(commands: Iterable[Sequence[StrOrBytesPath]], *, jobs: int | None = None,
+                     timeout: float | None = None, capture: bool = False,
+                     keep_going: bool = True, grace: float = 1.0,
+                     env: Mapping[Any, Any] | Callable[[int], Mapping[Any, Any]] | None = None,
+                     cwd: StrOrBytesPath | None = None, stdin: Stdio = DEVNULL,
+                     new_session: bool = False, die_with_parent: bool = True,
+                     spawn_retries: int = 8,
+                     callback: Callable[[int, CommandResult], object] | None = None,
+                     ) -> list[CommandResult | None]:
+    """Run many commands, at most ``jobs`` at once; return their CommandResults in input order.
+
+    ``fastfork.spawn_many`` on the event loop: the same arguments, results
+    and rules, the same scheduler. Captured output is read as it arrives.
+    Cancelling the awaiting task (or ``callback`` raising) stops every
+    running command (SIGTERM, ``grace`` awaited, SIGKILL) and reaps it
+    before the exception propagates. Every command is validated before the
+    first starts (TypeError/ValueError).
+    """
+    many = _commands.ManyCommands(commands, jobs=jobs, timeout=timeout, capture=capture,
+                                  keep_going=keep_going, grace=grace, env=env, cwd=cwd,
+                                  stdin=stdin, new_session=new_session,
+                                  die_with_parent=die_with_parent,
+                                  spawn_retries=spawn_retries, callback=callback)
+    driver = LoopDriver(many.scheduler)
+    try:
+        while entries := await driver.finished():
+            for entry in entries:
+                many.take(entry)
+    finally:
+        await driver.close()
+    return many.results
