@@ -92,11 +92,6 @@ def say_ready_then_sleep(fd, ignore_term=False):
     time.sleep(60)
 
 
-def wait_for_gate(fd, value):
-    os.read(fd, 1)
-    return value
-
-
 def serve_until_interrupted(fd):
     try:
         os.write(fd, b"ready\n")
