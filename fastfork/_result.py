@@ -14,7 +14,8 @@ import traceback
 
 from fastfork.errors import ChildError, ChildTimeout, describe_exception, describe_status
 
-__all__ = ["OK", "ERROR", "error_payload", "FrameReader", "decode_outcome", "short_repr"]
+__all__ = ["OK", "ERROR", "error_payload", "user_traceback", "FrameReader", "decode_outcome",
+           "short_repr"]
 
 OK = b"R"
 ERROR = b"E"
@@ -32,7 +33,7 @@ def error_payload(exc, stage):
         "stage": stage,
         "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
         "message": _safe_str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, user_traceback(exc))),
         "exception": None,
     }
     try:
@@ -42,6 +43,25 @@ def error_payload(exc, stage):
     except BaseException:
         pass
     return pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def user_traceback(exc):
+    """The traceback of ``exc`` from the first frame that is not fastfork's own.
+
+    fastfork's frames on top (those that called the function in the child)
+    tell the user nothing, so they are left out, as the standard library
+    leaves out its own where it can. None if every frame is fastfork's.
+    """
+    tb = exc.__traceback__
+    while tb is not None and _is_fastfork_frame(tb.tb_frame):
+        tb = tb.tb_next
+    return tb
+
+
+def _is_fastfork_frame(frame):
+    # The compiled core's frames carry its module's globals, like any other.
+    module = frame.f_globals.get("__name__") or ""
+    return module == "fastfork" or module.startswith("fastfork.")
 
 
 def _safe_str(exc):

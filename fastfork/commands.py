@@ -18,6 +18,7 @@ interpreter ignores (SIGPIPE, SIGXFSZ) are reset to SIG_DFL as with
 import contextlib
 import dataclasses
 import errno
+import functools
 import io
 import os
 import select
@@ -32,7 +33,7 @@ from fastfork import _core
 from fastfork._checks import (MAX_WAIT, check_fan_out, check_optional_callable, check_pass_fds,
                               check_stdio, check_timeout)
 from fastfork._scheduler import Scheduler, drive
-from fastfork.child import Child, _fd_lock, _owned_fds, own_fd, reap_dropped
+from fastfork.child import Child, _fd_lock, disown_fd, own_fd, reap_dropped
 from fastfork.errors import TimeoutExpired
 
 __all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many",
@@ -130,7 +131,7 @@ class _PipeFileIO(io.FileIO):
 
     def close(self):
         if not self.closed and self.closefd:
-            _owned_fds.discard(self.fileno())
+            disown_fd(self.fileno())
         super().close()
 
 
@@ -147,50 +148,41 @@ class Process(Child):
     signalling and stopping are ``Child``'s (``returncode`` is -N after signal N).
     """
 
-    _capture_fd_attrs = ("_capture_fd_0", "_capture_fd_1")
-    _fd_attrs = Child._fd_attrs + _capture_fd_attrs
-
     def __init__(self, pid, args, stdin=None, stdout=None, stderr=None, *, capture_fds=()):
+        # spawn_many's capture: the pipes' read ends are the handle's capture
+        # fds from here on, drained by the wait loop (the _readers hook) while
+        # the command runs and closed at end of file or once it is reaped.
+        # Their bytes collect here, one list per pipe.
+        self._adopt_capture_fds(capture_fds)
+        self._capture = [[] for _ in capture_fds]
         self.args = args
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        # spawn_many's capture: fd -> chunks, drained by the wait loop (the
-        # _readers hook) while the command runs, closed once it is reaped.
-        self._capture = {fd: [] for fd in capture_fds}
-        self._capture_reading = set(capture_fds)   # not at end of file yet
-        # Also as attributes (see _fd_attrs), so that a Process dropped while
-        # running has them closed by its finalizer.
-        self._capture_fd_0, self._capture_fd_1 = (tuple(capture_fds) + (-1, -1))[:2]
         self._comm = None  # communicate()'s state, kept across a timeout
         super().__init__(pid)
 
     # ------------------------------------------------------------ hooks
 
     def _readers(self):
-        return {fd: self._capture[fd].append for fd in self._capture_reading}
+        return {fd: functools.partial(self._collect, index)
+                for index, fd in enumerate(self._capture_fds) if fd >= 0}
 
-    def _read(self, fd, callback):
-        done = super()._read(fd, callback)
-        if done:
-            self._capture_reading.discard(fd)
-        return done
+    def _collect(self, index, data):
+        if data:
+            self._capture[index].append(data)
+        else:
+            self._close_capture_fd(index)
 
     def _finish(self):
         super()._finish()
-        self._close_capture()
-
-    def _close_capture(self):
-        self._capture_reading.clear()
-        for name in self._capture_fd_attrs:
-            _core.close_fd_attr(self, name)  # does nothing once closed
+        self._close_capture_fds()
 
     def _captured(self, index):
         """The bytes captured from capture_fds[index], or None."""
-        fds = list(self._capture)
-        if index >= len(fds):
+        if index >= len(self._capture):
             return None
-        return b"".join(self._capture[fds[index]])
+        return b"".join(self._capture[index])
 
     # ------------------------------------------------------------ public
 
@@ -210,38 +202,13 @@ class Process(Child):
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._comm is None:
             self._comm = self._start_communicate(input)
-        chunks, pending_input = self._comm
-        with selectors.PollSelector() as selector:
-            for fileobj in (self.stdout, self.stderr):
-                if fileobj is not None and not fileobj.closed:
-                    selector.register(fileobj, selectors.EVENT_READ)
-            if pending_input is not None and self.stdin is not None and not self.stdin.closed:
-                selector.register(self.stdin, selectors.EVENT_WRITE)
-            while selector.get_map():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self._raise_timeout(timeout)
-                for key, _ in selector.select(None if remaining is None
-                                              else min(remaining, MAX_WAIT)):
-                    if key.fileobj is self.stdin:
-                        if self._feed_stdin(pending_input):
-                            selector.unregister(self.stdin)
-                            self.stdin.close()
-                    else:
-                        data = os.read(key.fd, 32768)
-                        if data:
-                            chunks[key.fileobj].append(data)
-                        else:
-                            selector.unregister(key.fileobj)
-                            key.fileobj.close()
+        self._exchange(deadline, timeout)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             self.wait(remaining)
         except TimeoutExpired:
             self._raise_timeout(timeout)
-        out = b"".join(chunks[self.stdout]) if self.stdout is not None else None
-        err = b"".join(chunks[self.stderr]) if self.stderr is not None else None
-        return out, err
+        return self._communicated()
 
     def _start_communicate(self, input):
         """Flush stdin (closing it when there is no input); return the buffers."""
@@ -258,6 +225,32 @@ class Process(Child):
                     self.stdin.close()
         return chunks, pending
 
+    def _exchange(self, deadline, timeout):
+        """Feed stdin and read stdout/stderr until every pipe is closed.
+
+        Raises TimeoutExpired at ``deadline`` (None: none).
+        """
+        chunks, pending_input = self._comm
+        with selectors.PollSelector() as selector:
+            for fileobj in (self.stdout, self.stderr):
+                if fileobj is not None and not fileobj.closed:
+                    selector.register(fileobj, selectors.EVENT_READ)
+            if pending_input is not None and self.stdin is not None and not self.stdin.closed:
+                selector.register(self.stdin, selectors.EVENT_WRITE)
+            while selector.get_map():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._raise_timeout(timeout)
+                ready = selector.select(None if remaining is None else min(remaining, MAX_WAIT))
+                for key, _ in ready:
+                    if key.fileobj is self.stdin:
+                        done = self._feed_stdin(pending_input)
+                    else:
+                        done = self._read_output(key, chunks)
+                    if done:
+                        selector.unregister(key.fileobj)
+                        key.fileobj.close()
+
     def _feed_stdin(self, pending):
         """Write the next piece of input; True when all is written (or the reader left)."""
         view, offset = pending
@@ -268,10 +261,23 @@ class Process(Child):
         pending[1] = offset
         return offset >= len(view)
 
-    def _raise_timeout(self, timeout):
+    @staticmethod
+    def _read_output(key, chunks):
+        """Read what an output pipe holds; True at end of file."""
+        data = os.read(key.fd, 32768)
+        if data:
+            chunks[key.fileobj].append(data)
+        return not data
+
+    def _communicated(self):
+        """(stdout, stderr) as collected so far: bytes for a pipe, else None."""
         chunks = self._comm[0]
         out = b"".join(chunks[self.stdout]) if self.stdout is not None else None
         err = b"".join(chunks[self.stderr]) if self.stderr is not None else None
+        return out, err
+
+    def _raise_timeout(self, timeout):
+        out, err = self._communicated()
         raise TimeoutExpired(self.pid, timeout, cmd=self.args, output=out, stderr=err)
 
     def close_pipes(self):
@@ -292,7 +298,7 @@ class Process(Child):
             super().__exit__(*exc_info)
         finally:
             self.close_pipes()
-            self._close_capture()
+            self._close_capture_fds()
 
 
 # ---------------------------------------------------------------- spawn
@@ -388,7 +394,7 @@ def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
                 _core.waitpid(pid, 0)
         for fd in parent_ends:
             if fd is not None:
-                _owned_fds.discard(fd)
+                disown_fd(fd)
                 with contextlib.suppress(OSError):
                     os.close(fd)
         raise

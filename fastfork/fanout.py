@@ -37,12 +37,10 @@ class FunctionChild(Child):
     and ``timed_out`` (True if a fan-out's timeout stopped it).
     """
 
-    _fd_attrs = ("_pidfd", "_result_fd", "_write_fd")
-
     def __init__(self, pid=None, result_fd=-1, *, index=None, item=None, pidfd=None):
         # pid None: an unstarted handle that _core.fork_with_pipe fills in.
-        self._result_fd = result_fd
-        self._write_fd = -1
+        # The result pipe's read end is the handle's from here on.
+        self._adopt_result_fd(result_fd)
         self._frame = FrameReader()
         self._outcome = None
         self.index = index
@@ -59,9 +57,6 @@ class FunctionChild(Child):
         self._frame.feed(data)
         if not data:
             self._close_result_fd()
-
-    def _close_result_fd(self):
-        _core.close_fd_attr(self, "_result_fd")
 
     def _finish(self):
         # The child has exited, so everything it wrote is in the pipe now; a

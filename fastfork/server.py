@@ -297,12 +297,10 @@ class ServerChild(fanout.FunctionChild):
         self._req_id = req_id
         self._status = None
         self.server_died = False
-        # The server's pidfd, opened before it could reap the pid: one opened
-        # here by pid might already name another process.
-        super().__init__(pid, result_fd, index=index, item=item,
-                         pidfd=pidfd if pidfd >= 0 else None)
-        if pidfd < 0:
-            self._close_pidfd()  # none from the server: never open one by pid
+        self._reaps_own_pid = False  # the server reaps it; only our fds are ours
+        # The server's pidfd, opened before it could reap the pid (-1: none):
+        # one opened here by pid might already name another process.
+        super().__init__(pid, result_fd, index=index, item=item, pidfd=pidfd)
 
     def _try_reap(self):
         """Finish the child once the server has reported it; True once finished."""
@@ -346,9 +344,6 @@ class ServerChild(fanout.FunctionChild):
                 f"the fork server {self._conn.pid} died before child {self.pid} "
                 f"reported{'' if self.index is None else f' (item {self.index})'}")
         return super()._decode()
-
-    # The server reaps it; only our fds are ours to close when dropped.
-    _reaps_own_pid = False
 
 
 class ForkServer:

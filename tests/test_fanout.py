@@ -14,7 +14,6 @@ import pytest
 
 import fastfork
 import procutil
-from fastfork import _core
 
 
 def double(x):
@@ -411,10 +410,10 @@ def test_fork_retry_then_fork_error(fork_fault):
     assert info.value.started == 3 and isinstance(info.value, OSError)
 
 
-def test_fork_failure_in_start_leaves_nothing_open(monkeypatch):
-    def enomem(fn, registry, pdeathsig=0):
+def test_fork_failure_in_start_leaves_nothing_open(fork_fault):
+    def enomem():
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
-    monkeypatch.setattr(_core, "fork_call", enomem)
+    fork_fault(enomem)
     with pytest.raises(OSError) as info:
         fastfork.start(double, 1)
     assert info.value.errno == errno.ENOMEM
