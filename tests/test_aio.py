@@ -535,16 +535,16 @@ def test_process_context_manager_closes_stdin_stops_and_closes_pipes(arun):
 
 # ------------------------------------------------------------------ without pidfds
 
-def test_children_without_a_pidfd_are_polled(arun, monkeypatch):
-    monkeypatch.setattr(fastfork.child, "_HAVE_PIDFD", False)
-    real_start_child = fastfork.fanout.start_child
+@pytest.fixture
+def without_pidfds():
+    """Handles made meanwhile wait by pid (WNOHANG polling), as where the kernel has no pidfds."""
+    from fastfork import _core
+    _core._set_use_pidfd(False)
+    yield
+    _core._set_use_pidfd(True)
 
-    def start_child_without_pidfd(*args, **kwargs):
-        child = real_start_child(*args, **kwargs)
-        child._close_pidfd()
-        return child
-    monkeypatch.setattr(fastfork.fanout, "start_child", start_child_without_pidfd)
 
+def test_children_without_a_pidfd_are_polled(arun, without_pidfds):
     async def main():
         handle = aio.start(big_result, 10 << 20)
         assert handle._child._pidfd == -1
