@@ -9,6 +9,7 @@ Every fan-out method (``fanout``, ``startup``, the ``jobs=2`` exec methods)
 keeps at most ``jobs`` children alive at once, waiting for the oldest before
 starting the next, so they are compared like for like.
 """
+import asyncio
 import collections
 import concurrent.futures
 import dataclasses
@@ -22,6 +23,7 @@ import sys
 import time
 
 import fastfork
+import fastfork.aio
 from fastfork import _core
 
 JOBS = os.cpu_count() or 1
@@ -838,4 +840,132 @@ TARGETS += (
     Target("ForkExecutor: server vs caller, big parent", "executor",
            "fastfork.ForkExecutor (server)", "big", "fastfork.ForkExecutor", "big", 15.0,
            ">= 15x"),
+)
+
+
+# ---------------------------------------------------------------- 11. asyncio: fastfork.aio
+
+AIO_JOBS = 2
+TICK = 0.001  # the period of the loop-latency probe, seconds
+# How late the 1 ms periodic callback ran in the last run of each loop-latency
+# method, by method name: {"max": seconds, "p99": seconds} (read by bench/test_aio.py).
+LOOP_DELAYS = {}
+
+
+def _in_asyncio(make_coro):
+    """A Method.run that runs ``make_coro(n)`` on a fresh event loop."""
+    return lambda n: asyncio.run(make_coro(n))
+
+
+async def _windowed(n, jobs, make_one):
+    """Await ``make_one()`` n times, at most ``jobs`` at once (a semaphore)."""
+    room = asyncio.Semaphore(jobs)
+
+    async def one():
+        async with room:
+            await make_one()
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def _true_asyncio():
+    proc = await asyncio.create_subprocess_exec(TRUE)
+    await proc.wait()
+
+
+async def _true_aio():
+    proc = await fastfork.aio.spawn([TRUE])
+    await proc.wait()
+
+
+async def _aio_exec_asyncio(n):
+    await _windowed(n, AIO_JOBS, _true_asyncio)
+
+
+async def _aio_exec_spawn(n):
+    await _windowed(n, AIO_JOBS, _true_aio)
+
+
+async def _aio_exec_spawn_many(n):
+    await fastfork.aio.spawn_many([[TRUE]] * n, jobs=AIO_JOBS)
+
+
+def _ticking(name, work):
+    """Run coroutine function ``work(n)`` beside a 1 ms periodic callback.
+
+    Records in LOOP_DELAYS[name] how late the callback ran, at worst and at
+    the 99th percentile: how long the loop was kept from running callbacks.
+    """
+    async def run(n):
+        loop = asyncio.get_running_loop()
+        delays = []
+        handle = None
+
+        def tick(due):
+            nonlocal handle
+            now = loop.time()
+            delays.append(now - due)
+            handle = loop.call_at(now + TICK, tick, now + TICK)
+        start = loop.time() + TICK
+        handle = loop.call_at(start, tick, start)
+        try:
+            await work(n)
+        finally:
+            handle.cancel()
+        delays.sort()
+        LOOP_DELAYS[name] = {"max": delays[-1] if delays else 0.0,
+                             "p99": delays[len(delays) * 99 // 100] if delays else 0.0}
+    return _in_asyncio(run)
+
+
+async def _aio_map(n):
+    await fastfork.aio.map(_noop, range(n), jobs=JOBS)
+
+
+AIO_EXEC = Workload(
+    key="aio-exec", title=f"asyncio: spawn and await {TRUE}, {AIO_JOBS} at a time",
+    baseline="asyncio.create_subprocess_exec",
+    methods=(
+        Method("asyncio.create_subprocess_exec", "stdlib", _in_asyncio(_aio_exec_asyncio)),
+        Method("fastfork.aio.spawn_many", "fastfork", _in_asyncio(_aio_exec_spawn_many)),
+        Method("fastfork.aio.spawn", "fastfork", _in_asyncio(_aio_exec_spawn)),
+    ),
+    sizes={"quick": (50,), "default": (1000,), "full": (1000,)},
+    big_sizes={"quick": (5,), "default": (50,), "full": (100,)},
+)
+
+# The same commands from the big parent, beside a 1 ms periodic callback:
+# LOOP_DELAYS says how long the loop stalled (throughput is measured as usual).
+AIO_LATENCY = Workload(
+    key="aio-latency",
+    title=f"asyncio: {TRUE} {AIO_JOBS} at a time beside a 1 ms callback (loop latency)",
+    baseline="asyncio.create_subprocess_exec + tick",
+    methods=(
+        Method("asyncio.create_subprocess_exec + tick", "stdlib",
+               _ticking("asyncio.create_subprocess_exec + tick", _aio_exec_asyncio)),
+        Method("fastfork.aio.spawn_many + tick", "fastfork",
+               _ticking("fastfork.aio.spawn_many + tick", _aio_exec_spawn_many)),
+        Method("fastfork.aio.spawn + tick", "fastfork",
+               _ticking("fastfork.aio.spawn + tick", _aio_exec_spawn)),
+    ),
+    sizes={"quick": (), "default": (), "full": ()},
+    big_sizes={"quick": (50,), "default": (1000,), "full": (1000,)},
+)
+
+AIO_MAP = Workload(
+    key="aio-map", title=f"asyncio: fan-out of N Python no-op children (jobs={JOBS})",
+    baseline="fastfork.map",
+    methods=(
+        Method("fastfork.map", "fastfork", _fanout_fastfork),
+        Method("fastfork.aio.map", "fastfork", _in_asyncio(_aio_map)),
+    ),
+    sizes={"quick": (100,), "default": (1000,), "full": (1000,)},
+    big_sizes={"quick": (5,), "default": (30,), "full": (100,)},
+)
+
+WORKLOADS.update({w.key: w for w in (AIO_EXEC, AIO_LATENCY, AIO_MAP)})
+TARGETS += (
+    Target("aio.spawn_many vs create_subprocess_exec", "aio-exec", "fastfork.aio.spawn_many",
+           "small", "asyncio.create_subprocess_exec", "small", 1.2, ">= 1.2x"),
+    Target("aio.map vs fastfork.map (time per task <= 1.2x)", "aio-map", "fastfork.aio.map",
+           "small", "fastfork.map", "small", 1 / 1.2, ">= 0.83x"),
 )

@@ -36,7 +36,8 @@ from fastfork._scheduler import Scheduler, drive
 from fastfork.child import Child, _fd_lock, disown_fd, own_fd, reap_dropped
 from fastfork.errors import TimeoutExpired
 
-__all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many"]
+__all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many",
+           "ManyCommands"]
 
 # The same values as subprocess's, so either module's constants work here.
 PIPE = subprocess.PIPE
@@ -473,28 +474,60 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
     command is stopped (SIGTERM, one shared ``grace``, SIGKILL) and reaped
     before it propagates.
     """
-    jobs, timeout, grace, spawn_retries, _ = check_fan_out(
-        jobs, timeout, grace, spawn_retries, "spawn_retries")
-    check_optional_callable(callback, "callback")
-    stdin = check_stdio(stdin, "stdin")
-    if stdin == PIPE:
-        raise ValueError("spawn_many cannot give commands a stdin pipe")
-    if isinstance(commands, (str, bytes)):
-        raise TypeError("commands must be a sequence of argv sequences")
-    prepared = []
-    for index, argv in enumerate(commands):
-        command_env = env(index) if callable(env) else env
-        prepared.append(_prepare(argv, None, command_env, cwd))
-    output = PIPE if capture else None
-    stdio = (stdin, output, output)
+    many = ManyCommands(commands, jobs=jobs, timeout=timeout, capture=capture,
+                        keep_going=keep_going, grace=grace, env=env, cwd=cwd, stdin=stdin,
+                        new_session=new_session, die_with_parent=die_with_parent,
+                        spawn_retries=spawn_retries, callback=callback)
+    try:
+        for entry in drive(many.scheduler):
+            many.take(entry)
+    finally:
+        many.scheduler.close()
+    return many.results
 
-    def launch(index):
-        return _start(prepared[index], stdio, (), True, new_session, die_with_parent, capture)
 
-    def result_of(entry):
+class ManyCommands:
+    """``spawn_many`` apart from its driver: the validated commands on a Scheduler.
+
+    A driver (``_scheduler.drive``, the asyncio one in ``fastfork.aio``) runs
+    ``scheduler`` and passes each finished entry to ``take``, which stores
+    its CommandResult in ``results`` (input order) and calls the callback.
+    Takes the arguments of ``spawn_many`` and validates them all, before
+    anything starts.
+    """
+
+    def __init__(self, commands, *, jobs, timeout, capture, keep_going, grace, env, cwd,
+                 stdin, new_session, die_with_parent, spawn_retries, callback):
+        jobs, timeout, grace, spawn_retries, _ = check_fan_out(
+            jobs, timeout, grace, spawn_retries, "spawn_retries")
+        self._callback = check_optional_callable(callback, "callback")
+        stdin = check_stdio(stdin, "stdin")
+        if stdin == PIPE:
+            raise ValueError("spawn_many cannot give commands a stdin pipe")
+        if isinstance(commands, (str, bytes)):
+            raise TypeError("commands must be a sequence of argv sequences")
+        prepared = []
+        for index, argv in enumerate(commands):
+            command_env = env(index) if callable(env) else env
+            prepared.append(_prepare(argv, None, command_env, cwd))
+        output = PIPE if capture else None
+        stdio = (stdin, output, output)
+        self._prepared = prepared
+        self.results = [None] * len(prepared)
+
+        def launch(index):
+            return _start(prepared[index], stdio, (), True, new_session, die_with_parent,
+                          capture)
+
+        self.scheduler = Scheduler(launch, range(len(prepared)), jobs=jobs, timeout=timeout,
+                                   grace=grace, retries=spawn_retries,
+                                   stop_on_failure=not keep_going,
+                                   is_failure=lambda entry: not self._result_of(entry).ok)
+
+    def _result_of(self, entry):
         """The CommandResult of a finished entry, made once."""
         if entry.data is None:
-            command = prepared[entry.index]
+            command = self._prepared[entry.index]
             if entry.error is not None:
                 entry.data = _start_failure(command, entry.error)
             else:
@@ -504,18 +537,11 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
                     entry.finished_at - entry.started_at, entry.timed_out)
         return entry.data
 
-    results = [None] * len(prepared)
-    scheduler = Scheduler(launch, range(len(prepared)), jobs=jobs, timeout=timeout,
-                          grace=grace, retries=spawn_retries, stop_on_failure=not keep_going,
-                          is_failure=lambda entry: not result_of(entry).ok)
-    try:
-        for entry in drive(scheduler):
-            results[entry.index] = result = result_of(entry)
-            if callback is not None:
-                callback(entry.index, result)
-    finally:
-        scheduler.close()
-    return results
+    def take(self, entry):
+        """Store the finished entry's CommandResult; call the callback with it."""
+        self.results[entry.index] = result = self._result_of(entry)
+        if self._callback is not None:
+            self._callback(entry.index, result)
 
 
 def _start_failure(command, exc):

@@ -27,7 +27,7 @@ from fastfork.child import Child, close_inherited_fds, reap_dropped, stop_all
 from fastfork.errors import ChildError, ForkError
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
-           "fan_out", "in_input_order"]
+           "fan_out", "in_input_order", "FunctionFanOut"]
 
 
 class FunctionChild(Child):
@@ -322,24 +322,56 @@ def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions
                     print_traceback=print_traceback, chunksize=chunksize)
 
 
-def _scheduled(starter, fn, items, return_exceptions, print_traceback, *, jobs, timeout,
-               fork_retries, grace, die_with_parent):
+def _scheduled(starter, fn, items, return_exceptions, print_traceback, **options):
     """as_completed over the iterator ``items``, children started by ``starter``."""
-    launched = []  # the child of the last launch, even one an exception cut short
+    fan = FunctionFanOut(starter, fn, items, return_exceptions, print_traceback, **options)
+    try:
+        for entry in drive(fan.scheduler):
+            reported = fan.take(entry)
+            if reported is not None:
+                yield reported
+        fan.finish()
+    finally:
+        fan.close()
 
-    def launch(task):
-        index, item = task
-        launched.clear()
-        return starter(fn, (item,), None, die_with_parent=die_with_parent,
-                       print_traceback=print_traceback, index=index, item=item,
-                       launched=launched)
 
-    def outcome(entry):
+class FunctionFanOut:
+    """A fan-out of ``fn`` over ``items`` on a Scheduler, apart from its driver.
+
+    A driver (``_scheduler.drive``, the asyncio one in ``fastfork.aio``) runs
+    ``scheduler`` and passes each finished entry to ``take``, which returns
+    the (index, result) to hand out, or None for a failure kept for the end
+    (rule 5); once the scheduler is done, ``finish()`` raises that first
+    failure. ``close()``, whatever happened, closes the scheduler (blocking
+    only if children still run) and stops the child of a launch an exception
+    cut short. ``items`` is an iterator; the other arguments are those of
+    ``as_completed``, validated.
+    """
+
+    def __init__(self, starter, fn, items, return_exceptions, print_traceback, *, jobs,
+                 timeout, fork_retries, grace, die_with_parent):
+        self._return_exceptions = return_exceptions
+        self._first_error = None
+        self._launched = []  # the child of the last launch, even one an exception cut short
+
+        def launch(task):
+            index, item = task
+            self._launched.clear()
+            return starter(fn, (item,), None, die_with_parent=die_with_parent,
+                           print_traceback=print_traceback, index=index, item=item,
+                           launched=self._launched)
+
+        self.scheduler = Scheduler(launch, enumerate(items), jobs=jobs, timeout=timeout,
+                                   grace=grace, retries=fork_retries,
+                                   stop_on_failure=not return_exceptions,
+                                   is_failure=lambda entry: not self._outcome(entry)[0])
+
+    def _outcome(self, entry):
         """(ok, result or error) of a finished entry, decoded once."""
         if entry.data is None:
             if entry.error is not None:
                 entry.data = (False, ForkError(entry.error.errno, entry.error.strerror,
-                                               started=scheduler.started))
+                                               started=self.scheduler.started))
             else:
                 child = entry.handle
                 child.timed_out = entry.timed_out
@@ -349,23 +381,25 @@ def _scheduled(starter, fn, items, return_exceptions, print_traceback, *, jobs, 
                     entry.data = (False, err)
         return entry.data
 
-    scheduler = Scheduler(launch, enumerate(items), jobs=jobs, timeout=timeout, grace=grace,
-                          retries=fork_retries, stop_on_failure=not return_exceptions,
-                          is_failure=lambda entry: not outcome(entry)[0])
-    first_error = None
-    try:
-        for entry in drive(scheduler):
-            ok, value = outcome(entry)
-            if ok or return_exceptions:
-                yield entry.index, value
-            elif first_error is None:
-                first_error = value
-        if first_error is not None:
-            raise first_error
-    finally:
-        scheduler.close()
-        stop_all(launched, 0)  # only a launch cut short leaves its child running here
-        for child in launched:
+    def take(self, entry):
+        """Return (index, result or error) of a finished entry, or None to raise it later."""
+        ok, value = self._outcome(entry)
+        if ok or self._return_exceptions:
+            return entry.index, value
+        if self._first_error is None:
+            self._first_error = value
+        return None
+
+    def finish(self):
+        """Raise the first failure ``take`` kept, if any."""
+        if self._first_error is not None:
+            raise self._first_error
+
+    def close(self):
+        """Close the scheduler; stop and reap the child of a launch cut short."""
+        self.scheduler.close()
+        stop_all(self._launched, 0)  # only a launch cut short leaves its child running here
+        for child in self._launched:
             child._close_fds()
 
 
