@@ -40,23 +40,40 @@ from fastfork.errors import TimeoutExpired
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Sequence
-    from typing import Literal, NoReturn, Union, overload
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import Any, Literal, Protocol, SupportsIndex, TypeVar, Union, overload
 
     from _typeshed import FileDescriptorLike, StrOrBytesPath
-    from typing_extensions import TypeAlias, deprecated
+    from typing_extensions import TypeAlias
 
     Arg: TypeAlias = StrOrBytesPath
     """One argument of a command: str, bytes or an os.PathLike of either."""
+
+    T_co = TypeVar("T_co", covariant=True)
+
+    class SequenceNotStr(Protocol[T_co]):
+        """A Sequence, but not a str or bytes: their ``__contains__`` takes only
+        str (bytes), so a type checker rejects ``spawn("echo hi")``."""
+
+        @overload
+        def __getitem__(self, index: SupportsIndex, /) -> T_co: ...
+        @overload
+        def __getitem__(self, index: slice, /) -> Sequence[T_co]: ...
+        def __contains__(self, value: object, /) -> bool: ...
+        def __len__(self) -> int: ...
+        def __iter__(self) -> Iterator[T_co]: ...
+        def __reversed__(self) -> Iterator[T_co]: ...
+        def index(self, value: Any, start: int = 0, stop: int = ..., /) -> int: ...
+        def count(self, value: Any, /) -> int: ...
+
+    ArgSequence: TypeAlias = SequenceNotStr[Arg]
+    """A command's argv: a list or tuple (any Sequence) of Args, not one str."""
     Env: TypeAlias = Union[Mapping[str, StrOrBytesPath], Mapping[bytes, StrOrBytesPath]]
     Stdio: TypeAlias = Union[FileDescriptorLike, None]
     """None (inherit), PIPE, DEVNULL, STDOUT (stderr only), an fd or a file object."""
 else:
     def overload(fn):
         return fn
-
-    def deprecated(message):
-        return overload
 
 __all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many"]
 
@@ -332,23 +349,7 @@ class Process(Child):
 
 # ---------------------------------------------------------------- spawn
 
-@overload
-@deprecated("spawn() takes a sequence of arguments, not one str: "
-            "use [program] or shlex.split(command)")
-def spawn(argv: str, *, executable: Arg | None = None, env: Env | None = None,
-          cwd: Arg | None = None, stdin: Stdio = None, stdout: Stdio = None,
-          stderr: Stdio = None, pass_fds: Iterable[int] = (), close_fds: bool = True,
-          new_session: bool = False, die_with_parent: bool = False) -> NoReturn: ...
-
-
-@overload
-def spawn(argv: Sequence[Arg], *, executable: Arg | None = None, env: Env | None = None,
-          cwd: Arg | None = None, stdin: Stdio = None, stdout: Stdio = None,
-          stderr: Stdio = None, pass_fds: Iterable[int] = (), close_fds: bool = True,
-          new_session: bool = False, die_with_parent: bool = False) -> Process: ...
-
-
-def spawn(argv: Sequence[Arg], *, executable: Arg | None = None, env: Env | None = None,
+def spawn(argv: ArgSequence, *, executable: Arg | None = None, env: Env | None = None,
           cwd: Arg | None = None, stdin: Stdio = None, stdout: Stdio = None,
           stderr: Stdio = None, pass_fds: Iterable[int] = (), close_fds: bool = True,
           new_session: bool = False, die_with_parent: bool = False) -> Process:
@@ -491,7 +492,7 @@ class CommandResult:
 
 
 @overload
-def spawn_many(commands: Iterable[Sequence[Arg]], *, jobs: int | None = None,
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
                timeout: float | None = None, capture: bool = False,
                keep_going: Literal[True] = True, grace: float = 1.0,
                env: Env | Callable[[int], Env] | None = None, cwd: Arg | None = None,
@@ -502,7 +503,7 @@ def spawn_many(commands: Iterable[Sequence[Arg]], *, jobs: int | None = None,
 
 
 @overload
-def spawn_many(commands: Iterable[Sequence[Arg]], *, jobs: int | None = None,
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
                timeout: float | None = None, capture: bool = False, keep_going: bool,
                grace: float = 1.0, env: Env | Callable[[int], Env] | None = None,
                cwd: Arg | None = None, stdin: Stdio = DEVNULL, new_session: bool = False,
@@ -511,7 +512,7 @@ def spawn_many(commands: Iterable[Sequence[Arg]], *, jobs: int | None = None,
                ) -> list[CommandResult | None]: ...
 
 
-def spawn_many(commands: Iterable[Sequence[Arg]], *, jobs: int | None = None,
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
                timeout: float | None = None, capture: bool = False, keep_going: bool = True,
                grace: float = 1.0, env: Env | Callable[[int], Env] | None = None,
                cwd: Arg | None = None, stdin: Stdio = DEVNULL, new_session: bool = False,

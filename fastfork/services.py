@@ -31,13 +31,13 @@ from fastfork.fanout import start_child
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable
     from typing import Any, Union
 
     from typing_extensions import Self, TypeAlias
 
     from fastfork.child import Child
-    from fastfork.commands import Arg, Env
+    from fastfork.commands import Arg, ArgSequence, Env
 
     Ready: TypeAlias = Union[_ready.Probe, Callable[[], object], None]
     """None (ready at once), a fastfork.ready probe, or a callable polled until truthy."""
@@ -48,7 +48,7 @@ __all__ = ["Service", "service"]
 _TAIL_BYTES = 64 * 1024
 
 
-def service(target: Callable[..., object] | Sequence[Arg], /, *args: Any,
+def service(target: Callable[..., object] | ArgSequence, /, *args: Any,
             kwargs: dict[str, Any] | None = None, ready: Ready = None,
             ready_timeout: float | None = 30.0, stop_signal: int = signal.SIGTERM,
             grace: float = 5.0, die_with_parent: bool = True, env: Env | None = None,
@@ -97,7 +97,7 @@ class Service:
     name: str
     ready_result: Any
 
-    def __init__(self, target: Callable[..., object] | Sequence[Arg],
+    def __init__(self, target: Callable[..., object] | ArgSequence,
                  args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
                  ready: Ready = None, ready_timeout: float | None = 30.0,
                  stop_signal: int = signal.SIGTERM, grace: float = 5.0,
