@@ -64,7 +64,7 @@ class _ByValue:
         self.value = value
 
     def __reduce__(self):
-        import cloudpickle
+        import cloudpickle  # type: ignore[import-untyped]
         return pickle.loads, (cloudpickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL),)
 
 

@@ -361,7 +361,7 @@ class ForkExecutor(concurrent.futures.Executor):
 # ---------------------------------------------------------------- the manager thread
 
 _global_shutdown = False
-_managers = weakref.WeakSet()
+_managers: "weakref.WeakSet[_Manager]" = weakref.WeakSet()
 _thread_names = itertools.count(1)
 
 
@@ -436,7 +436,7 @@ class _Manager(threading.Thread):
             queued = []
             if cancel_futures:
                 queued, self._inbox = self._inbox, collections.deque()
-            if stop_running is not None:
+            if stop_running is not None:  # taken (and cleared) by the thread
                 self._stop_grace = (stop_running if self._stop_grace is None
                                     else min(stop_running, self._stop_grace))
             self._wake()
@@ -506,10 +506,8 @@ class _Manager(threading.Thread):
         with self.lock:
             self._woken = False
             cancels, self._cancels = self._cancels, []
-            stop_grace = self._stop_grace
-            queued = ()
-            if stop_grace is not None:
-                queued, self._inbox = self._inbox, collections.deque()
+            # stop() emptied the inbox already (cancel_futures).
+            stop_grace, self._stop_grace = self._stop_grace, None
         for future in cancels:
             entry = live.get(future)
             if entry is not None:
@@ -517,9 +515,6 @@ class _Manager(threading.Thread):
             else:
                 _notify_cancelled(future)  # it never reached the scheduler
         if stop_grace is not None:
-            for task in queued:
-                task.future.cancel()
-                _notify_cancelled(task.future)
             self._stop_all(scheduler, live, stop_grace)
 
     def _stop_all(self, scheduler, live, grace):

@@ -15,7 +15,6 @@ import gc
 import os
 import signal
 import sys
-import textwrap
 import threading
 import time
 import weakref
@@ -215,7 +214,7 @@ def alive(pid):
     return procutil.state(pid) not in (None, "Z")
 
 
-def gone(pid, timeout=10.0):
+def gone(pid, timeout=30.0):
     deadline = time.monotonic() + timeout
     while alive(pid):
         if time.monotonic() > deadline:
