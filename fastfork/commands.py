@@ -15,6 +15,8 @@ empty signal mask (subprocess keeps the calling thread's); signals the
 interpreter ignores (SIGPIPE, SIGXFSZ) are reset to SIG_DFL as with
 ``restore_signals=True``, other ignored signals stay ignored.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import errno
@@ -35,6 +37,43 @@ from fastfork._checks import (MAX_WAIT, check_fan_out, check_optional_callable, 
 from fastfork._scheduler import Scheduler, drive
 from fastfork.child import Child, _fd_lock, disown_fd, own_fd, reap_dropped
 from fastfork.errors import TimeoutExpired
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import Any, Literal, Protocol, SupportsIndex, TypeVar, Union, overload
+
+    from _typeshed import FileDescriptorLike, StrOrBytesPath
+    from typing_extensions import TypeAlias
+
+    Arg: TypeAlias = StrOrBytesPath
+    """One argument of a command: str, bytes or an os.PathLike of either."""
+
+    T_co = TypeVar("T_co", covariant=True)
+
+    class SequenceNotStr(Protocol[T_co]):
+        """A Sequence, but not a str or bytes: their ``__contains__`` takes only
+        str (bytes), so a type checker rejects ``spawn("echo hi")``."""
+
+        @overload
+        def __getitem__(self, index: SupportsIndex, /) -> T_co: ...
+        @overload
+        def __getitem__(self, index: slice, /) -> Sequence[T_co]: ...
+        def __contains__(self, value: object, /) -> bool: ...
+        def __len__(self) -> int: ...
+        def __iter__(self) -> Iterator[T_co]: ...
+        def __reversed__(self) -> Iterator[T_co]: ...
+        def index(self, value: Any, start: int = 0, stop: int = ..., /) -> int: ...
+        def count(self, value: Any, /) -> int: ...
+
+    ArgSequence: TypeAlias = SequenceNotStr[Arg]
+    """A command's argv: a list or tuple (any Sequence) of Args, not one str."""
+    Env: TypeAlias = Union[Mapping[str, StrOrBytesPath], Mapping[bytes, StrOrBytesPath]]
+    Stdio: TypeAlias = Union[FileDescriptorLike, None]
+    """None (inherit), PIPE, DEVNULL, STDOUT (stderr only), an fd or a file object."""
+else:
+    def overload(fn):
+        return fn
 
 __all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many",
            "ManyCommands"]
@@ -148,13 +187,20 @@ class Process(Child):
     signalling and stopping are ``Child``'s (``returncode`` is -N after signal N).
     """
 
-    def __init__(self, pid, args, stdin=None, stdout=None, stderr=None, *, capture_fds=()):
+    args: list[Arg]
+    stdin: io.FileIO | None
+    stdout: io.FileIO | None
+    stderr: io.FileIO | None
+
+    def __init__(self, pid: int, args: list[Arg], stdin: io.FileIO | None = None,
+                 stdout: io.FileIO | None = None, stderr: io.FileIO | None = None, *,
+                 capture_fds: Sequence[int] = ()) -> None:
         # spawn_many's capture: the pipes' read ends are the handle's capture
         # fds from here on, drained by the wait loop (the _readers hook) while
         # the command runs and closed at end of file or once it is reaped.
         # Their bytes collect here, one list per pipe.
         self._adopt_capture_fds(capture_fds)
-        self._capture = [[] for _ in capture_fds]
+        self._capture: list[list[bytes]] = [[] for _ in capture_fds]
         self.args = args
         self.stdin = stdin
         self.stdout = stdout
@@ -186,7 +232,8 @@ class Process(Child):
 
     # ------------------------------------------------------------ public
 
-    def communicate(self, input=None, timeout=None):
+    def communicate(self, input: bytes | None = None,
+                    timeout: float | None = None) -> tuple[bytes | None, bytes | None]:
         """Send ``input`` to stdin, read stdout and stderr to the end, wait for the exit.
 
         Both pipes are drained together (selectors), so output of any size
@@ -280,14 +327,14 @@ class Process(Child):
         out, err = self._communicated()
         raise TimeoutExpired(self.pid, timeout, cmd=self.args, output=out, stderr=err)
 
-    def close_pipes(self):
+    def close_pipes(self) -> None:
         """Close whichever of stdin, stdout, stderr are still open."""
         for fileobj in (self.stdin, self.stdout, self.stderr):
             if fileobj is not None:
                 with contextlib.suppress(BrokenPipeError):
                     fileobj.close()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         if os.getpid() != self._owner:
             return
         try:
@@ -303,8 +350,10 @@ class Process(Child):
 
 # ---------------------------------------------------------------- spawn
 
-def spawn(argv, *, executable=None, env=None, cwd=None, stdin=None, stdout=None,
-          stderr=None, pass_fds=(), close_fds=True, new_session=False, die_with_parent=False):
+def spawn(argv: ArgSequence, *, executable: Arg | None = None, env: Env | None = None,
+          cwd: Arg | None = None, stdin: Stdio = None, stdout: Stdio = None,
+          stderr: Stdio = None, pass_fds: Iterable[int] = (), close_fds: bool = True,
+          new_session: bool = False, die_with_parent: bool = False) -> Process:
     """Start a command; return its ``Process``.
 
     ``argv``: a sequence of str/bytes/os.PathLike; ``argv[0]`` (or
@@ -415,7 +464,7 @@ class CommandResult:
     not found, else 126, as a shell reports it).
     """
 
-    args: list
+    args: list[Arg]
     returncode: int
     stdout: bytes | None = None
     stderr: bytes | None = None
@@ -424,11 +473,11 @@ class CommandResult:
     error: OSError | None = None
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         """True if the command ran, was not stopped for its timeout, and exited 0."""
         return self.returncode == 0 and not self.timed_out and self.error is None
 
-    def check_returncode(self):
+    def check_returncode(self) -> None:
         """Raise if the command failed: its start error, fastfork.TimeoutExpired
         (also a subprocess.TimeoutExpired) if it timed out, else
         subprocess.CalledProcessError for a non-zero exit (as CompletedProcess).
@@ -443,9 +492,34 @@ class CommandResult:
                                                 self.stdout, self.stderr)
 
 
-def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=True,
-               grace=1.0, env=None, cwd=None, stdin=DEVNULL, new_session=False,
-               die_with_parent=True, spawn_retries=8, callback=None):
+@overload
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False,
+               keep_going: Literal[True] = True, grace: float = 1.0,
+               env: Env | Callable[[int], Env] | None = None, cwd: Arg | None = None,
+               stdin: Stdio = DEVNULL, new_session: bool = False, die_with_parent: bool = True,
+               spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult]: ...
+
+
+@overload
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False, keep_going: bool,
+               grace: float = 1.0, env: Env | Callable[[int], Env] | None = None,
+               cwd: Arg | None = None, stdin: Stdio = DEVNULL, new_session: bool = False,
+               die_with_parent: bool = True, spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult | None]: ...
+
+
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False, keep_going: bool = True,
+               grace: float = 1.0, env: Env | Callable[[int], Env] | None = None,
+               cwd: Arg | None = None, stdin: Stdio = DEVNULL, new_session: bool = False,
+               die_with_parent: bool = True, spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult] | list[CommandResult | None]:
     """Run many commands, at most ``jobs`` at once; return their results in input order.
 
     ``commands``: argv sequences. Returns a list of ``CommandResult`` (one per
