@@ -93,6 +93,8 @@ def say_ready_then_sleep(fd, ignore_term=False):
 
 
 def serve_until_interrupted(fd):
+    # SIGINT raises KeyboardInterrupt here even in a test run started with it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         os.write(fd, b"ready\n")
         time.sleep(60)
