@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
     from typing_extensions import ParamSpec, Self
 
+    from fastfork.executor import ForkExecutor
+
     P = ParamSpec("P")
 
 T = TypeVar("T")
@@ -567,7 +569,7 @@ class ForkServer:
             fork_retries=fork_retries, grace=grace, print_traceback=print_traceback,
             chunksize=chunksize))
 
-    def executor(self, max_workers=None, **options):
+    def executor(self, max_workers: int | None = None, **options: Any) -> ForkExecutor:
         """Return a ``fastfork.ForkExecutor`` whose tasks this server forks.
 
         ``options``: ``timeout`` and ``grace`` as for ForkExecutor. Shutting

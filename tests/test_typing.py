@@ -83,6 +83,10 @@ def main(flag: bool, server: fastfork.ForkServer) -> None:
     assert_type(server.start(greet, "x").result(), str)
     with fastfork.ForkServer(preload=["json"]) as other:
         assert_type(other, fastfork.ForkServer)
+        assert_type(other.executor(2), fastfork.ForkExecutor)
+    with fastfork.ForkExecutor(2, timeout=5.0) as pool:
+        assert_type(pool.submit(greet, "x").result(), str)
+        assert_type(list(pool.map(square, [1, 2])), list[int])
 
     with fastfork.service(["sleep", "9"], ready=fastfork.ready.port(ready.free_port())) as svc:
         assert_type(svc.pid, int | None)
