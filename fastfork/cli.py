@@ -12,7 +12,8 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "bench": ("fastfork.benchmark", "measure fork, reap and exec throughput against the stdlib"),
-    "run": ("fastfork.runner", "run a command once per input item (or command lines) in parallel, as xargs -P and GNU parallel do"),
+    "run": ("fastfork.runner",
+            "run a command per input item, or command lines, in parallel (as xargs -P)"),
 }
 
 
