@@ -308,9 +308,12 @@ def test_closing_as_completed_after_the_rest_exited_does_not_wait_out_the_grace(
     before = procutil.children()
     gen = fastfork.as_completed(sleep_then, [0.0, 0.1, 0.1], jobs=3, grace=grace)
     with contextlib.closing(gen):
-        assert next(gen) == (0, 0.0)
+        # Under load a 0.1 s child can finish first, and the engine may have
+        # reaped more than the one it reported: the rest are what it has not.
+        index, value = next(gen)
+        assert value == [0.0, 0.1, 0.1][index]
         rest = procutil.children() - before
-        assert len(rest) == 2
+        assert len(rest) <= 2
         deadline = time.monotonic() + 10
         while procutil.zombies(rest) != rest and time.monotonic() < deadline:
             time.sleep(0.01)
