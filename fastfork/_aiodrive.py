@@ -7,6 +7,9 @@ registered with ``loop.add_reader``, its next deadline is a timer, and
 loop, bar the one synchronous SIGKILL-and-reap of a close cut short.
 """
 import asyncio
+import contextlib
+
+from fastfork._aiowatch import on_loop
 
 __all__ = ["LoopDriver"]
 
@@ -109,6 +112,11 @@ class LoopDriver:
         and SIGKILL after the scheduler's grace, as the scheduler escalates.
         """
         scheduler = self.scheduler
+        if not on_loop(self.loop):
+            with contextlib.suppress(RuntimeError):  # a closed loop has no readers left
+                self._detach()
+            scheduler.close(grace=0)  # the loop has ended: SIGKILL, then reap
+            return
         try:
             scheduler.stop_launching()
             for entry in scheduler.running:

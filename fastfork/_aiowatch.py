@@ -15,7 +15,20 @@ import signal
 
 from fastfork.child import _POLL_MAX, _POLL_MIN, stop_all
 
-__all__ = ["LoopWatch", "wait_finished", "stop", "wait_or_stop"]
+__all__ = ["LoopWatch", "on_loop", "wait_finished", "stop", "wait_or_stop"]
+
+
+def on_loop(loop):
+    """True when called from a coroutine running on ``loop``.
+
+    False when a coroutine is closed after its loop ended, as asyncio.run
+    leaves them on Python 3.10 when Ctrl-C lands inside a task: its cleanup
+    can no longer await anything and must finish synchronously.
+    """
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
 
 
 class LoopWatch:
@@ -160,9 +173,13 @@ async def stop(watch, grace, sig=signal.SIGTERM):
 
     The grace is waited for on the loop. If this is cut short (the task is
     cancelled again, Ctrl-C), the child is SIGKILLed and reaped at once
-    before the exception propagates.
+    before the exception propagates. Outside the watch's loop there is no
+    grace to await: the child is SIGKILLed and reaped at once.
     """
     child = watch.child
+    if not on_loop(watch.loop):
+        watch.finish_now()
+        return
     try:
         if not child.finished:
             child.send_signal(sig)

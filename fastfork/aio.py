@@ -20,7 +20,11 @@ starting one pauses the loop for about one exec, whatever the parent's size.
 Cancellation kills: when a task awaiting a child or a command is cancelled
 (``TaskGroup``, ``asyncio.timeout``, Ctrl-C in ``asyncio.run``), the process
 gets SIGTERM, ``grace`` seconds (awaited on the loop), then SIGKILL; it is
-reaped and its fds closed before the CancelledError propagates.
+reaped and its fds closed before the CancelledError propagates. On Python
+3.10, whose asyncio.run has no Ctrl-C handling, the KeyboardInterrupt lands
+inside some task and asyncio.run abandons the others; their processes are
+SIGKILLed and reaped when those coroutines are closed (once nothing refers to
+them).
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from typing import IO, Any, Generic, TypeVar, Union
 from fastfork import commands as _commands
 from fastfork import fanout as _fanout
 from fastfork._aiodrive import LoopDriver
-from fastfork._aiowatch import LoopWatch, stop as _stop, wait_or_stop
+from fastfork._aiowatch import LoopWatch, on_loop, stop as _stop, wait_or_stop
 from fastfork._checks import check_callable, check_fan_out, check_timeout
 from fastfork.child import stop_all
 from fastfork.commands import DEVNULL, PIPE, STDOUT, CommandResult
@@ -130,7 +134,10 @@ class _Handle:
         return self._child.lost
 
     def _check_loop(self) -> None:
-        if asyncio.get_running_loop() is not self._watch.loop:
+        # No running loop at all is let through: a coroutine closed after its
+        # loop ended still stops its process (synchronously, see _stop).
+        running = asyncio._get_running_loop()
+        if running is not None and running is not self._watch.loop:
             raise RuntimeError(f"{self!r} belongs to the event loop that started it; "
                                "await it there")
 
@@ -437,6 +444,9 @@ class AsyncProcess(_Handle):
 
     async def close_pipes(self) -> None:
         """Close whichever of stdin, stdout and stderr are still open; wait until closed."""
+        if not on_loop(self._loop):
+            self._close_pipes_now()
+            return
         for name in ("stdin", "stdout", "stderr"):
             if name in self._pipes:
                 self._pipes[name][0].close()
@@ -448,6 +458,17 @@ class AsyncProcess(_Handle):
                         fileobj.close()
         for _, protocol in self._pipes.values():
             await asyncio.shield(protocol.closed)
+
+    def _close_pipes_now(self) -> None:
+        """Close the pipes' files directly: their loop has ended (it cannot close transports)."""
+        for name in ("stdin", "stdout", "stderr"):
+            if name in self._pipes:
+                fileobj = self._pipes[name][0].get_extra_info("pipe")
+            else:
+                fileobj = getattr(self._child, name)
+            if fileobj is not None:
+                with contextlib.suppress(OSError):
+                    fileobj.close()
 
     async def _abort(self) -> None:
         """Stop the command with ``grace`` and close its pipes (a cancelled operation)."""

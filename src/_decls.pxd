@@ -120,6 +120,10 @@ cdef extern from "spawn.h" nogil:
         FF_STEP_EXEC
 
 
+cdef extern from "mainthread.h":
+    void ff_adopt_main_thread() noexcept
+
+
 cdef extern from "sighold.h" nogil:
     void ff_hold_signals(void (*python_handler)(int) noexcept nogil) noexcept
     void ff_release_signals(int (*deliver)(int) noexcept) noexcept

@@ -8,7 +8,7 @@ from libc.signal cimport SIG_DFL, SIG_ERR, SIG_IGN
 from _decls cimport (
     PyErr_SetInterruptEx, PyInterpreterState_Get, PyInterpreterState_ThreadHead,
     PyOS_getsig, PyOS_sighandler_t, PyThread_get_thread_ident, PyThreadState,
-    PyThreadState_Next, ff_hold_signals, ff_release_signals,
+    PyThreadState_Next, ff_adopt_main_thread, ff_hold_signals, ff_release_signals,
 )
 
 import builtins
@@ -244,6 +244,7 @@ cdef pid_t _fork_checked(bint library) except -1:
     saved_errno = errno
     if pid == 0:
         PyOS_AfterFork_Child()
+        ff_adopt_main_thread()  # before any signal is unblocked
         if holding:
             ff_release_signals(NULL)  # signals sent to the parent are not the child's
         pthread_sigmask(SIG_SETMASK, &saved_mask, NULL)

@@ -142,6 +142,48 @@ def test_fork_with_threads_only_forking_thread_survives_and_warns_like_os(where,
         assert warned == []
 
 
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_a_child_forked_from_any_thread_runs_its_signal_handlers_between_bytecodes(
+        where, reaper):
+    # CPython 3.13's os.fork leaves a child forked from a worker thread
+    # unable to run Python-level handlers until some C code checks for
+    # signals; fastfork.fork makes the forking thread the child's main
+    # thread for signals too. The child's loop never sleeps or makes a
+    # system call that a signal would interrupt.
+    outcome = {}
+
+    def handles_sigterm():
+        handled = []
+        signal.signal(signal.SIGTERM, lambda *args: handled.append(1))
+        os.write(ready_w, b"r")
+        deadline = time.monotonic() + 30  # only bounds a failing run
+        while not handled and time.monotonic() < deadline:
+            pass
+        return 0 if handled else 1
+
+    def fork_and_signal():
+        pid = fork_and(fastfork.fork, handles_sigterm)
+        reaper.append(pid)
+        assert os.read(ready_r, 1) == b"r"
+        os.kill(pid, signal.SIGTERM)
+        outcome["code"] = exitcode(os.waitpid(pid, 0)[1])
+
+    ready_r, ready_w = os.pipe()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # forking with a thread
+            if where == "main thread":
+                fork_and_signal()
+            else:
+                thread = threading.Thread(target=fork_and_signal)
+                thread.start()
+                thread.join()
+    finally:
+        os.close(ready_r)
+        os.close(ready_w)
+    assert outcome == {"code": 0}
+
+
 # Each entry point forks on a line marked "# at: NAME", with an idle thread
 # running; the script reports the warnings each one issued.
 THREADS_WARNING_SCRIPT = """
