@@ -37,15 +37,23 @@ def check_count(value, name, minimum=0):
     return value
 
 
+# More children than Linux can ever have at once (pid_max is at most 2**22).
+JOBS_NO_LIMIT = 2**31 - 1
+
+
 def check_jobs(jobs):
-    """Return ``jobs`` (None means the CPU count); TypeError/ValueError unless an int >= 1."""
+    """Return ``jobs`` (None means the CPU count); TypeError/ValueError unless an int >= 1.
+
+    A count beyond ``JOBS_NO_LIMIT`` is returned as ``JOBS_NO_LIMIT``: both
+    mean no limit, and it fits the engine's C int.
+    """
     if jobs is None:
         return os.cpu_count() or 1
     if isinstance(jobs, bool) or not isinstance(jobs, int):
         raise TypeError(f"jobs must be an int or None, not {type(jobs).__name__}")
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, not {jobs}")
-    return jobs
+    return min(jobs, JOBS_NO_LIMIT)
 
 
 def check_timeout(timeout, name="timeout", allow_zero=True):

@@ -120,3 +120,11 @@ def test_not_callable_is_a_type_error(front_end, server):
 def test_spawn_many_callback_must_be_callable():
     with pytest.raises(TypeError, match="callback"):
         fastfork.spawn_many([["true"]], callback="print")
+
+
+
+def test_jobs_beyond_a_c_int_means_no_limit():
+    [result] = fastfork.spawn_many([["true"]], jobs=2**100)
+    assert result.ok
+    with fastfork.ForkExecutor(2**100) as executor:
+        assert executor.submit(abs, -1).result() == 1
