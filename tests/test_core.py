@@ -1312,27 +1312,39 @@ def test_fork_call_returns_pid_and_registry_in_parent(reaper):
 
 
 def test_reap_interrupted_hands_over_what_it_already_reaped():
+    # The slow child interrupts the parent once the parent is asleep inside
+    # reap (it said so through the pipe, then its state turned to S): the
+    # fast child has been reaped by then, whatever the machine's load.
     out = run_script("""
         import json, os, signal, time, fastfork
+        reap = fastfork.reap  # imported now, not inside the interrupted call
+        def interrupt(*args):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGUSR1, interrupt)
+        reaping_r, reaping_w = os.pipe()
         fast = os.fork()
         if fast == 0:
             os._exit(3)
         slow = os.fork()
         if slow == 0:
+            os.read(reaping_r, 1)
+            parent = os.getppid()
+            while True:
+                with open(f"/proc/{parent}/stat") as f:
+                    if f.read().rpartition(")")[2].split()[0] == "S":
+                        break
+            os.kill(parent, signal.SIGUSR1)
             time.sleep(30)
             os._exit(0)
         os.waitid(os.P_PID, fast, os.WEXITED | os.WNOWAIT)  # the fast child has exited
-        def interrupt(*args):
-            raise KeyboardInterrupt
-        signal.signal(signal.SIGALRM, interrupt)
-        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        os.write(reaping_w, b"r")
         try:
-            fastfork.reap([fast, slow])
+            reap([fast, slow])
             reaped = None
         except KeyboardInterrupt as exc:
             reaped = exc.reaped
         os.kill(slow, signal.SIGKILL)
-        print(json.dumps([reaped == [(fast, 3 << 8)], fastfork.reap([slow]) == [(slow, 9)]]))
+        print(json.dumps([reaped == [(fast, 3 << 8)], reap([slow]) == [(slow, 9)]]))
     """)
     assert out == [True, True]
 
