@@ -28,11 +28,13 @@ from fastfork.errors import (ChildError, FastforkError, ForkError, ServerError,
 from fastfork import ready
 from fastfork.services import service
 from fastfork.server import ForkServer, ServerChild
+from fastfork.executor import ForkExecutor
 from fastfork.shared import PrivateBuffer, SharedBuffer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ForkExecutor",
     "ForkServer",
     "ServerChild",
     "PrivateBuffer",

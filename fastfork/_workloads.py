@@ -550,3 +550,88 @@ TARGETS = (
     Target("fork with data in SharedBuffer vs bytearray", "memory",
            "fastfork.SharedBuffer", "small", "bytearray", "small", 30.0, ">= 30x"),
 )
+
+
+# ---------------------------------------------------------------- 7. a fresh process per task, via an executor
+
+def _executor_prepare(make):
+    """prepare(n) -> (executor, server or None): made and warmed up (one task), untimed."""
+    def prepare(n):
+        executor, server = make()
+        try:
+            executor.submit(_noop, 0).result()
+        except BaseException:
+            _executor_cleanup(executor, server)
+            raise
+        return executor, server
+    return prepare
+
+
+def _executor_map(n, executor, server):
+    for _ in executor.map(_noop, range(n)):
+        pass
+
+
+def _executor_cleanup(executor, server):
+    executor.shutdown()
+    if server is not None:
+        server.close()
+
+
+def _fork_executor():
+    return fastfork.ForkExecutor(JOBS), None
+
+
+def _fork_executor_server():
+    server = fastfork.ForkServer(preload=("fastfork._workloads",)).open()
+    return server.executor(JOBS), server
+
+
+def _pool_per_task():
+    # max_tasks_per_child refuses the fork context; forkserver is its fastest.
+    return concurrent.futures.ProcessPoolExecutor(
+        JOBS, mp_context=multiprocessing.get_context("forkserver"), max_tasks_per_child=1), None
+
+
+def _pool_reused():
+    return concurrent.futures.ProcessPoolExecutor(JOBS), None
+
+
+def _executor_fastfork_map(n):
+    fastfork.map(_noop, range(n), jobs=JOBS)
+
+
+EXECUTOR = Workload(
+    key="executor", title=f"fresh process per task, N tiny tasks via an executor (workers={JOBS})",
+    baseline="ProcessPoolExecutor(max_tasks_per_child=1)",
+    methods=(
+        Method("ProcessPoolExecutor(max_tasks_per_child=1)", "stdlib", _executor_map,
+               _executor_prepare(_pool_per_task), _executor_cleanup, min_python=(3, 11),
+               slow=True),
+        Method("fastfork.ForkExecutor", "fastfork", _executor_map,
+               _executor_prepare(_fork_executor), _executor_cleanup,
+               requires=("fastfork.ForkExecutor",)),
+        Method("fastfork.ForkExecutor (server)", "fastfork", _executor_map,
+               _executor_prepare(_fork_executor_server), _executor_cleanup,
+               requires=("fastfork.ForkExecutor",)),
+        Method("fastfork.map", "fastfork", _executor_fastfork_map, requires=("fastfork.map",)),
+        # Not a process per task: the same workers run every task.
+        Method("ProcessPoolExecutor() reused", "stdlib", _executor_map,
+               _executor_prepare(_pool_reused), _executor_cleanup),
+    ),
+    sizes={"quick": (20,), "default": (200,), "full": (500,)},
+    big_sizes={"quick": (4,), "default": (20,), "full": (50,)},
+)
+WORKLOADS[EXECUTOR.key] = EXECUTOR
+
+TARGETS += (
+    Target("ForkExecutor vs PPE(max_tasks_per_child=1)", "executor", "fastfork.ForkExecutor",
+           "small", "ProcessPoolExecutor(max_tasks_per_child=1)", "small", 10.0, ">= 10x"),
+    Target("ForkExecutor vs fastfork.map (per task <= 1.3x)", "executor",
+           "fastfork.ForkExecutor", "small", "fastfork.map", "small", 1 / 1.3, ">= 0.77x"),
+    Target("ForkExecutor vs fastfork.map, big parent", "executor", "fastfork.ForkExecutor",
+           "big", "fastfork.map", "big", 1 / 1.3, ">= 0.77x"),
+    Target("ForkExecutor: server vs caller, big parent", "executor",
+           "fastfork.ForkExecutor (server)", "big", "fastfork.ForkExecutor", "big", 15.0,
+           ">= 15x"),
+)

@@ -2,6 +2,7 @@
 
     FastforkError
      +-- ChildError        a child failed: raised, crashed, was killed, lost
+     |    +-- ChildTimeout a child ran past its timeout and was stopped; also a TimeoutError
      +-- ForkError         fork() failed (EAGAIN, ENOMEM ...); also an OSError
      +-- TimeoutExpired    a wait ran out of time; also subprocess.TimeoutExpired
      +-- ServerError       a ForkServer died or cannot be reached
@@ -10,12 +11,11 @@
 OSErrors from the kernel otherwise pass through unchanged (ChildProcessError
 for ECHILD, BlockingIOError for EAGAIN ...).
 """
-import errno as _errno
 import signal as _signal
 import subprocess as _subprocess
 
-__all__ = ["FastforkError", "ChildError", "ForkError", "TimeoutExpired", "ServerError",
-           "ServiceError"]
+__all__ = ["FastforkError", "ChildError", "ChildTimeout", "ForkError", "TimeoutExpired",
+           "ServerError", "ServiceError"]
 
 
 def _signal_name(signum):
@@ -38,13 +38,14 @@ class ChildError(FastforkError):
     None if unknown); ``signal`` (the killing signal, or None); ``index`` (the
     item's position in a fan-out, or None); ``item`` (its repr); ``exc_type``
     (name of the exception the child raised, or None); ``remote_traceback``
-    (the child's formatted traceback, or None).
+    (the child's formatted traceback, or None); ``timed_out`` (True if the
+    fan-out's timeout stopped the child: then it is a ChildTimeout).
     """
 
     __module__ = "fastfork"
 
     def __init__(self, message, *, pid=None, returncode=None, index=None,
-                 item=None, exc_type=None, remote_traceback=None):
+                 item=None, exc_type=None, remote_traceback=None, timed_out=False):
         super().__init__(message)
         self.message = message
         self.pid = pid
@@ -53,6 +54,7 @@ class ChildError(FastforkError):
         self.item = item
         self.exc_type = exc_type
         self.remote_traceback = remote_traceback
+        self.timed_out = timed_out
 
     @property
     def signal(self):
@@ -71,11 +73,24 @@ class ChildError(FastforkError):
         return (_rebuild, (type(self), (self.message,), dict(
             pid=self.pid, returncode=self.returncode, index=self.index,
             item=self.item, exc_type=self.exc_type,
-            remote_traceback=self.remote_traceback)))
+            remote_traceback=self.remote_traceback, timed_out=self.timed_out)))
 
 
-# The errnos of a fork (or spawn) that may succeed once other children exit.
-RETRYABLE_FORK_ERRNOS = (_errno.EAGAIN, _errno.ENOMEM)
+class ChildTimeout(ChildError, TimeoutError):
+    """A child ran past its fan-out's timeout and was stopped.
+
+    Reported however the child then ended: killed by the stop signal or
+    SIGKILL, or exiting on its own from a signal handler (what it sent
+    afterwards is kept as detail: ``exc_type``, ``remote_traceback``).
+    ``timed_out`` is always True. Also a TimeoutError, so ``except
+    TimeoutError`` catches it.
+    """
+
+    __module__ = "fastfork"
+
+    def __init__(self, message, **fields):
+        fields["timed_out"] = True
+        super().__init__(message, **fields)
 
 
 class ForkError(FastforkError, OSError):
@@ -174,3 +189,4 @@ def describe_status(returncode):
     if returncode < 0:
         return f"was killed by {_signal_name(-returncode)}"
     return f"exited with code {returncode}"
+import errno as _e; RETRYABLE_FORK_ERRNOS = (_e.EAGAIN, _e.ENOMEM)

@@ -9,9 +9,10 @@ request -- each fork costs what forking that small process costs.
 The server is exec'd (``sys.executable``), not forked from the caller: it is
 small whenever it is created, and holds none of the caller's memory, threads,
 locks or fds. The price is one interpreter start-up (~50-100 ms) and that
-functions and arguments travel pickled: functions by reference, so they must
-be importable by module and name in the server (not a lambda, not defined in
-the ``__main__`` script). The child does not see the caller's state after the
+functions and arguments travel pickled: functions by reference (those of the
+main script too: the server imports it once, as multiprocessing does), and
+lambdas and closures by value when cloudpickle is installed (``_pickling``).
+The child does not see the caller's state after the
 server started; pass what it needs as arguments. A ``SharedBuffer`` passed as
 an argument is shared for real: its memfd is sent along.
 
@@ -23,10 +24,8 @@ through the pidfd (never a pid that could be recycled); the server reaps the
 child and reports its exit status and rusage.
 """
 import contextlib
-import io
 import itertools
 import os
-import pickle
 import select
 import signal
 import socket
@@ -37,11 +36,11 @@ import weakref
 from fastfork import _core
 from fastfork import _server_proto as proto
 from fastfork import fanout
+from fastfork._pickling import check_not_importing_main, check_pickler, pickle_call
 from fastfork._checks import check_callable, check_timeout, poll_ms
 from fastfork.child import (Child, _fd_lock, close_inherited_fds,
                             close_owned, own_fd, stop_all)
 from fastfork.errors import ServerError
-from fastfork.shared import SharedBuffer
 
 __all__ = ["ForkServer", "ServerChild"]
 
@@ -55,40 +54,6 @@ def _pidfd_exited(pidfd, timeout=0.0):
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(poll_ms(timeout)))
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles a call; SharedBuffers become references to their memfds."""
-
-    def __init__(self, file):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.fds = []
-
-    def persistent_id(self, obj):
-        if not isinstance(obj, SharedBuffer):
-            return None
-        fd = obj.fileno()
-        if fd < 0:
-            raise TypeError("an anonymous SharedBuffer (no memfd on this system) "
-                            "cannot reach a fork server's children")
-        self.fds.append(fd)
-        return ("fastfork.SharedBuffer", len(self.fds) - 1, len(obj))
-
-
-def _pickle_call(fn, args, kwargs):
-    """Return (payload bytes, SharedBuffer fds); TypeError if it cannot be pickled."""
-    out = io.BytesIO()
-    pickler = _Pickler(out)
-    try:
-        pickler.dump((fn, args, kwargs))
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise TypeError(
-            f"cannot send {fanout._short_repr(fn)} and its arguments to the fork server: "
-            f"{exc} (functions travel pickled by reference: define them at module "
-            "level in an importable module)") from exc
-    if len(pickler.fds) > proto.MAX_FDS - 2:
-        raise ValueError(f"at most {proto.MAX_FDS - 2} SharedBuffers per call")
-    return out.getvalue(), pickler.fds
 
 
 class _Connection:
@@ -215,8 +180,10 @@ class _Connection:
 
     # ------------------------------------------------------------ requests
 
-    def request_start(self, payload, buffer_fds, print_traceback):
+    def request_start(self, payload, buffer_fds, setup, print_traceback):
         """Ask the server to fork a child; return (req_id, pid, pidfd, result read fd).
+
+        ``setup``: what the server prepares first (see ``_pickling``).
 
         Raises ServerError if the server is gone, OSError if its fork failed.
         """
@@ -239,7 +206,7 @@ class _Connection:
                 req_id = next(self.ids)
                 self.replies[req_id] = None
                 try:
-                    self.send(("start", req_id, inline, print_traceback), fds)
+                    self.send(("start", req_id, inline, setup, print_traceback), fds)
                     # The fds are in flight now; our copies can go.
                     close_owned(write_fd)
                     write_fd = -1
@@ -347,21 +314,26 @@ class ServerChild(fanout.FunctionChild):
 class ForkServer:
     """A small preloaded process that forks the children for ``start``/``map``.
 
-    ``ForkServer(preload=(), *, start_timeout=60.0)``: ``preload`` names
-    modules the server imports once, before ``gc.freeze()``; every child finds
-    them imported. The server starts on ``open()``, on entering ``with``, or
+    ``ForkServer(preload=(), *, start_timeout=60.0, pickler=None)``:
+    ``preload`` names modules the server imports once, before ``gc.freeze()``;
+    every child finds them imported. ``pickler``: None pickles calls with the
+    standard pickle (functions by reference; those of the main script are
+    found by importing it in the server) and, when cloudpickle is installed,
+    sends what that refuses (lambdas, closures) by value; "pickle" never uses
+    cloudpickle; "cloudpickle" always does. The server starts on ``open()``, on entering ``with``, or
     lazily on first use; create it early (its start-up takes one interpreter
     launch). ``close()`` (or leaving ``with``) stops every child it made and
     the server; the object cannot be used after that. If this process dies,
     the server and its children die too. If the server dies, calls in flight
     fail with ServerError and the next call starts a new server.
 
-    Raises TypeError for a bad ``preload``.
+    Raises TypeError for a bad ``preload`` or ``pickler``, ValueError for an
+    unknown ``pickler``, ImportError for "cloudpickle" when it is not installed.
     """
 
     __module__ = "fastfork"
 
-    def __init__(self, preload=(), *, start_timeout=60.0):
+    def __init__(self, preload=(), *, start_timeout=60.0, pickler=None):
         if isinstance(preload, (str, bytes)):
             raise TypeError("preload must be a sequence of module names, not a single string")
         preload = tuple(preload)
@@ -370,6 +342,7 @@ class ForkServer:
                 raise TypeError(f"preload names must be str, not {type(name).__name__}")
         self._preload = preload
         self._start_timeout = check_timeout(start_timeout, "start_timeout", allow_zero=False)
+        self._pickler = check_pickler(pickler)
         self._lock = threading.Lock()
         self._conn = None
         self._closed = False
@@ -400,6 +373,7 @@ class ForkServer:
     def _connection(self):
         """The running server, started (or restarted after it died) if need be."""
         self._check_usable()
+        check_not_importing_main("a ForkServer")
         with self._lock:
             conn = self._conn
             if conn is not None and not conn.dead:
@@ -461,9 +435,19 @@ class ForkServer:
         kwargs = {} if kwargs is None else kwargs
         if not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
-        payload, buffer_fds = _pickle_call(fn, tuple(args), kwargs)
+        return self._start_pickled(self._pickle(fn, tuple(args), kwargs), print_traceback,
+                                   index, item, launched)
+
+    def _pickle(self, fn, args, kwargs):
+        """Pickle a call for this server: (payload, SharedBuffer fds, setup); TypeError if it cannot travel."""
+        return pickle_call(fn, args, kwargs, self._pickler)
+
+    def _start_pickled(self, pickled, print_traceback=False, index=None, item=None,
+                       launched=None):
+        """start_child for a call pickled by ``_pickle``."""
+        payload, buffer_fds, setup = pickled
         conn = self._connection()
-        req_id, pid, pidfd, result_fd = conn.request_start(payload, buffer_fds,
+        req_id, pid, pidfd, result_fd = conn.request_start(payload, buffer_fds, setup,
                                                            print_traceback)
         try:
             child = ServerChild(conn, req_id, pid, pidfd, result_fd, index=index, item=item)
@@ -506,6 +490,17 @@ class ForkServer:
         return fanout.in_input_order(self.as_completed(
             fn, iterable, jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
             fork_retries=fork_retries, grace=grace, print_traceback=print_traceback))
+
+    def executor(self, max_workers=None, **options):
+        """Return a ``fastfork.ForkExecutor`` whose tasks this server forks.
+
+        ``options``: ``timeout`` and ``grace`` as for ForkExecutor. Shutting
+        the executor down leaves the server running; several executors may
+        share it. Raises TypeError/ValueError for bad arguments.
+        """
+        from fastfork.executor import ForkExecutor
+        self._check_usable()
+        return ForkExecutor(max_workers, server=self, **options)
 
     @contextlib.contextmanager
     def background(self, fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0):
