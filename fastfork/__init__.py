@@ -23,8 +23,8 @@ from fastfork.child import Child
 from fastfork.fanout import FunctionChild, as_completed, background, map, start, start_child
 from fastfork.commands import (DEVNULL, PIPE, STDOUT, CommandResult, Process, spawn,
                             spawn_many)
-from fastfork.errors import (ChildError, FastforkError, ForkError, ServerError,
-                             ServiceError, TimeoutExpired)
+from fastfork.errors import (ChildError, ChildTimeout, FastforkError, ForkError,
+                             ServerError, ServiceError, TimeoutExpired)
 from fastfork import ready
 from fastfork.services import service
 from fastfork.server import ForkServer, ServerChild
@@ -54,6 +54,7 @@ __all__ = [
     "start",
     "start_child",
     "ChildError",
+    "ChildTimeout",
     "FastforkError",
     "ForkError",
     "ServerError",

@@ -4,13 +4,17 @@ One frame per child: a 1-byte kind, an 8-byte big-endian length, then that many
 bytes of pickle. The parent unpickles only a frame that arrived whole, so a
 child killed mid-write (SIGKILL, OOM) never has truncated bytes unpickled.
 The child's side (running the function, writing the frame) is in C:
-``fastfork._core.run_function`` and ``write_frame``.
+``fastfork._core.run_function`` and ``write_frame``; the parent's side turns
+a frame (or its absence) into a value or a ChildError: ``decode_outcome``.
 """
+import contextlib
 import pickle
 import struct
 import traceback
 
-__all__ = ["OK", "ERROR", "error_payload", "FrameReader"]
+from fastfork.errors import ChildError, ChildTimeout, describe_status
+
+__all__ = ["OK", "ERROR", "error_payload", "FrameReader", "decode_outcome", "short_repr"]
 
 OK = b"R"
 ERROR = b"E"
@@ -73,3 +77,76 @@ class FrameReader:
         if self._size < _HEADER.size + length or kind not in (OK, ERROR):
             return None
         return kind, memoryview(data)[_HEADER.size:_HEADER.size + length]
+
+
+def decode_outcome(frame, *, pid, returncode, index, item, timed_out, lost):
+    """Turn a child's result frame into (True, value) or (False, ChildError).
+
+    ``frame`` is (kind, payload) as it arrived whole, or None if none did.
+    ``index``/``item`` place the child in a fan-out (index None: not in one);
+    ``timed_out``: a fan-out's timeout stopped it -- then the error is a
+    ChildTimeout whatever the child sent afterwards (a result from a SIGTERM
+    handler, SystemExit), kept as detail; ``lost``: reaped by someone else,
+    so ``returncode`` is unknown.
+    """
+    def error(message, cls=ChildError, **fields):
+        where = f"child {pid}"
+        if index is not None:
+            where += f" (item {index}: {short_repr(item)})"
+        return cls(f"{where} {message}", pid=pid, returncode=returncode, index=index,
+                   item=short_repr(item) if index is not None else None, **fields)
+
+    if timed_out:
+        return False, _timeout_error(frame, returncode, error)
+    if frame is None:
+        if lost:
+            return False, error("was reaped by someone else (ECHILD): its outcome is unknown")
+        return False, error(f"{describe_status(returncode)} without a result")
+    kind, payload = frame
+    try:
+        data = pickle.loads(payload)
+    except Exception as exc:  # not BaseException: a Ctrl-C here must propagate
+        return False, error(f"sent a result that could not be unpickled: {exc!r}")
+    if kind == OK:
+        return True, data
+    err = error(f"{data['stage']}: {data['exc_type']}: {data['message']}",
+                exc_type=data["exc_type"], remote_traceback=data["traceback"])
+    err.__cause__ = _exception_of(data)
+    return False, err
+
+
+def _timeout_error(frame, returncode, error):
+    """The ChildTimeout of a child its timeout stopped; what it sent is detail only."""
+    message = f"timed out and was stopped ({describe_status(returncode)})"
+    if frame is None:
+        return error(message, ChildTimeout)
+    kind, payload = frame
+    if kind == OK:
+        return error(message + "; the result it sent after the stop signal was dropped",
+                     ChildTimeout)
+    try:
+        data = pickle.loads(payload)
+    except Exception:
+        return error(message, ChildTimeout)
+    err = error(f"{message}; after the stop signal it {data['stage']}: {data['exc_type']}: "
+                f"{data['message']}", ChildTimeout,
+                exc_type=data["exc_type"], remote_traceback=data["traceback"])
+    err.__cause__ = _exception_of(data)
+    return err
+
+
+def _exception_of(data):
+    """The child's exception itself, if it travelled and unpickles; else None."""
+    if data["exception"] is not None:
+        with contextlib.suppress(Exception):
+            return pickle.loads(data["exception"])
+    return None
+
+
+def short_repr(item, limit=80):
+    """repr(item), cut to ``limit`` characters; never raises."""
+    try:
+        text = repr(item)
+    except Exception:
+        text = f"<{type(item).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."

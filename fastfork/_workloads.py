@@ -500,8 +500,62 @@ def memory_workload(mib):
     )
 
 
+# ---------------------------------------------------------------- 7. many tiny tasks
+
+TASK_WORKERS = 2
+CHUNK = 100
+
+
+def _tiny(i):
+    """The work of one task in the tiny-tasks workload: next to nothing."""
+    return i * i
+
+
+def _tiny_map(n):
+    fastfork.map(_tiny, range(n), jobs=TASK_WORKERS)
+
+
+def _tiny_map_chunked(n):
+    fastfork.map(_tiny, range(n), jobs=TASK_WORKERS, chunksize=CHUNK)
+
+
+def _tiny_pool(n):
+    with multiprocessing.Pool(TASK_WORKERS) as pool:
+        pool.map(_tiny, range(n))
+
+
+def _tiny_executor(chunksize):
+    def run(n):
+        with concurrent.futures.ProcessPoolExecutor(TASK_WORKERS) as pool:
+            for _ in pool.map(_tiny, range(n), chunksize=chunksize):
+                pass
+    return run
+
+
+TINY = Workload(
+    key="tiny", title=f"N tiny tasks, {TASK_WORKERS} at a time (rate: tasks/s; "
+                      "pool and executor start-up timed)",
+    baseline=f"multiprocessing.Pool({TASK_WORKERS}).map",
+    methods=(
+        Method(f"multiprocessing.Pool({TASK_WORKERS}).map", "stdlib", _tiny_pool),
+        Method(f"fastfork.map chunksize={CHUNK}", "fastfork", _tiny_map_chunked,
+               requires=("fastfork.map",)),
+        Method(f"ProcessPoolExecutor({TASK_WORKERS}).map chunksize={CHUNK}", "stdlib",
+               _tiny_executor(CHUNK)),
+        # A child (or a pickled round trip) per task: measured at the smallest N
+        # outside --full.
+        Method("fastfork.map", "fastfork", _tiny_map, requires=("fastfork.map",), slow=True),
+        Method(f"ProcessPoolExecutor({TASK_WORKERS}).map", "stdlib", _tiny_executor(1),
+               slow=True),
+    ),
+    sizes={"quick": (500,), "default": (500, 5000), "full": (500, 5000)},
+    # From the big parent every child (fastfork.map: one per task) pays its fork.
+    big_sizes={"quick": (), "default": (), "full": (500,)},
+)
+
+
 MEMORY = memory_workload(1024)
-WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, MEMORY)}
+WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY)}
 
 
 # ---------------------------------------------------------------- targets

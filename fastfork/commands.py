@@ -29,10 +29,11 @@ import time
 from collections.abc import Mapping
 
 from fastfork import _core
-from fastfork._checks import MAX_WAIT, check_jobs, check_timeout
-from fastfork.child import (Child, _fd_lock, _owned_fds, own_fd,
-                            reap_dropped, stop_all, wait_all)
-from fastfork.errors import RETRYABLE_FORK_ERRNOS, TimeoutExpired
+from fastfork._checks import (MAX_WAIT, check_fan_out, check_optional_callable, check_pass_fds,
+                              check_stdio, check_timeout)
+from fastfork._scheduler import Scheduler, drive
+from fastfork.child import Child, _fd_lock, _owned_fds, own_fd, reap_dropped
+from fastfork.errors import TimeoutExpired
 
 __all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many"]
 
@@ -119,48 +120,6 @@ def _prepare(argv, executable=None, env=None, cwd=None):
         # Like os._execvpe and subprocess: the directories of env's PATH.
         paths = [os.path.join(os.fsencode(d), program) for d in os.get_exec_path(env)]
     return _Command(args, paths, argv_b, envp, cwd_b, exec_name, cwd)
-
-
-def _check_fd_open(fd, what):
-    if isinstance(fd, bool) or not isinstance(fd, int):
-        raise TypeError(f"{what} must be an int fd, not {type(fd).__name__}")
-    if fd < 0:
-        raise ValueError(f"{what}: {fd} is not a valid fd")
-    try:
-        os.get_inheritable(fd)
-    except OSError:
-        raise ValueError(f"{what}: fd {fd} is not open") from None
-    return fd
-
-
-def _check_pass_fds(pass_fds):
-    """Return pass_fds as a sorted tuple of open fds; TypeError/ValueError otherwise."""
-    if isinstance(pass_fds, (str, bytes)):
-        raise TypeError("pass_fds must be a sequence of fds")
-    return tuple(sorted({_check_fd_open(fd, "pass_fds") for fd in pass_fds}))
-
-
-def _check_stdio(value, name):
-    """Validate a stdin/stdout/stderr argument; return it (a fileobj becomes its fd)."""
-    if value is None or (value in (PIPE, DEVNULL) and not isinstance(value, bool)):
-        return value
-    if value == STDOUT and not isinstance(value, bool):
-        if name != "stderr":
-            raise ValueError(f"STDOUT is only valid for stderr, not {name}")
-        return value
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be None, PIPE, DEVNULL, an fd or a file object, not bool")
-    if isinstance(value, int):
-        return _check_fd_open(value, name)
-    fileno = getattr(value, "fileno", None)
-    if fileno is None:
-        raise TypeError(f"{name} must be None, PIPE, DEVNULL, an fd or a file object, "
-                        f"not {type(value).__name__}")
-    try:
-        fd = fileno()
-    except (OSError, ValueError) as exc:  # closed, or io.UnsupportedOperation
-        raise ValueError(f"{name} has no usable file descriptor: {exc}") from None
-    return _check_fd_open(fd, name)
 
 
 # ---------------------------------------------------------------- the handle
@@ -358,9 +317,9 @@ def spawn(argv, *, executable=None, env=None, cwd=None, stdin=None, stdout=None,
     is left open or running then.
     """
     command = _prepare(argv, executable, env, cwd)
-    stdio = (_check_stdio(stdin, "stdin"), _check_stdio(stdout, "stdout"),
-             _check_stdio(stderr, "stderr"))
-    keep = _check_pass_fds(pass_fds)
+    stdio = (check_stdio(stdin, "stdin"), check_stdio(stdout, "stdout"),
+             check_stdio(stderr, "stderr"))
+    keep = check_pass_fds(pass_fds)
     sys.audit("fastfork.spawn", command.exec_name, command.args, cwd, env)
     return _start(command, stdio, keep, bool(close_fds), bool(new_session),
                   bool(die_with_parent))
@@ -443,10 +402,10 @@ class CommandResult:
     ``args`` and ``returncode`` (-N if killed by signal N), ``stdout`` and
     ``stderr`` (bytes when captured, else None) mean what they mean in
     ``subprocess.CompletedProcess``; ``duration`` is the wall time in seconds
-    from start to reaping; ``timed_out`` is True if the timeout stopped it;
-    ``error`` is the OSError if the command could not be started at all (then
-    ``returncode`` is 127 when the program was not found, else 126, as a shell
-    reports it).
+    from start to reaping; ``timed_out`` is True if the timeout stopped it
+    (however it then exited); ``error`` is the OSError if the command could
+    not be started at all (then ``returncode`` is 127 when the program was
+    not found, else 126, as a shell reports it).
     """
 
     args: list
@@ -459,13 +418,19 @@ class CommandResult:
 
     @property
     def ok(self):
-        """True if the command ran and exited 0."""
-        return self.returncode == 0
+        """True if the command ran, was not stopped for its timeout, and exited 0."""
+        return self.returncode == 0 and not self.timed_out and self.error is None
 
     def check_returncode(self):
-        """Raise subprocess.CalledProcessError if the command failed (as CompletedProcess)."""
+        """Raise if the command failed: its start error, fastfork.TimeoutExpired
+        (also a subprocess.TimeoutExpired) if it timed out, else
+        subprocess.CalledProcessError for a non-zero exit (as CompletedProcess).
+        """
         if self.error is not None:
             raise self.error
+        if self.timed_out:
+            raise TimeoutExpired(None, round(self.duration, 3), cmd=self.args,
+                                 output=self.stdout, stderr=self.stderr)
         if self.returncode:
             raise subprocess.CalledProcessError(self.returncode, self.args,
                                                 self.stdout, self.stderr)
@@ -473,36 +438,39 @@ class CommandResult:
 
 def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=True,
                grace=1.0, env=None, cwd=None, stdin=DEVNULL, new_session=False,
-               die_with_parent=False, spawn_retries=8, callback=None):
+               die_with_parent=True, spawn_retries=8, callback=None):
     """Run many commands, at most ``jobs`` at once; return their results in input order.
 
     ``commands``: argv sequences. Returns a list of ``CommandResult`` (one per
     command, in input order). ``jobs`` defaults to the CPU count. ``timeout``
     limits each command's run time: past it the command gets SIGTERM, then
-    SIGKILL after ``grace`` seconds. ``capture`` collects stdout and stderr
-    (bytes) instead of letting them through. With ``keep_going=False`` the
-    first failure (non-zero exit, timeout, cannot start) stops new launches:
-    the running commands finish, and the commands never started get None.
-    ``env`` is a mapping for every command, or a callable taking the command's
-    index and returning its mapping; ``cwd``, ``stdin`` (DEVNULL by default;
-    not PIPE), ``new_session`` and ``die_with_parent`` are as in ``spawn``.
-    Creating a process failing with EAGAIN/ENOMEM is retried up to
-    ``spawn_retries`` times with back-off. ``callback(index, result)``, if
-    given, is called as each command finishes.
+    SIGKILL after ``grace`` seconds, without holding up the other commands;
+    its result has ``timed_out`` True however it then exits. ``capture``
+    collects stdout and stderr (bytes) instead of letting them through. With
+    ``keep_going=False`` the first failure (non-zero exit, timeout, cannot
+    start) stops new launches: the running commands finish, and the commands
+    never started get None. ``env`` is a mapping for every command, or a
+    callable taking the command's index and returning its mapping; ``cwd``,
+    ``stdin`` (DEVNULL by default; not PIPE) and ``new_session`` are as in
+    ``spawn``. Creating a process failing with EAGAIN/ENOMEM is retried up to
+    ``spawn_retries`` times with back-off while running commands finish;
+    after that, that command and those not started yet fail with the error.
+    ``callback(index, result)``, if given, is called as each command finishes.
+
+    ``die_with_parent`` (default True, Linux) has the kernel SIGKILL the
+    commands if this process dies: they are started by the calling thread,
+    which stays inside ``spawn_many`` for their whole lifetime (the death
+    signal follows the thread that started them, PR_SET_PDEATHSIG).
 
     Every command is validated before the first starts (TypeError/ValueError).
     On any exception -- Ctrl-C, or one raised by ``callback`` -- every running
-    command is stopped (SIGTERM, ``grace``, SIGKILL) and reaped before it
-    propagates.
+    command is stopped (SIGTERM, one shared ``grace``, SIGKILL) and reaped
+    before it propagates.
     """
-    jobs = check_jobs(jobs)
-    timeout = check_timeout(timeout, allow_zero=False)
-    grace = check_timeout(grace, "grace")
-    if isinstance(spawn_retries, bool) or not isinstance(spawn_retries, int) or spawn_retries < 0:
-        raise ValueError(f"spawn_retries must be an int >= 0, not {spawn_retries!r}")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback must be callable, not {type(callback).__name__}")
-    stdin = _check_stdio(stdin, "stdin")
+    jobs, timeout, grace, spawn_retries, _ = check_fan_out(
+        jobs, timeout, grace, spawn_retries, "spawn_retries")
+    check_optional_callable(callback, "callback")
+    stdin = check_stdio(stdin, "stdin")
     if stdin == PIPE:
         raise ValueError("spawn_many cannot give commands a stdin pipe")
     if isinstance(commands, (str, bytes)):
@@ -513,81 +481,37 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
         prepared.append(_prepare(argv, None, command_env, cwd))
     output = PIPE if capture else None
     stdio = (stdin, output, output)
-    return _run_many(prepared, jobs, timeout, grace, stdio, capture, keep_going, new_session,
-                     die_with_parent, spawn_retries, callback)
+
+    def launch(index):
+        return _start(prepared[index], stdio, (), True, new_session, die_with_parent, capture)
+
+    def result_of(entry):
+        """The CommandResult of a finished entry, made once."""
+        if entry.data is None:
+            command = prepared[entry.index]
+            if entry.error is not None:
+                entry.data = _start_failure(command, entry.error)
+            else:
+                proc = entry.handle
+                entry.data = CommandResult(
+                    proc.args, proc.returncode, proc._captured(0), proc._captured(1),
+                    entry.finished_at - entry.started_at, entry.timed_out)
+        return entry.data
+
+    results = [None] * len(prepared)
+    scheduler = Scheduler(launch, range(len(prepared)), jobs=jobs, timeout=timeout,
+                          grace=grace, retries=spawn_retries, stop_on_failure=not keep_going,
+                          is_failure=lambda entry: not result_of(entry).ok)
+    try:
+        for entry in drive(scheduler):
+            results[entry.index] = result = result_of(entry)
+            if callback is not None:
+                callback(entry.index, result)
+    finally:
+        scheduler.close()
+    return results
 
 
 def _start_failure(command, exc):
     code = 127 if exc.errno in (errno.ENOENT, errno.ENOTDIR) else 126
     return CommandResult(command.args, code, error=exc)
-
-
-def _run_many(prepared, jobs, timeout, grace, stdio, capture, keep_going, new_session,
-              die_with_parent, spawn_retries, callback):
-    results = [None] * len(prepared)
-    running = {}          # Process -> (index, start time, deadline or None)
-    next_index = 0
-    stopped = False       # a failure stopped new launches (keep_going=False)
-    retries = 0
-    backoff_until = 0.0
-
-    def finished(index, result):
-        nonlocal stopped
-        results[index] = result
-        if not keep_going and not result.ok:
-            stopped = True
-        if callback is not None:
-            callback(index, result)
-
-    try:
-        while True:
-            while (not stopped and next_index < len(prepared) and len(running) < jobs
-                   and time.monotonic() >= backoff_until):
-                command = prepared[next_index]
-                started = time.monotonic()
-                try:
-                    proc = _start(command, stdio, (), True, new_session, die_with_parent,
-                                  capture)
-                except OSError as exc:
-                    if exc.errno in RETRYABLE_FORK_ERRNOS and retries < spawn_retries:
-                        retries += 1
-                        backoff_until = time.monotonic() + min(0.005 * 2 ** retries, 0.5)
-                        continue
-                    retries = 0
-                    next_index += 1
-                    finished(next_index - 1, _start_failure(command, exc))
-                    continue
-                retries = 0
-                running[proc] = (next_index, started,
-                                 None if timeout is None else started + timeout)
-                next_index += 1
-            if not running:
-                if not stopped and next_index < len(prepared):
-                    time.sleep(max(0.0, backoff_until - time.monotonic()))
-                    continue
-                break
-            wait_for = None
-            deadlines = [d for _, _, d in running.values() if d is not None]
-            if deadlines:
-                wait_for = max(0.0, min(deadlines) - time.monotonic())
-            if not stopped and next_index < len(prepared) and backoff_until > time.monotonic():
-                pause = backoff_until - time.monotonic()
-                wait_for = pause if wait_for is None else min(wait_for, pause)
-            wait_all(list(running), wait_for, until_any=True)
-            now = time.monotonic()
-            for proc in list(running):
-                index, started, deadline = running[proc]
-                timed_out = False
-                if not proc.finished:
-                    if deadline is None or now < deadline:
-                        continue
-                    timed_out = True
-                    stop_all([proc], grace)
-                del running[proc]
-                finished(index, CommandResult(
-                    proc.args, proc.returncode, proc._captured(0), proc._captured(1),
-                    time.monotonic() - started, timed_out))
-        return results
-    finally:
-        if running:
-            stop_all(list(running), grace)

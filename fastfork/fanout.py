@@ -13,17 +13,18 @@ pickled over a close-on-exec pipe that the parent drains while it waits, so
 large results never deadlock.
 """
 import contextlib
+import functools
 import itertools
-import pickle
 import signal
-import time
 from collections.abc import Iterable
 
 from fastfork import _core
-from fastfork._result import OK, FrameReader
-from fastfork._checks import check_callable, check_jobs, check_timeout
-from fastfork.child import Child, Watcher, close_inherited_fds, reap_dropped, stop_all
-from fastfork.errors import RETRYABLE_FORK_ERRNOS, ChildError, ForkError, describe_status
+from fastfork._checks import check_callable, check_fan_out, check_timeout
+from fastfork._chunks import chunked
+from fastfork._result import FrameReader, decode_outcome
+from fastfork._scheduler import Scheduler, drive
+from fastfork.child import Child, close_inherited_fds, reap_dropped, stop_all
+from fastfork.errors import ChildError, ForkError
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
            "fan_out", "in_input_order"]
@@ -99,53 +100,6 @@ class FunctionChild(Child):
                               timed_out=self.timed_out, lost=self.lost)
 
 
-def decode_outcome(frame, *, pid, returncode, index, item, timed_out, lost):
-    """Turn a child's result frame into (True, value) or (False, ChildError).
-
-    ``frame`` is (kind, payload) as it arrived whole, or None if none did.
-    ``index``/``item`` place the child in a fan-out (index None: not in one);
-    ``timed_out``: a fan-out's timeout stopped it; ``lost``: reaped by
-    someone else, so ``returncode`` is unknown.
-    """
-    where = f"child {pid}"
-    if index is not None:
-        where += f" (item {index}: {_short_repr(item)})"
-
-    def error(message, **fields):
-        return ChildError(f"{where} {message}", pid=pid, returncode=returncode, index=index,
-                          item=_short_repr(item) if index is not None else None, **fields)
-
-    if frame is None:
-        if timed_out:
-            return False, error(f"timed out and was stopped ({describe_status(returncode)})")
-        if lost:
-            return False, error("was reaped by someone else (ECHILD): its outcome is unknown")
-        return False, error(f"{describe_status(returncode)} without a result")
-    kind, payload = frame
-    try:
-        data = pickle.loads(payload)
-    except Exception as exc:  # not BaseException: a Ctrl-C here must propagate
-        return False, error(f"sent a result that could not be unpickled: {exc!r}")
-    if kind == OK:
-        return True, data
-    cause = None
-    if data["exception"] is not None:
-        with contextlib.suppress(Exception):
-            cause = pickle.loads(data["exception"])
-    err = error(f"{data['stage']}: {data['exc_type']}: {data['message']}",
-                exc_type=data["exc_type"], remote_traceback=data["traceback"])
-    err.__cause__ = cause
-    return False, err
-
-
-def _short_repr(item, limit=80):
-    try:
-        text = repr(item)
-    except Exception:
-        text = f"<{type(item).__name__}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
                 print_traceback=False, index=None, item=None, launched=None,
                 stop_signal=None, keep_fds=()):
@@ -201,14 +155,19 @@ def start(fn, /, *args, **kwargs):
 
 
 def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-                 fork_retries=8, grace=1.0, die_with_parent=False, print_traceback=False):
-    """Run ``fn(item)`` in a forked child per item; yield (index, result) as they finish.
+                 fork_retries=8, grace=1.0, die_with_parent=True, print_traceback=False,
+                 chunksize=1):
+    """Run ``fn(item)`` in forked children; yield (index, result) per item as they finish.
 
-    At most ``jobs`` children run at once (default: CPU count). ``timeout``
-    limits each child's run time (time spent forking does not count); a child
-    over it is stopped (SIGTERM, ``grace`` seconds, SIGKILL) and reported.
-    fork failing with EAGAIN/ENOMEM is retried up to ``fork_retries`` times
-    with back-off while running children finish.
+    At most ``jobs`` children run at once (default: CPU count): one per item,
+    or with ``chunksize`` > 1 one per chunk of that many items (results and
+    errors stay per item; a chunk's child that crashes or times out fails
+    every item of its chunk, each error naming its item). ``timeout`` limits
+    each child's run time (time spent forking does not count); a child over
+    it is stopped (SIGTERM, ``grace`` seconds, SIGKILL) without holding up
+    the others, and fails with ChildTimeout however it then exits. fork
+    failing with EAGAIN/ENOMEM is retried up to ``fork_retries`` times with
+    back-off while running children finish.
 
     With ``return_exceptions`` a failed item yields its ChildError (or
     ForkError) as its result. Otherwise the first failure stops new launches,
@@ -216,27 +175,72 @@ def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=Fal
     error is raised. On any exception in the parent (Ctrl-C included) or when
     the generator is closed, every running child is stopped and reaped.
 
+    ``die_with_parent`` (default True, Linux) has the kernel SIGKILL the
+    children when this process dies -- strictly, when the *thread* that
+    forked them exits (PR_SET_PDEATHSIG). Children are forked by the thread
+    that resumes the generator: consume it from one thread that outlives it.
+
     Raises TypeError/ValueError for bad arguments before any process is created.
     """
-    jobs, timeout, grace = _check_fan_out(fn, jobs, timeout, grace, fork_retries)
-    return _fan_out_locally(fn, iter(iterable), jobs, timeout, return_exceptions,
-                            fork_retries, grace, die_with_parent, print_traceback,
-                            until_done=False)
+    return _fan_out(functools.partial(_fan_out_locally, until_done=False), fn, iterable,
+                    jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
+                    fork_retries=fork_retries, grace=grace, die_with_parent=die_with_parent,
+                    print_traceback=print_traceback, chunksize=chunksize)
 
 
-def _check_fan_out(fn, jobs, timeout, grace, fork_retries):
-    """Validate a fan-out's options; return (jobs, timeout, grace) normalised."""
+def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_retries=8,
+        grace=1.0, die_with_parent=True, print_traceback=False, chunksize=1):
+    """Run ``fn(item)`` in forked children; return the results in input order.
+
+    At most ``jobs`` children run at once (default: CPU count); see
+    ``as_completed`` for ``chunksize``, ``timeout``, ``grace``,
+    ``fork_retries`` and the rest. On failure every other child finishes or
+    is stopped, everything is reaped, then the first ChildError (or
+    ForkError) is raised -- or, with ``return_exceptions``, each failed
+    item's error is returned in its place. A result the parent cannot
+    unpickle is found once every child has run.
+
+    ``die_with_parent`` (default True, Linux): the children are SIGKILLed if
+    this process dies. They are forked by the calling thread, which stays
+    inside ``map`` for their whole lifetime, so the kernel's per-thread
+    death signal (PR_SET_PDEATHSIG) fires exactly when it should.
+
+    Raises TypeError/ValueError for bad arguments before any process is created.
+    """
+    return in_input_order(_fan_out(
+        functools.partial(_fan_out_locally, until_done=True), fn, iterable, jobs=jobs,
+        timeout=timeout, return_exceptions=return_exceptions, fork_retries=fork_retries,
+        grace=grace, die_with_parent=die_with_parent, print_traceback=print_traceback,
+        chunksize=chunksize))
+
+
+def in_input_order(completed):
+    """Return the results of an ``as_completed``-style iterator as a list in input order."""
+    results = dict(completed)
+    return [results[i] for i in range(len(results))]
+
+
+def _fan_out(engine, fn, iterable, *, jobs, timeout, return_exceptions, fork_retries, grace,
+             die_with_parent, print_traceback, chunksize):
+    """Validate a fan-out's arguments, then run ``engine`` per item or per chunk.
+
+    ``engine(fn, items, return_exceptions, print_traceback, *, jobs, timeout,
+    fork_retries, grace, die_with_parent)`` is an as_completed-style fan-out;
+    with ``chunksize`` > 1 it runs over chunks of the items (fastfork._chunks).
+    """
     check_callable(fn)
-    jobs = check_jobs(jobs)
-    timeout = check_timeout(timeout, allow_zero=False)
-    grace = check_timeout(grace, "grace")
-    if isinstance(fork_retries, bool) or not isinstance(fork_retries, int) or fork_retries < 0:
-        raise ValueError(f"fork_retries must be an int >= 0, not {fork_retries!r}")
-    return jobs, timeout, grace
+    jobs, timeout, grace, fork_retries, chunksize = check_fan_out(
+        jobs, timeout, grace, fork_retries, "fork_retries", chunksize)
+    items = iter(iterable)
+    fan = functools.partial(engine, jobs=jobs, timeout=timeout, fork_retries=fork_retries,
+                            grace=grace, die_with_parent=die_with_parent)
+    if chunksize == 1:
+        return fan(fn, items, return_exceptions, print_traceback)
+    return chunked(fan, fn, items, chunksize, return_exceptions, print_traceback)
 
 
-def _fan_out_locally(fn, items, jobs, timeout, return_exceptions, fork_retries, grace,
-                     die_with_parent, print_traceback, until_done):
+def _fan_out_locally(fn, items, return_exceptions, print_traceback, *, jobs, timeout,
+                     fork_retries, grace, die_with_parent, until_done):
     """as_completed over the iterator ``items`` with the C engine, _core.FanOut.
 
     ``until_done`` (map) lets the engine run every child before any result
@@ -304,129 +308,67 @@ def _python_may_run_between_forks(items):
 
 
 def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-            fork_retries=8, grace=1.0, die_with_parent=False, print_traceback=False):
+            fork_retries=8, grace=1.0, die_with_parent=False, print_traceback=False,
+            chunksize=1):
     """``as_completed`` with the function that starts one child as a parameter.
 
     ``starter`` takes the arguments of ``start_child`` (``launched``
     included) and returns a FunctionChild; a fork server passes its own.
-    This is the scheduler written in Python, over child handles; fastfork's
-    own forks go through the C engine instead (``_fan_out_locally``).
+    The children are scheduled by fastfork._scheduler, which keeps the same
+    contract as the C engine behind fastfork's own ``as_completed``.
     Validates like as_completed.
     """
-    jobs, timeout, grace = _check_fan_out(fn, jobs, timeout, grace, fork_retries)
-    items = enumerate(iter(iterable))
-    return _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_retries,
-                         grace, die_with_parent, print_traceback)
+    return _fan_out(functools.partial(_scheduled, starter), fn, iterable, jobs=jobs,
+                    timeout=timeout, return_exceptions=return_exceptions,
+                    fork_retries=fork_retries, grace=grace, die_with_parent=die_with_parent,
+                    print_traceback=print_traceback, chunksize=chunksize)
 
 
-def _as_completed(starter, fn, items, jobs, timeout, return_exceptions, fork_retries, grace,
-                  die_with_parent, print_traceback):
-    launched = []         # every child started: stopped in the end, whatever happens
-    running = {}          # FunctionChild -> deadline (or None)
-    first_error = None
-    next_item = None      # an (index, item) whose fork is being retried
-    fork_failures = 0
-    backoff_until = 0.0
-    started = 0
-    watcher = Watcher()
-    try:
-        while True:
-            # Launch while there is room, no failure stopped us, and no back-off.
-            while first_error is None and len(running) < jobs and time.monotonic() >= backoff_until:
-                if next_item is None:
-                    next_item = next(items, None)
-                    if next_item is None:
-                        break
-                index, item = next_item
+def _scheduled(starter, fn, items, return_exceptions, print_traceback, *, jobs, timeout,
+               fork_retries, grace, die_with_parent):
+    """as_completed over the iterator ``items``, children started by ``starter``."""
+    launched = []  # the child of the last launch, even one an exception cut short
+
+    def launch(task):
+        index, item = task
+        launched.clear()
+        return starter(fn, (item,), None, die_with_parent=die_with_parent,
+                       print_traceback=print_traceback, index=index, item=item,
+                       launched=launched)
+
+    def outcome(entry):
+        """(ok, result or error) of a finished entry, decoded once."""
+        if entry.data is None:
+            if entry.error is not None:
+                entry.data = (False, ForkError(entry.error.errno, entry.error.strerror,
+                                               started=scheduler.started))
+            else:
+                child = entry.handle
+                child.timed_out = entry.timed_out
                 try:
-                    child = starter(fn, (item,), None, die_with_parent=die_with_parent,
-                                    print_traceback=print_traceback, index=index, item=item,
-                                    launched=launched)
-                except OSError as exc:
-                    if exc.errno not in RETRYABLE_FORK_ERRNOS:
-                        raise
-                    fork_failures += 1
-                    if fork_failures <= fork_retries:
-                        backoff_until = time.monotonic() + min(0.005 * 2 ** fork_failures, 0.5)
-                        continue
-                    err = ForkError(exc.errno, exc.strerror, started=started)
-                    if not return_exceptions:
-                        first_error = err
-                        break
-                    # Per-item mode: every item that could not be started reports it.
-                    for index, _ in itertools.chain([next_item], items):
-                        yield index, err
-                    next_item = None
-                    break
-                next_item = None
-                fork_failures = 0
-                started += 1
-                running[child] = None if timeout is None else time.monotonic() + timeout
-                watcher.add(child)
-            if not running:
-                if next_item is not None and first_error is None:
-                    time.sleep(max(0.0, backoff_until - time.monotonic()))
-                    continue
-                break
-            wait_for = None
-            deadlines = [d for d in running.values() if d is not None]
-            if deadlines:
-                wait_for = max(0.0, min(deadlines) - time.monotonic())
-            if next_item is not None and first_error is None:
-                pause = max(0.0, backoff_until - time.monotonic())
-                wait_for = pause if wait_for is None else min(wait_for, pause)
-            watcher.step(wait_for)
-            now = time.monotonic()
-            for child in list(running):
-                if not child.finished:
-                    deadline = running[child]
-                    if deadline is None or now < deadline:
-                        continue
-                    child.timed_out = True
-                    watcher.forget(child)  # stopping it closes its fds
-                    stop_all([child], grace)
-                del running[child]
-                launched.remove(child)
-                try:
-                    value = child.result()
+                    entry.data = (True, child.result())
                 except ChildError as err:
-                    if return_exceptions:
-                        yield child.index, err
-                    elif first_error is None:
-                        first_error = err
-                    continue
-                yield child.index, value
+                    entry.data = (False, err)
+        return entry.data
+
+    scheduler = Scheduler(launch, enumerate(items), jobs=jobs, timeout=timeout, grace=grace,
+                          retries=fork_retries, stop_on_failure=not return_exceptions,
+                          is_failure=lambda entry: not outcome(entry)[0])
+    first_error = None
+    try:
+        for entry in drive(scheduler):
+            ok, value = outcome(entry)
+            if ok or return_exceptions:
+                yield entry.index, value
+            elif first_error is None:
+                first_error = value
         if first_error is not None:
             raise first_error
     finally:
-        watcher.close()
-        stop_all(launched, grace)
+        scheduler.close()
+        stop_all(launched, 0)  # only a launch cut short leaves its child running here
         for child in launched:
-            child._close_fds()  # closed already, unless a signal cut that short
-
-
-def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_retries=8,
-        grace=1.0, die_with_parent=False, print_traceback=False):
-    """Run ``fn(item)`` in one forked child per item; return the results in input order.
-
-    At most ``jobs`` children run at once (default: CPU count); see
-    ``as_completed`` for ``timeout``, ``grace``, ``fork_retries`` and the rest.
-    On failure every other child finishes or is stopped, everything is reaped,
-    then the first ChildError (or ForkError) is raised -- or, with
-    ``return_exceptions``, each failed item's error is returned in its place.
-    A result the parent cannot unpickle is found once every child has run.
-    Raises TypeError/ValueError for bad arguments before any process is created.
-    """
-    jobs, timeout, grace = _check_fan_out(fn, jobs, timeout, grace, fork_retries)
-    return in_input_order(_fan_out_locally(
-        fn, iter(iterable), jobs, timeout, return_exceptions, fork_retries, grace,
-        die_with_parent, print_traceback, until_done=True))
-
-
-def in_input_order(completed):
-    """Return the results of an ``as_completed``-style iterator as a list in input order."""
-    results = dict(completed)
-    return [results[i] for i in range(len(results))]
+            child._close_fds()
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from fastfork._pickling import check_not_importing_main, check_pickler, pickle_c
 from fastfork._checks import check_callable, check_timeout, poll_ms
 from fastfork.child import (Child, _fd_lock, close_inherited_fds,
                             close_owned, own_fd, stop_all)
-from fastfork.errors import ServerError
+from fastfork.errors import ServerError, describe_status
 
 __all__ = ["ForkServer", "ServerChild"]
 
@@ -49,11 +49,19 @@ __all__ = ["ForkServer", "ServerChild"]
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _wait_readable(fd, timeout=None):
+    """Wait until ``fd`` is readable (or hung up); False if ``timeout`` seconds pass first.
+
+    poll(), never select(): select() cannot watch an fd numbered 1024 or more.
+    """
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(poll_ms(timeout)))
+
+
 def _pidfd_exited(pidfd, timeout=0.0):
     """True if the process behind ``pidfd`` has exited (within ``timeout`` seconds)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(poll_ms(timeout)))
+    return _wait_readable(pidfd, timeout)
 
 
 class _Connection:
@@ -103,15 +111,13 @@ class _Connection:
         self.process = Child(registry[0])
 
     def _first_message(self, timeout):
-        poller = select.poll()
-        poller.register(self.sock.fileno(), select.POLLIN)
-        if not poller.poll(poll_ms(timeout)):
+        if not _wait_readable(self.sock.fileno(), timeout):
             raise ServerError(f"the fork server did not start within {timeout} seconds")
         message, _, _ = proto.recv(self.sock)
         if message is None:
             self.process.wait(5)
             raise ServerError(f"the fork server {self.process.pid} "
-                              f"{fanout.describe_status(self.process.returncode)} while starting")
+                              f"{describe_status(self.process.returncode)} while starting")
         return message
 
     # ------------------------------------------------------------ messages
@@ -143,7 +149,7 @@ class _Connection:
                 except BlockingIOError:
                     if until is None:
                         return False
-                    select.select([self.sock], [], [])
+                    _wait_readable(self.sock.fileno())
                     continue
                 except ConnectionResetError:
                     message, fds = None, []
@@ -455,11 +461,11 @@ class ForkServer:
             conn._kill_orphan(req_id, [pidfd] if pidfd >= 0 else [])
             close_owned(result_fd)
             raise
+        if launched is not None:
+            launched.append(child)  # first, so that a caller interrupted now still stops it
         with conn.lock:
             conn.children[req_id] = child
         self._children.add(child)
-        if launched is not None:
-            launched.append(child)
         return child
 
     def start(self, fn, /, *args, **kwargs):
@@ -467,20 +473,25 @@ class ForkServer:
         return self.start_child(fn, args, kwargs)
 
     def as_completed(self, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-                     fork_retries=8, grace=1.0, print_traceback=False):
+                     fork_retries=8, grace=1.0, print_traceback=False, chunksize=1):
         """``fastfork.as_completed`` with the children forked by the server.
 
-        Yields (index, result) as children finish. Raises ServerError if the
-        server dies meanwhile (every running child is stopped first).
+        Yields (index, result) as children finish; ``chunksize``, ``timeout``
+        (ChildTimeout) and the rest as in ``fastfork.as_completed``. The
+        children always die with the server, and the server with this
+        process. Raises TypeError if ``fn`` cannot be sent to the server,
+        before anything starts; ServerError if the server dies meanwhile
+        (every running child is stopped first).
         """
         self._check_usable()
+        self._pickle(fn, (), {})
         return fanout.fan_out(self.start_child, fn, iterable, jobs=jobs, timeout=timeout,
                               return_exceptions=return_exceptions,
                               fork_retries=fork_retries, grace=grace,
-                              print_traceback=print_traceback)
+                              print_traceback=print_traceback, chunksize=chunksize)
 
     def map(self, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-            fork_retries=8, grace=1.0, print_traceback=False):
+            fork_retries=8, grace=1.0, print_traceback=False, chunksize=1):
         """``fastfork.map`` with the children forked by the server.
 
         Returns the results in input order; ChildError on a failed item (or,
@@ -489,7 +500,8 @@ class ForkServer:
         """
         return fanout.in_input_order(self.as_completed(
             fn, iterable, jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
-            fork_retries=fork_retries, grace=grace, print_traceback=print_traceback))
+            fork_retries=fork_retries, grace=grace, print_traceback=print_traceback,
+            chunksize=chunksize))
 
     def executor(self, max_workers=None, **options):
         """Return a ``fastfork.ForkExecutor`` whose tasks this server forks.

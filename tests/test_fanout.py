@@ -231,6 +231,17 @@ def test_timeout_stops_sleeper_stubborn_and_stopped_children():
     assert err.returncode is not None and "timed out" in str(err)
 
 
+def test_timed_out_child_is_a_child_timeout_that_pickles():
+    [err] = fastfork.map(sleep_then, [30], timeout=0.3, return_exceptions=True)
+    assert isinstance(err, fastfork.ChildTimeout) and isinstance(err, TimeoutError)
+    assert err.timed_out and err.index == 0 and err.returncode == -signal.SIGTERM
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is fastfork.ChildTimeout and copy.timed_out and str(copy) == str(err)
+    with pytest.raises(TimeoutError):
+        fastfork.map(sleep_then, [30], timeout=0.3)
+    assert pickle.loads(pickle.dumps(fastfork.ChildError("x", pid=1))).timed_out is False
+
+
 def test_large_results_do_not_deadlock():
     sizes = [100 * 2**20, 3 * 2**20, 1]
     out = fastfork.map(lambda n: b"x" * n, sizes, jobs=3)

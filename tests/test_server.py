@@ -291,6 +291,35 @@ def test_ctrl_c_stops_and_reaps_every_child():
     assert "Traceback" not in proc.stderr
 
 
+FDS_ABOVE_1024 = """
+import os, resource, sys
+import fastfork
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if hard != resource.RLIM_INFINITY and hard < 1200:
+    print("skip: the hard RLIMIT_NOFILE is", hard)
+    sys.exit(0)
+if soft != resource.RLIM_INFINITY and soft < 1200:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+try:
+    with fastfork.ForkServer() as srv:
+        print(srv.map(abs, [-1, -2]), max(held) > 1024)
+finally:
+    for fd in held:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+"""
+
+
+def test_works_with_fds_numbered_past_1024():
+    # The caller's socket gets an fd number above 1024, which select() cannot watch.
+    proc = procutil.run_python(FDS_ABOVE_1024)
+    assert proc.returncode == 0, proc.stderr
+    if proc.stdout.startswith("skip:"):
+        pytest.skip(proc.stdout.strip())
+    assert proc.stdout.split() == ["[1,", "2]", "True"], proc.stdout
+
+
 def test_used_from_another_process_is_refused(server, reaper):
     pid = fastfork.fork()
     if pid == 0:

@@ -342,6 +342,15 @@ def test_timeouts_escalate_from_sigterm_to_sigkill():
     assert proc.returncode == -signal.SIGTERM  # the with block stopped it
 
 
+def test_a_timed_out_command_is_not_ok_however_it_exited():
+    result = fastfork.CommandResult(["x"], 0, b"out", b"", duration=1.5, timed_out=True)
+    assert not result.ok
+    with pytest.raises(subprocess.TimeoutExpired) as info:
+        result.check_returncode()
+    assert isinstance(info.value, fastfork.TimeoutExpired)
+    assert info.value.cmd == ["x"] and info.value.output == b"out"
+
+
 def test_keep_going_false_stops_new_launches():
     commands = [["sh", "-c", "exit 1"], ["sleep", "0.3"], ["true"], ["true"]]
     seen = []
