@@ -29,13 +29,16 @@ import contextlib
 import os
 import resource
 import socket
+import sys
 import threading
+import types
 import traceback
 from concurrent.futures import InvalidStateError
 
 try:
     import dask
     import distributed
+    import cloudpickle
     from dask.utils import funcname, parse_bytes
     from distributed.diagnostics.plugin import WorkerPlugin
     from distributed.protocol import pickle as dask_pickle
@@ -50,7 +53,7 @@ from fastfork.errors import ChildError
 from fastfork.executor import ForkExecutor
 from fastfork.server import ForkServer
 
-__all__ = ["ForkIsolation", "isolated", "map"]
+__all__ = ["ForkIsolation", "isolated", "map", "dask_setup"]
 
 DEFAULT_NAME = "fastfork"
 
@@ -201,8 +204,14 @@ class _WorkerExecutor(concurrent.futures.Executor):
         check_callable(fn)
         timeout, memory_limit, where = self._task_options(args)
         location = _worker_location(self._worker)
-        inner = self._executor_for(timeout).submit(
-            _run_in_child, fn, args, kwargs, memory_limit, location)
+        call = (fn, args, kwargs, memory_limit, location)
+        executor = self._executor_for(timeout)
+        if self._server is None:
+            inner = executor.submit(_run_in_child, *call)
+        else:
+            # The server imports what the call refers to once: each child
+            # would otherwise import the task's modules anew.
+            inner = executor._submit(_run_in_child, call, {}, setup=_imports_of(call))
         return _TaskFuture(inner, where, location)
 
     def _task_options(self, args):
@@ -245,9 +254,68 @@ class _WorkerExecutor(concurrent.futures.Executor):
             self._server.close()
 
 
+class _Discard:
+    def write(self, data):
+        pass
+
+
+class _ModuleRecorder(cloudpickle.Pickler):
+    """Pickles into nothing, noting the modules that unpickling would import."""
+
+    def __init__(self):
+        # Out-of-band buffers (protocol 5) are not even copied.
+        super().__init__(_Discard(), protocol=5, buffer_callback=bool)
+        self.modules = set()
+
+    def persistent_id(self, obj):
+        if isinstance(obj, types.ModuleType):
+            self.modules.add(obj.__name__)
+        elif isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            module = getattr(obj, "__module__", None)
+            if isinstance(module, str):
+                self.modules.add(module)
+        return None
+
+
+def _imports_of(call):
+    """The fork server's setup steps that import the modules ``call`` refers to.
+
+    Only modules imported here from a file or package (not ``__main__``, not
+    what a by-value function merely names): a step that fails in the server
+    fails the task.
+    """
+    recorder = _ModuleRecorder()
+    try:
+        recorder.dump(call)
+    except Exception:
+        return ()  # the real pickling reports it
+    steps = []
+    for name in sorted(recorder.modules):
+        module = sys.modules.get(name)
+        if name != "__main__" and getattr(module, "__spec__", None) is not None:
+            steps.append(("import", name))
+    return tuple(steps)
+
+
 def _worker_location(worker):
     """Where a task runs, for its errors: "worker tcp://..., host name"."""
     return f"worker {worker.address}, host {socket.gethostname()}"
+
+
+async def dask_setup(server):
+    """``--preload fastfork.dask``: install ``ForkIsolation()`` (its defaults) from the command line.
+
+    On ``dask worker`` it installs the plugin on that worker; on ``dask
+    scheduler`` it registers it for every worker that connects. For other
+    options, preload a file of your own whose ``dask_setup`` does the same
+    with them.
+    """
+    plugin = ForkIsolation()
+    if isinstance(server, distributed.Scheduler):
+        await server.register_worker_plugin(None, dask_pickle.dumps(plugin), name=plugin.name,
+                                            idempotent=False)
+    else:
+        await server.plugin_add(plugin, name=plugin.name)
 
 
 # ---------------------------------------------------------------- the worker's future

@@ -117,6 +117,16 @@ def executor_names(dask_worker):
     return sorted(dask_worker.executors)
 
 
+async def preload_on_worker(dask_worker):
+    await ffd.dask_setup(dask_worker)
+    return sorted(dask_worker.executors)
+
+
+async def preload_on_scheduler(dask_scheduler):
+    await ffd.dask_setup(dask_scheduler)
+    return sorted(dask_scheduler.worker_plugins)
+
+
 def task_processes(dask_worker):
     """The processes a worker's fastfork executors still have (their fork servers aside)."""
     servers = {ex._server.pid for ex in dask_worker.executors.values()
@@ -195,7 +205,7 @@ NEWLINE = b"\n"
 
 
 class PidPipe:
-    """A FIFO tasks write their pid to; ``read(n)`` waits for ``n`` pids."""
+    """A FIFO tasks write their pid to; ``read(futures)`` waits for one pid per future."""
 
     def __init__(self, path):
         self.path = str(path)
@@ -205,17 +215,22 @@ class PidPipe:
         self._write = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
         self._buffer = b""
 
-    def read(self, n, timeout=120):
+    def read(self, futures, timeout=120):
+        """The pids of the tasks of ``futures``; a task that fails first raises its error."""
+        n = len(futures)
         poller = select.poll()
         poller.register(self._read, select.POLLIN)
         deadline = time.monotonic() + timeout
         while self._buffer.count(NEWLINE) < n:
+            for future in futures:
+                if future.status == "error":
+                    future.result()
             left = deadline - time.monotonic()
             assert left > 0, f"only {self._buffer.count(NEWLINE)} of {n} tasks reported"
-            if poller.poll(left * 1000):
+            if poller.poll(min(left, 0.5) * 1000):
                 self._buffer += os.read(self._read, 4096)
-        lines = self._buffer.split(b"\n")
-        self._buffer = b"\n".join(lines[n:])
+        lines = self._buffer.split(NEWLINE)
+        self._buffer = NEWLINE.join(lines[n:])
         return [int(line) for line in lines[:n]]
 
     def close(self):
@@ -230,17 +245,19 @@ def pid_pipe(tmp_path):
     pipe.close()
 
 
-def wait_for_replacement(client, old_pid, timeout=180):
-    """Wait until the nanny has replaced the worker process ``old_pid`` (two workers again)."""
+def wait_for_replacement(client, old_address, timeout=180):
+    """Wait until the nanny has replaced the worker at ``old_address`` (two workers again).
+
+    The new worker listens on a new port. Until the scheduler has dropped
+    the old one, asking every worker something could wait on the dead one.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        if len(client.scheduler_info(n_workers=-1)["workers"]) == 2:
-            try:
-                if old_pid not in worker_pids(client).values():
-                    return
-            except (OSError, distributed.comm.CommClosedError):
-                pass  # a worker went away between the two calls
-        assert time.monotonic() < deadline, "the worker was not replaced"
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        if len(workers) == 2 and old_address not in workers:
+            worker_pids(client)  # every worker answers
+            return
+        assert time.monotonic() < deadline, f"the worker was not replaced: {sorted(workers)}"
         time.sleep(0.1)
 
 
@@ -350,6 +367,16 @@ def test_bag_map_partitions(client, executor):
     assert not workers & set(pids)
 
 
+def test_preload_installs_the_plugin(client):
+    """``--preload fastfork.dask`` on a worker or on the scheduler (here called directly)."""
+    assert all("fastfork" in names for names in client.run(preload_on_worker).values())
+    assert "fastfork" in client.run_on_scheduler(preload_on_scheduler)
+    workers = set(worker_pids(client).values())
+    with ffd.isolated():
+        futures = client.map(task_pid, range(4), pure=False)
+    assert not workers & set(client.gather(futures))
+
+
 def test_bad_annotation_fails_the_task(client):
     with dask.annotate(executor="fastfork", fastfork_timeout="soon"):
         future = client.submit(square, 3, pure=False)
@@ -411,7 +438,7 @@ def test_retries_run_a_crashed_task_again(client, executor, tmp_path):
 def test_timeout_stops_the_child(client, executor, pid_pipe):
     with ffd.isolated(executor, timeout=1):
         future = client.submit(report_pid_then_block, pid_pipe.path, pure=False)
-    [pid] = pid_pipe.read(1)
+    [pid] = pid_pipe.read([future])
     with pytest.raises(fastfork.ChildTimeout) as info:
         future.result()
     assert info.value.timed_out and info.value.pid == pid
@@ -442,35 +469,39 @@ def test_worker_memory_stays_flat_after_leaking_tasks(client, executor):
 
 # ---------------------------------------------------------------- worker shutdown
 
+# A worker's restart takes an interpreter start and Dask's import: long on a busy machine.
+
+@pytest.mark.timeout(600)
 def test_restarted_worker_leaves_no_task_process(client, executor, pid_pipe):
     """A worker closed mid-task stops its task processes; its replacement gets the plugin."""
-    address, worker = sorted(worker_pids(client).items())[0]
+    address = sorted(worker_pids(client))[0]
     with ffd.isolated(executor):
         futures = client.map(report_pid_then_block, [pid_pipe.path] * 2, workers=[address],
                              pure=False)
-    pids = pid_pipe.read(2)
+    pids = pid_pipe.read(futures)
     client.cancel(futures)  # not to run again elsewhere; they keep running here
     assert all(procutil.state(pid) not in (None, "Z") for pid in pids)
     client.restart_workers([address])
     assert procutil.wait_ended(pids) == []
-    wait_for_replacement(client, worker)
+    wait_for_replacement(client, address)
     workers = set(worker_pids(client).values())
     with ffd.isolated(executor):
         new = client.map(task_pid, range(4), pure=False)
     assert not workers & set(client.gather(new))
 
 
+@pytest.mark.timeout(600)
 def test_killed_worker_takes_its_task_processes_along(client, executor, pid_pipe):
     before = worker_pids(client)
     address = sorted(before)[0]
     with ffd.isolated(executor):
         future = client.submit(report_pid_then_block, pid_pipe.path, workers=[address],
                                pure=False)
-    [pid] = pid_pipe.read(1)
+    [pid] = pid_pipe.read([future])
     client.cancel([future])
     os.kill(before[address], signal.SIGKILL)
     assert procutil.wait_ended([pid]) == []
-    wait_for_replacement(client, before[address])
+    wait_for_replacement(client, address)
 
 
 # ---------------------------------------------------------------- many tasks
