@@ -17,7 +17,7 @@ and what isolation adds per task over the thread pool of the same run.
 
 Run:  pytest bench/test_dask.py --benchmark-only
 """
-import os
+import contextlib
 import time
 
 import pytest
@@ -73,15 +73,7 @@ def workers(request, client):
 
 
 def _routed(name):
-    return ffd.isolated(name) if name is not None else _no_annotation()
-
-
-class _no_annotation:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        return False
+    return ffd.isolated(name) if name is not None else contextlib.nullcontext()
 
 
 def _throughput(client, name, ms, n):

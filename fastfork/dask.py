@@ -25,7 +25,6 @@ plugin's options (``isolated(timeout=..., memory_limit=...)`` sets them).
 """
 import asyncio
 import concurrent.futures
-import contextlib
 import os
 import resource
 import socket
@@ -111,7 +110,8 @@ class ForkIsolation(WorkerPlugin):
     ``client.register_plugin(ForkIsolation())`` installs, on every worker
     (those that join later too), an executor named ``name``; route tasks to
     it with ``isolated()`` or ``dask.annotate(executor=name)``. ``jobs``:
-    how many such tasks a worker runs at once (default: its thread count).
+    at most this many task processes per worker and timeout value (default:
+    the worker's thread count, which bounds its running tasks anyway).
     ``timeout``: seconds a task may run before its process is stopped
     (SIGTERM, ``grace`` seconds, SIGKILL); the task fails with
     ``fastfork.ChildTimeout``. ``memory_limit``: bytes of address space a
@@ -186,6 +186,7 @@ class _WorkerExecutor(concurrent.futures.Executor):
         self._executors = {}  # timeout -> ForkExecutor
         self._lock = threading.Lock()
         self._shutdown = False
+        self._location = None  # once the worker has its address
 
     def __repr__(self):
         mode = "server" if self._server is not None else "worker"
@@ -203,7 +204,9 @@ class _WorkerExecutor(concurrent.futures.Executor):
         """
         check_callable(fn)
         timeout, memory_limit, where = self._task_options(args)
-        location = _worker_location(self._worker)
+        if self._location is None:
+            self._location = f"worker {self._worker.address}, host {socket.gethostname()}"
+        location = self._location
         call = (fn, args, kwargs, memory_limit, location)
         executor = self._executor_for(timeout)
         if self._server is None:
@@ -297,11 +300,6 @@ def _imports_of(call):
     return tuple(steps)
 
 
-def _worker_location(worker):
-    """Where a task runs, for its errors: "worker tcp://..., host name"."""
-    return f"worker {worker.address}, host {socket.gethostname()}"
-
-
 async def dask_setup(server):
     """``--preload fastfork.dask``: install ``ForkIsolation()`` (its defaults) from the command line.
 
@@ -370,8 +368,12 @@ def _locate(err, where, location):
     The executor's own numbering of its tasks means nothing here: the error's
     ``index`` becomes None and ``item`` the task ``where`` describes.
     """
-    executor_where = f"child {err.pid} (item {err.index}: {err.item})"
-    rest = err.message.removeprefix(executor_where).lstrip()
+    rest = err.message
+    for executor_where in (f"child {err.pid} (item {err.index}: {err.item})",
+                           f"child {err.pid}"):
+        if rest.startswith(executor_where):
+            rest = rest[len(executor_where):].lstrip()
+            break
     place = location if where is None else f"{where}; {location}"
     err.message = f"child {err.pid} ({place}) {rest}"
     err.args = (err.message,)

@@ -39,9 +39,14 @@ needs_dask = pytest.mark.skipif(ffd is None, reason=NO_DASK)
 MODES = {"fork": "fastfork", "server": "fastfork-server"}
 
 # The cluster's process: prints the scheduler's address, runs until its stdin closes.
+# LocalCluster closes the nanny of a worker that is gone for lost-worker-timeout
+# (15 s) -- also when a later restart of that worker is under way then: the tests
+# restart and kill workers in quick succession.
 CLUSTER_HOST = """
 import sys
+import dask
 from distributed import LocalCluster
+dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"})
 cluster = LocalCluster(n_workers=2, threads_per_worker=2, processes=True,
                        host="127.0.0.1", dashboard_address=None)
 print(cluster.scheduler_address, flush=True)
