@@ -14,6 +14,8 @@ and result pipes, enforces timeouts, stops cancelled tasks and completes
 the futures. It holds no lock of the executor while it forks and completes
 futures (so runs their callbacks) outside every lock it holds.
 """
+from __future__ import annotations
+
 import atexit
 import collections
 import concurrent.futures
@@ -38,6 +40,16 @@ from fastfork.child import _fd_lock, close_owned, own_fd
 from fastfork.errors import ChildTimeout, ForkError
 from fastfork.fanout import start_child
 from fastfork.server import ForkServer
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+    from typing import Any, TypeVar
+
+    from typing_extensions import ParamSpec
+
+    P = ParamSpec("P")
+    R = TypeVar("R")
 
 __all__ = ["ForkExecutor"]
 
@@ -209,8 +221,9 @@ class ForkExecutor(concurrent.futures.Executor):
 
     __module__ = "fastfork"
 
-    def __init__(self, max_workers=None, *, timeout=None, grace=1.0, die_with_parent=True,
-                 server=None):
+    def __init__(self, max_workers: int | None = None, *, timeout: float | None = None,
+                 grace: float = 1.0, die_with_parent: bool = True,
+                 server: ForkServer | None = None) -> None:
         self._max_workers = _check_max_workers(max_workers)
         self._timeout = check_timeout(timeout, allow_zero=False)
         self._grace = check_timeout(grace, "grace")
@@ -234,7 +247,8 @@ class ForkExecutor(concurrent.futures.Executor):
         if os.getpid() != self._owner:
             raise RuntimeError(f"this ForkExecutor belongs to process {self._owner}")
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[P, R], /, *args: P.args,
+               **kwargs: P.kwargs) -> concurrent.futures.Future[R]:
         """Schedule ``fn(*args, **kwargs)`` in a fresh process; return its Future.
 
         Raises TypeError for a non-callable (or, with a server, a call that
@@ -269,7 +283,8 @@ class ForkExecutor(concurrent.futures.Executor):
             self._manager.start()
         return self._manager
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
+    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator[R]:
         """Return an iterator of ``fn(*args)`` over the zipped ``iterables``, in order.
 
         As ``concurrent.futures.Executor.map`` (3.14): the calls are submitted

@@ -2,8 +2,9 @@
 
 Each rule is written once and runs against every front end in FRONT_ENDS:
 ``map``, ``as_completed``, ``ForkServer.map``, ``ForkServer.as_completed``,
-``spawn_many`` and ``ForkExecutor`` (from the caller and from a server). A new
-front end joins by adding its adapter to that list.
+``spawn_many``, ``ForkExecutor`` (from the caller and from a server) and the
+asyncio ones (``aio.map``, ``aio.as_completed``, ``aio.spawn_many``, each run in
+``asyncio.run``). A new front end joins by adding its adapter to that list.
 
 A task is Python source run in the child -- by a function for the function
 front ends, as ``sys.executable -c`` for ``spawn_many`` -- with ``x`` (the
@@ -12,6 +13,7 @@ PRELUDE; it sets ``result``. Children synchronise through the log (lines
 appended atomically), never by sleeping a fixed time.
 """
 import ast
+import asyncio
 import concurrent.futures
 import dataclasses
 import errno
@@ -27,6 +29,7 @@ import pytest
 import faultlib
 import fastfork
 import procutil
+from fastfork import aio
 
 PRELUDE = '''
 import os, signal, sys, time
@@ -257,9 +260,47 @@ class ServerExecutor(Executor, ServerFrontEnd):
         return self.fork_server.executor(jobs, **options)
 
 
+class AioMap(FrontEnd):
+    name = "aio.map"
+
+    def call(self, source, items, log, record, *, keep_going, retries, chunksize, **options):
+        assert chunksize == 1, "aio.map takes no chunksize"
+        values = asyncio.run(aio.map(contract_task, [(source, x, log) for x in items],
+                                     return_exceptions=keep_going, fork_retries=retries,
+                                     **options))
+        for index, value in enumerate(values):
+            record(index, function_outcome(value))
+
+
+class AioAsCompleted(FrontEnd):
+    name = "aio.as_completed"
+    completion_order = True
+
+    def call(self, source, items, log, record, *, keep_going, retries, chunksize, **options):
+        assert chunksize == 1, "aio.as_completed takes no chunksize"
+
+        async def consume():
+            async for index, value in aio.as_completed(
+                    contract_task, [(source, x, log) for x in items],
+                    return_exceptions=keep_going, fork_retries=retries, **options):
+                record(index, function_outcome(value))
+        asyncio.run(consume())
+
+
+class AioSpawnMany(SpawnMany):
+    name = "aio.spawn_many"
+
+    def call(self, source, items, log, record, *, keep_going, retries, chunksize, **options):
+        assert chunksize == 1, "aio.spawn_many takes no chunksize"
+        asyncio.run(aio.spawn_many(
+            [command_for(source, x, log) for x in items], keep_going=keep_going,
+            spawn_retries=retries, capture=True,
+            callback=lambda index, result: record(index, self.outcome(result)), **options))
+
+
 # Every front end of the contract. A new one joins here.
 FRONT_ENDS = [Map(), AsCompleted(), ServerMap(), ServerAsCompleted(), SpawnMany(), Executor(),
-              ServerExecutor()]
+              ServerExecutor(), AioMap(), AioAsCompleted(), AioSpawnMany()]
 BY_NAME = {fe.name: fe for fe in FRONT_ENDS}
 
 
@@ -544,7 +585,14 @@ def test_ctrl_c_stops_and_reaps_everything(any_front_end, log, sigusr1_interrupt
     assert isinstance(run.raised, KeyboardInterrupt), run.raised
     assert procutil.children() == before
     if any_front_end.server:
-        assert procutil.children(any_front_end.fork_server.pid) == set()
+        # The server is its children's parent and reaps them on its own thread of
+        # control: the caller's stop ends them at once, their reaping follows.
+        server_pid = any_front_end.fork_server.pid
+        assert procutil.wait_ended(procutil.children(server_pid)) == []
+        deadline = time.monotonic() + 30
+        while procutil.children(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert procutil.children(server_pid) == set()
     assert len(read_log(log)) <= jobs
 
 
