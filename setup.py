@@ -14,12 +14,23 @@ core = Extension(
     + sorted(p for p in glob.glob("src/*.c") if not p.endswith("_core.c")),
     include_dirs=["src"],
     define_macros=[("_GNU_SOURCE", "1")],
+    # No debug information and no symbol table: they made up most of the 1.6 MB
+    # extension, and every install (pip install ., a wheel) would carry them.
+    extra_compile_args=["-g0"],
+    extra_link_args=["-s"],
 )
 
 setup(
     ext_modules=cythonize(
         [core],
         language_level=3,
-        compiler_directives={"embedsignature": True, "binding": True},
+        compiler_directives={
+            "embedsignature": True,
+            "binding": True,
+            # Not yet: module state (the owned-fd set, the dropped-children list) is
+            # checked and changed in steps the GIL makes atomic; see docs/free-threading.md.
+            # A free-threaded Python turns the GIL back on when it imports the core.
+            "freethreading_compatible": False,
+        },
     ),
 )

@@ -31,6 +31,9 @@ def pytest_addoption(parser):
                     help="small sizes and one round per benchmark (a smoke run)")
     group.addoption("--bench-parent-mib", type=int, default=1024, metavar="N",
                     help="memory held by the big parent, in MiB (default 1024)")
+    group.addoption("--bench-targets", action="store_true",
+                    help="also print the ratios fastfork's developers aim for, and whether "
+                         "this run reaches them")
 
 
 def pytest_configure(config):
@@ -59,8 +62,8 @@ def bench(benchmark, parent, request):
     """Return ``run(workload, method, n=None)``: benchmark one method of a workload.
 
     ``n`` defaults to the workload's size for the mode and parent. Skips when
-    the method's capability is not available yet, or when the row is not run
-    from this parent (e.g. N=1000 no-op children from a 1 GiB parent).
+    the method cannot run here (e.g. it needs a newer Python), or when the row
+    is not run from this parent (e.g. N=1000 no-op children from a 1 GiB parent).
     """
     mode = _mode(request.config)
     mib = request.config.getoption("bench_parent_mib")
@@ -73,6 +76,8 @@ def bench(benchmark, parent, request):
         reason = W.unavailable(m)
         if reason:
             pytest.skip(reason)
+        if m.reports_time:
+            pytest.skip(f"{method} times itself (not by wall clock): run `fastfork bench`")
         sizes = (wl.sizes if parent == "small" else wl.big_sizes)[mode]
         if not sizes:
             pytest.skip(f"the {workload} workload is not run from the {parent} parent "
@@ -128,7 +133,10 @@ def bench(benchmark, parent, request):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    """Print children/s and the ratio to the stdlib baseline per benchmark group."""
+    """Print children/s and the ratio to the stdlib baseline per benchmark group.
+
+    With ``--bench-targets``, also the project's performance goals against this run.
+    """
     results = config.stash.get(RESULTS, [])
     if not results:
         return
@@ -140,6 +148,7 @@ def pytest_terminal_summary(terminalreporter, config):
     tr.section("fastfork: children per second (median of rounds), ratio to the baseline (*)")
     for line in B.format_rows(results, config.getoption("bench_parent_mib")):
         tr.write_line(line)
-    tr.write_line("")
-    for line in B.format_targets(B.evaluate_targets(results)):
-        tr.write_line(line)
+    if config.getoption("bench_targets"):
+        tr.write_line("")
+        for line in B.format_targets(B.evaluate_targets(results)):
+            tr.write_line(line)

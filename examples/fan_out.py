@@ -1,4 +1,4 @@
-"""Seed article 1, part two: N children (N from the command line, default 3).
+"""Fan out to N children (N from the command line, default 3) and collect their results.
 
 Usage: python examples/fan_out.py [N]
 Every child is reaped, results come back in order, and a failing child is

@@ -1,4 +1,4 @@
-"""Seed article 1, part one: fork one child, wait for it -- with fastfork.
+"""Fork one child and wait for it, with fastfork.
 
 The child cannot fall through into the parent's code: start() ends it in
 _exit whatever the function does, and its return value comes back.

@@ -86,10 +86,11 @@ def chunked(fan, fn, items, chunksize, return_exceptions, print_traceback):
             yield chunk
 
     task = functools.partial(run_chunk, fn, not return_exceptions, print_traceback)
+    outcomes = fan(task, chunks(), return_exceptions, False)
     first_error = None
     failed_chunk = None
     try:
-        for number, value in fan(task, chunks(), return_exceptions, False):
+        for number, value in outcomes:
             for index, ok, result in _per_item(number * chunksize, waiting.pop(number), value):
                 if ok or return_exceptions:
                     yield index, result
@@ -99,6 +100,8 @@ def chunked(fan, fn, items, chunksize, return_exceptions, print_traceback):
         if err.index not in waiting:
             raise
         failed_chunk = err
+    finally:
+        outcomes.close()  # abandoned early (closed, or an exception): stop every child now
     if failed_chunk is not None:
         # The fan-out raises its first failed chunk once the others are done.
         number = failed_chunk.index

@@ -89,7 +89,7 @@ def _cloudpickler():
     global _cloud_pickler
     if _cloud_pickler is None:
         try:
-            import cloudpickle
+            import cloudpickle  # type: ignore[import-untyped]
         except ImportError:
             return None
 

@@ -12,9 +12,10 @@ import pickle
 import struct
 import traceback
 
-from fastfork.errors import ChildError, ChildTimeout, describe_status
+from fastfork.errors import ChildError, ChildTimeout, describe_exception, describe_status
 
-__all__ = ["OK", "ERROR", "error_payload", "FrameReader", "decode_outcome", "short_repr"]
+__all__ = ["OK", "ERROR", "error_payload", "user_traceback", "FrameReader", "decode_outcome",
+           "short_repr"]
 
 OK = b"R"
 ERROR = b"E"
@@ -32,7 +33,7 @@ def error_payload(exc, stage):
         "stage": stage,
         "exc_type": f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins."),
         "message": _safe_str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, user_traceback(exc))),
         "exception": None,
     }
     try:
@@ -42,6 +43,25 @@ def error_payload(exc, stage):
     except BaseException:
         pass
     return pickle.dumps(info, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def user_traceback(exc):
+    """The traceback of ``exc`` from the first frame that is not fastfork's own.
+
+    fastfork's frames on top (those that called the function in the child)
+    tell the user nothing, so they are left out, as the standard library
+    leaves out its own where it can. None if every frame is fastfork's.
+    """
+    tb = exc.__traceback__
+    while tb is not None and _is_fastfork_frame(tb.tb_frame):
+        tb = tb.tb_next
+    return tb
+
+
+def _is_fastfork_frame(frame):
+    # The compiled core's frames carry its module's globals, like any other.
+    module = frame.f_globals.get("__name__") or ""
+    return module == "fastfork" or module.startswith("fastfork.")
 
 
 def _safe_str(exc):
@@ -57,15 +77,12 @@ class FrameReader:
     def __init__(self):
         self._chunks = []
         self._size = 0
-        self.eof = False
 
     def feed(self, data):
-        """Add bytes read from the pipe (b"" means end of file)."""
+        """Add bytes read from the pipe (b"", end of file, adds nothing)."""
         if data:
             self._chunks.append(data)
             self._size += len(data)
-        else:
-            self.eof = True
 
     def frame(self):
         """Return (kind, payload) if a whole frame arrived, else None."""
@@ -109,7 +126,7 @@ def decode_outcome(frame, *, pid, returncode, index, item, timed_out, lost):
         return False, error(f"sent a result that could not be unpickled: {exc!r}")
     if kind == OK:
         return True, data
-    err = error(f"{data['stage']}: {data['exc_type']}: {data['message']}",
+    err = error(f"{data['stage']}: {describe_exception(data['exc_type'], data['message'])}",
                 exc_type=data["exc_type"], remote_traceback=data["traceback"])
     err.__cause__ = _exception_of(data)
     return False, err
@@ -128,8 +145,8 @@ def _timeout_error(frame, returncode, error):
         data = pickle.loads(payload)
     except Exception:
         return error(message, ChildTimeout)
-    err = error(f"{message}; after the stop signal it {data['stage']}: {data['exc_type']}: "
-                f"{data['message']}", ChildTimeout,
+    err = error(f"{message}; after the stop signal it {data['stage']}: "
+                f"{describe_exception(data['exc_type'], data['message'])}", ChildTimeout,
                 exc_type=data["exc_type"], remote_traceback=data["traceback"])
     err.__cause__ = _exception_of(data)
     return err

@@ -64,7 +64,7 @@ class _ByValue:
         self.value = value
 
     def __reduce__(self):
-        import cloudpickle
+        import cloudpickle  # type: ignore[import-untyped]
         return pickle.loads, (cloudpickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL),)
 
 
@@ -263,6 +263,9 @@ class _Server:
 
 def main(fd):
     """Serve the caller on socket ``fd``; returns the process exit code."""
+    # A mask survives exec: a server started from a thread that blocks
+    # signals (a ForkExecutor's) would pass it on to every child.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     sock = socket.socket(fileno=fd)

@@ -9,17 +9,21 @@ Every fan-out method (``fanout``, ``startup``, the ``jobs=2`` exec methods)
 keeps at most ``jobs`` children alive at once, waiting for the oldest before
 starting the next, so they are compared like for like.
 """
+import asyncio
 import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 
 import fastfork
+import fastfork.aio
 from fastfork import _core
 
 JOBS = os.cpu_count() or 1
@@ -44,9 +48,9 @@ class Method:
     """One way of creating the children of a workload.
 
     ``run(n, *state)`` is the timed part; ``prepare(n) -> state`` (a tuple)
-    and ``cleanup(*state)`` run untimed around it. ``requires`` names the
-    attributes (``"fastfork.map"``, ``"_core._c_fork_exit_loop"``) the method
-    needs; it is skipped when one is missing.
+    and ``cleanup(*state)`` run untimed around it. With ``reports_time``,
+    ``run`` returns the seconds to count itself (what the children measured,
+    e.g. an import time) instead of being timed whole.
     """
 
     name: str
@@ -54,9 +58,9 @@ class Method:
     run: object
     prepare: object = None
     cleanup: object = None
-    requires: tuple = ()
     min_python: tuple = ()
     slow: bool = False  # outside "full" mode, run only at the workload's smallest N
+    reports_time: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +69,9 @@ class Workload:
 
     ``sizes[mode]`` are the numbers of children for the small parent,
     ``big_sizes[mode]`` those for the big parent (smaller where every child
-    pays the big parent's fork cost).
+    pays the big parent's fork cost). ``headline`` is the fastfork method
+    whose ratio to the baseline sums the group up, ``expect`` what to expect
+    of that ratio and why, in a few words for the reader of the table.
     """
 
     key: str
@@ -74,6 +80,8 @@ class Workload:
     methods: tuple
     sizes: dict
     big_sizes: dict
+    headline: str = ""
+    expect: str = ""
 
     def method(self, name):
         """Return the method called ``name``; KeyError if there is none."""
@@ -131,22 +139,8 @@ def _reap_quietly(pids):
             pass
 
 
-def resolve(path):
-    """Return the object named by ``path`` ("fastfork.map", "_core.x"), or None."""
-    head, _, rest = path.partition(".")
-    obj = {"fastfork": fastfork, "_core": _core}[head]
-    for part in rest.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def unavailable(method):
     """Return why ``method`` cannot run here (a short reason), or None if it can."""
-    for need in method.requires:
-        if resolve(need) is None:
-            return f"{need} not available yet"
     if method.min_python and sys.version_info < method.min_python:
         return "needs Python " + ".".join(map(str, method.min_python)) + "+"
     return None
@@ -160,8 +154,9 @@ def measure(method, n):
     state = method.prepare(n) if method.prepare else ()
     try:
         t0 = time.perf_counter()
-        method.run(n, *state)
-        return time.perf_counter() - t0
+        reported = method.run(n, *state)
+        elapsed = time.perf_counter() - t0
+        return reported if method.reports_time else elapsed
     finally:
         if method.cleanup:
             method.cleanup(*state)
@@ -210,11 +205,13 @@ FORK = Workload(
     key="fork", title="fork + exit + reap, one child at a time", baseline="os.fork",
     methods=(
         Method("os.fork", "stdlib", _fork_os),
-        Method("fastfork.fork", "fastfork", _fork_fastfork, requires=("fastfork.fork",)),
-        Method("C limit", "limit", _fork_c, requires=("_core._c_fork_exit_loop",)),
+        Method("fastfork.fork", "fastfork", _fork_fastfork),
+        Method("C limit", "limit", _fork_c),
     ),
     sizes={"quick": (50,), "default": (300,), "full": (1000,)},
     big_sizes={"quick": (5,), "default": (30,), "full": (50,)},
+    headline="fastfork.fork",
+    expect="about 1x is expected: the same kernel fork() between the same interpreter hooks",
 )
 
 
@@ -255,13 +252,13 @@ REAP = Workload(
     key="reap", title="reap N already-exited children", baseline="os.waitpid loop",
     methods=(
         Method("os.waitpid loop", "stdlib", _reap_os, _make_zombies, _reap_quietly),
-        Method("fastfork.reap", "fastfork", _reap_fastfork, _make_zombies, _reap_quietly,
-               requires=("fastfork.reap",)),
-        Method("C limit", "limit", _reap_c, _make_zombies, _reap_quietly,
-               requires=("_core._c_waitpid_loop",)),
+        Method("fastfork.reap", "fastfork", _reap_fastfork, _make_zombies, _reap_quietly),
+        Method("C limit", "limit", _reap_c, _make_zombies, _reap_quietly),
     ),
     sizes={"quick": (100,), "default": (500,), "full": (1000,)},
     big_sizes={"quick": (5,), "default": (30,), "full": (50,)},
+    headline="fastfork.reap",
+    expect="about 1x is expected: each child is one kernel waitpid either way",
 )
 
 
@@ -306,15 +303,17 @@ FANOUT = Workload(
     baseline="os.fork loop",
     methods=(
         Method("os.fork loop", "stdlib", _fanout_os),
-        Method("fastfork.map", "fastfork", _fanout_fastfork, requires=("fastfork.map",)),
+        Method("fastfork.map", "fastfork", _fanout_fastfork),
         Method("multiprocessing.Process", "stdlib", _fanout_mp),
         # The children run no Python at all: what is left is the kernel's fork and exit.
-        Method("C limit", "limit", _fanout_c, requires=("_core._c_fork_exit_loop",)),
+        Method("C limit", "limit", _fanout_c),
         Method("ProcessPoolExecutor(max_tasks_per_child=1)", "stdlib", _fanout_pool,
                _forkserver_ready, min_python=(3, 11), slow=True),
     ),
     sizes={"quick": (100,), "default": (100, 1000), "full": (100, 1000)},
     big_sizes={"quick": (5,), "default": (30,), "full": (100,)},
+    headline="fastfork.map",
+    expect="about 1x is expected: both pay one kernel fork per child",
 )
 
 
@@ -377,19 +376,19 @@ EXEC = Workload(
     key="exec", title=f"exec fan-out: spawn and reap {TRUE}", baseline="subprocess.Popen+wait",
     methods=(
         Method("subprocess.Popen+wait", "stdlib", _exec_popen),
-        Method("fastfork.spawn", "fastfork", _exec_spawn, requires=("fastfork.spawn",)),
-        Method("fastfork.spawn_many", "fastfork", _exec_spawn_many,
-               requires=("fastfork.spawn_many",)),
+        Method("fastfork.spawn", "fastfork", _exec_spawn),
+        Method("fastfork.spawn_many", "fastfork", _exec_spawn_many),
         Method("subprocess.run", "stdlib", _exec_run),
         Method("os.posix_spawn+waitpid", "stdlib", _exec_posix_spawn),
         Method("os.fork+execv+waitpid", "stdlib", _exec_fork_execv),
-        Method("C limit", "limit", _exec_c, requires=("_core._c_spawn_loop",)),
+        Method("C limit", "limit", _exec_c),
         Method("subprocess.Popen jobs=2", "stdlib", _exec_popen2),
-        Method("fastfork.spawn_many jobs=2", "fastfork", _exec_spawn_many2,
-               requires=("fastfork.spawn_many",)),
+        Method("fastfork.spawn_many jobs=2", "fastfork", _exec_spawn_many2),
     ),
     sizes={"quick": (50,), "default": (300,), "full": (1000,)},
     big_sizes={"quick": (5,), "default": (50,), "full": (100,)},
+    headline="fastfork.spawn",
+    expect="about 1x is expected: both create the child vfork-style",
 )
 
 
@@ -440,14 +439,17 @@ STARTUP = Workload(
     methods=(
         Method("python -c (subprocess)", "stdlib", _startup_python),
         Method("os.fork per task", "stdlib", _startup_fork),
-        Method("fastfork.map", "fastfork", _startup_map, requires=("fastfork.map",)),
+        Method("fastfork.map", "fastfork", _startup_map),
         Method("fastfork.ForkServer.map", "fastfork", _startup_server, _server_prepare,
-               _server_close, requires=("fastfork.ForkServer",)),
+               _server_close),
         Method("multiprocessing forkserver", "stdlib", _startup_forkserver, _forkserver_ready),
         Method("multiprocessing spawn", "stdlib", _startup_spawn),
     ),
     sizes={"quick": (4,), "default": (20,), "full": (50,)},
     big_sizes={"quick": (4,), "default": (20,), "full": (50,)},
+    headline="fastfork.ForkServer.map",
+    expect="far above 1x is expected: its children fork from a small server, "
+           "no interpreter starts",
 )
 
 
@@ -488,15 +490,15 @@ def memory_workload(mib):
             Method("bytearray", "stdlib", run, holding(lambda: allocate_parent(mib)),
                    _close_buffer),
             Method("fastfork.SharedBuffer", "fastfork", run,
-                   holding(lambda: _touch(fastfork.SharedBuffer(size))), _close_buffer,
-                   requires=("fastfork.SharedBuffer",)),
+                   holding(lambda: _touch(fastfork.SharedBuffer(size))), _close_buffer),
             Method("fastfork.PrivateBuffer (huge pages)", "fastfork", run,
-                   holding(lambda: _touch(fastfork.PrivateBuffer(size))), _close_buffer,
-                   requires=("fastfork.PrivateBuffer",)),
+                   holding(lambda: _touch(fastfork.PrivateBuffer(size))), _close_buffer),
         ),
         # Run from the small parent only: the buffer is the big memory.
         sizes={"quick": (), "default": (10,), "full": (30,)},
         big_sizes={"quick": (), "default": (), "full": ()},
+        headline="fastfork.SharedBuffer",
+        expect="far above 1x is expected: fork does not copy shared memory's page tables",
     )
 
 
@@ -538,13 +540,12 @@ TINY = Workload(
     baseline=f"multiprocessing.Pool({TASK_WORKERS}).map",
     methods=(
         Method(f"multiprocessing.Pool({TASK_WORKERS}).map", "stdlib", _tiny_pool),
-        Method(f"fastfork.map chunksize={CHUNK}", "fastfork", _tiny_map_chunked,
-               requires=("fastfork.map",)),
+        Method(f"fastfork.map chunksize={CHUNK}", "fastfork", _tiny_map_chunked),
         Method(f"ProcessPoolExecutor({TASK_WORKERS}).map chunksize={CHUNK}", "stdlib",
                _tiny_executor(CHUNK)),
         # A child (or a pickled round trip) per task: measured at the smallest N
         # outside --full.
-        Method("fastfork.map", "fastfork", _tiny_map, requires=("fastfork.map",), slow=True),
+        Method("fastfork.map", "fastfork", _tiny_map, slow=True),
         Method(f"ProcessPoolExecutor({TASK_WORKERS}).map", "stdlib", _tiny_executor(1),
                slow=True),
     ),
@@ -555,14 +556,59 @@ TINY = Workload(
 
 
 MEMORY = memory_workload(1024)
-WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY)}
+
+
+# ---------------------------------------------------------------- 8. import time
+
+def _import_seconds(module):
+    """Import ``module`` in a fresh interpreter; return the seconds it reports taking.
+
+    The figure is the import's cumulative time from ``python -X importtime``:
+    what the import costs, without the interpreter's own start-up.
+    Raises RuntimeError if the interpreter fails or reports no such import.
+    """
+    # The child must import the fastfork measured here, installed or not.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastfork.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"],
+                          env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"python -c 'import {module}' failed: {proc.stderr.strip()}")
+    for line in proc.stderr.splitlines():
+        # "import time: <self us> | <cumulative us> | <indented module name>"
+        fields = line.split("|")
+        if len(fields) == 3 and fields[2].strip() == module:
+            return int(fields[1]) / 1e6
+    raise RuntimeError(f"python -X importtime reported no import of {module} "
+                       "(was it imported at start-up?)")
+
+
+def _import_method(module, kind):
+    def run(n):
+        # n times the median: one slow interpreter does not move the figure.
+        return n * statistics.median(_import_seconds(module) for _ in range(n))
+    return Method(f"import {module}", kind, run, reports_time=True)
+
+
+IMPORT = Workload(
+    key="import", title="import in a fresh interpreter (-X importtime); a child is one import",
+    baseline="import subprocess",
+    methods=(_import_method("subprocess", "stdlib"), _import_method("fastfork", "fastfork")),
+    sizes={"quick": (5,), "default": (20,), "full": (50,)},
+    big_sizes={"quick": (), "default": (), "full": ()},
+    headline="import fastfork",
+    expect="above 1x means faster: fastfork loads its parts on first use",
+)
+
+WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY, IMPORT)}
 
 
 # ---------------------------------------------------------------- targets
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A goal from the issues: ``method`` / ``versus`` throughput must reach ``goal``.
+    """A goal the project sets itself: ``method`` / ``versus`` throughput must reach ``goal``.
 
     Each side is (workload, method, parent) with parent "small" or "big";
     ``versus`` None means ``method`` itself from the other parent size.
@@ -603,10 +649,116 @@ TARGETS = (
            "fastfork.ForkServer.map", "big", "python -c (subprocess)", "big", 20.0, ">= 20x"),
     Target("fork with data in SharedBuffer vs bytearray", "memory",
            "fastfork.SharedBuffer", "small", "bytearray", "small", 30.0, ">= 30x"),
+    Target("import fastfork vs import subprocess", "import", "import fastfork", "small",
+           "import subprocess", "small", 1 / 1.5, ">= 0.67x"),
 )
 
 
-# ---------------------------------------------------------------- 7. a fresh process per task, via an executor
+# ---------------------------------------------------------------- 9. fastfork run, the command line
+# The runner as users start it (a fresh interpreter, input on stdin), beside xargs -P,
+# GNU parallel when it is installed, and the same jobs through spawn_many in-process.
+# Every method's stdout goes through a pipe to `cat > /dev/null`, as in `... | consumer`.
+
+RUN_JOBS = 2
+RUN_OUTPUT_MIB = 10
+_PARALLEL = shutil.which("parallel")
+_NO_PARALLEL = "" if _PARALLEL else " (GNU parallel is not installed: not measured)"
+
+
+def _run_piped(argv, n):
+    """Run ``argv`` with items 0..n-1 on stdin, its stdout drained by cat; raise if it fails."""
+    items = "".join(f"{i}\n" for i in range(n)).encode()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(fastfork.__file__)))]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    with subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as cat:
+        try:
+            proc = subprocess.run(argv, input=items, stdout=cat.stdin, stderr=subprocess.PIPE,
+                                  env=env)
+        finally:
+            cat.stdin.close()
+    if proc.returncode:
+        raise RuntimeError(f"{argv[:6]} exited with {proc.returncode}: "
+                           f"{proc.stderr.decode(errors='replace')[-300:]}")
+
+
+def _fastfork_run(*options):
+    return [sys.executable, "-m", "fastfork", "run", "-j", str(RUN_JOBS), "--quiet",
+            "--no-bar", *options, "--"]
+
+
+def _cli_methods(command, xargs):
+    """The methods running ``command`` (argv with {} for the item) once per item.
+
+    ``xargs`` is the xargs command line doing the same.
+    """
+    methods = [
+        Method(f"xargs -P {RUN_JOBS}", "tool",
+               lambda n: _run_piped(["xargs", "-P", str(RUN_JOBS), *xargs], n)),
+        Method("fastfork run", "fastfork", lambda n: _run_piped(_fastfork_run() + command, n)),
+        Method("fastfork run --ungroup", "fastfork",
+               lambda n: _run_piped(_fastfork_run("--ungroup") + command, n)),
+        Method(f"fastfork.spawn_many(jobs={RUN_JOBS}, capture=True)", "fastfork",
+               lambda n: fastfork.spawn_many(
+                   [[a.replace("{}", str(i)) for a in command] for i in range(n)],
+                   jobs=RUN_JOBS, capture=True)),
+    ]
+    if _PARALLEL:
+        methods.append(Method(f"GNU parallel -j {RUN_JOBS}", "tool", lambda n: _run_piped(
+            [_PARALLEL, "--will-cite", "-j", str(RUN_JOBS), *command], n)))
+    return tuple(methods)
+
+
+RUN_TRUE = Workload(
+    key="run-true", title=f"fastfork run: N jobs of `true` (-j {RUN_JOBS}){_NO_PARALLEL}",
+    baseline=f"xargs -P {RUN_JOBS}",
+    methods=_cli_methods([TRUE, "{}"], ["-n", "1", TRUE]),
+    sizes={"quick": (200,), "default": (5000,), "full": (5000,)},
+    big_sizes={"quick": (), "default": (), "full": ()},
+)
+RUN_ECHO = Workload(
+    key="run-echo", title=f"fastfork run: N jobs of `echo {{}}` (-j {RUN_JOBS}){_NO_PARALLEL}",
+    baseline=f"xargs -P {RUN_JOBS}",
+    methods=_cli_methods(["echo", "{}"], ["-I", "{}", "echo", "{}"]),
+    sizes={"quick": (200,), "default": (5000,), "full": (5000,)},
+    big_sizes={"quick": (), "default": (), "full": ()},
+)
+# Each job writes RUN_OUTPUT_MIB of zeros and takes no item (-n COUNT; xargs -I without {}).
+_BIG_OUTPUT = ["head", "-c", str(RUN_OUTPUT_MIB << 20), "/dev/zero"]
+
+
+def _run_output(*options):
+    return lambda n: _run_piped(_fastfork_run("-n", str(n), *options) + _BIG_OUTPUT, n)
+
+
+RUN_OUTPUT = Workload(
+    key="run-output", title=f"fastfork run: N jobs each writing {RUN_OUTPUT_MIB} MiB "
+                        f"(-j {RUN_JOBS}){_NO_PARALLEL}",
+    baseline="fastfork run --ungroup",
+    methods=(
+        Method("fastfork run --ungroup", "fastfork", _run_output("--ungroup")),
+        Method("fastfork run (grouped)", "fastfork", _run_output()),
+        Method("fastfork run --keep-order", "fastfork", _run_output("--keep-order")),
+        Method(f"xargs -P {RUN_JOBS}", "tool", lambda n: _run_piped(
+            ["xargs", "-P", str(RUN_JOBS), "-I", "{}", *_BIG_OUTPUT], n)),
+    ) + ((Method(f"GNU parallel -j {RUN_JOBS}", "tool", lambda n: _run_piped(
+        [_PARALLEL, "--will-cite", "-j", str(RUN_JOBS), "-N0", *_BIG_OUTPUT], n)),)
+        if _PARALLEL else ()),
+    sizes={"quick": (4,), "default": (40,), "full": (100,)},
+    big_sizes={"quick": (), "default": (), "full": ()},
+)
+WORKLOADS.update({w.key: w for w in (RUN_TRUE, RUN_ECHO, RUN_OUTPUT)})
+TARGETS += (
+    Target("run vs xargs -P 2, `true`", "run-true", "fastfork run", "small",
+           f"xargs -P {RUN_JOBS}", "small", 0.9, ">= 0.9x"),
+    Target("run vs xargs -P 2, `echo {}`", "run-echo", "fastfork run", "small",
+           f"xargs -P {RUN_JOBS}", "small", 0.9, ">= 0.9x"),
+    Target("run grouped vs --ungroup, 10 MiB per job", "run-output", "fastfork run (grouped)",
+           "small", "fastfork run --ungroup", "small", 1 / 1.2, ">= 0.83x"),
+)
+
+
+# ---------------------------------------------------------------- 10. a process per task, via an executor
 
 def _executor_prepare(make):
     """prepare(n) -> (executor, server or None): made and warmed up (one task), untimed."""
@@ -663,18 +815,18 @@ EXECUTOR = Workload(
                _executor_prepare(_pool_per_task), _executor_cleanup, min_python=(3, 11),
                slow=True),
         Method("fastfork.ForkExecutor", "fastfork", _executor_map,
-               _executor_prepare(_fork_executor), _executor_cleanup,
-               requires=("fastfork.ForkExecutor",)),
+               _executor_prepare(_fork_executor), _executor_cleanup),
         Method("fastfork.ForkExecutor (server)", "fastfork", _executor_map,
-               _executor_prepare(_fork_executor_server), _executor_cleanup,
-               requires=("fastfork.ForkExecutor",)),
-        Method("fastfork.map", "fastfork", _executor_fastfork_map, requires=("fastfork.map",)),
+               _executor_prepare(_fork_executor_server), _executor_cleanup),
+        Method("fastfork.map", "fastfork", _executor_fastfork_map),
         # Not a process per task: the same workers run every task.
         Method("ProcessPoolExecutor() reused", "stdlib", _executor_map,
                _executor_prepare(_pool_reused), _executor_cleanup),
     ),
     sizes={"quick": (20,), "default": (200,), "full": (500,)},
     big_sizes={"quick": (4,), "default": (20,), "full": (50,)},
+    headline="fastfork.ForkExecutor",
+    expect="above 1x means faster: a fork per task instead of a pool process per task",
 )
 WORKLOADS[EXECUTOR.key] = EXECUTOR
 
@@ -688,4 +840,132 @@ TARGETS += (
     Target("ForkExecutor: server vs caller, big parent", "executor",
            "fastfork.ForkExecutor (server)", "big", "fastfork.ForkExecutor", "big", 15.0,
            ">= 15x"),
+)
+
+
+# ---------------------------------------------------------------- 11. asyncio: fastfork.aio
+
+AIO_JOBS = 2
+TICK = 0.001  # the period of the loop-latency probe, seconds
+# How late the 1 ms periodic callback ran in the last run of each loop-latency
+# method, by method name: {"max": seconds, "p99": seconds} (read by bench/test_aio.py).
+LOOP_DELAYS = {}
+
+
+def _in_asyncio(make_coro):
+    """A Method.run that runs ``make_coro(n)`` on a fresh event loop."""
+    return lambda n: asyncio.run(make_coro(n))
+
+
+async def _windowed(n, jobs, make_one):
+    """Await ``make_one()`` n times, at most ``jobs`` at once (a semaphore)."""
+    room = asyncio.Semaphore(jobs)
+
+    async def one():
+        async with room:
+            await make_one()
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def _true_asyncio():
+    proc = await asyncio.create_subprocess_exec(TRUE)
+    await proc.wait()
+
+
+async def _true_aio():
+    proc = await fastfork.aio.spawn([TRUE])
+    await proc.wait()
+
+
+async def _aio_exec_asyncio(n):
+    await _windowed(n, AIO_JOBS, _true_asyncio)
+
+
+async def _aio_exec_spawn(n):
+    await _windowed(n, AIO_JOBS, _true_aio)
+
+
+async def _aio_exec_spawn_many(n):
+    await fastfork.aio.spawn_many([[TRUE]] * n, jobs=AIO_JOBS)
+
+
+def _ticking(name, work):
+    """Run coroutine function ``work(n)`` beside a 1 ms periodic callback.
+
+    Records in LOOP_DELAYS[name] how late the callback ran, at worst and at
+    the 99th percentile: how long the loop was kept from running callbacks.
+    """
+    async def run(n):
+        loop = asyncio.get_running_loop()
+        delays = []
+        handle = None
+
+        def tick(due):
+            nonlocal handle
+            now = loop.time()
+            delays.append(now - due)
+            handle = loop.call_at(now + TICK, tick, now + TICK)
+        start = loop.time() + TICK
+        handle = loop.call_at(start, tick, start)
+        try:
+            await work(n)
+        finally:
+            handle.cancel()
+        delays.sort()
+        LOOP_DELAYS[name] = {"max": delays[-1] if delays else 0.0,
+                             "p99": delays[len(delays) * 99 // 100] if delays else 0.0}
+    return _in_asyncio(run)
+
+
+async def _aio_map(n):
+    await fastfork.aio.map(_noop, range(n), jobs=JOBS)
+
+
+AIO_EXEC = Workload(
+    key="aio-exec", title=f"asyncio: spawn and await {TRUE}, {AIO_JOBS} at a time",
+    baseline="asyncio.create_subprocess_exec",
+    methods=(
+        Method("asyncio.create_subprocess_exec", "stdlib", _in_asyncio(_aio_exec_asyncio)),
+        Method("fastfork.aio.spawn_many", "fastfork", _in_asyncio(_aio_exec_spawn_many)),
+        Method("fastfork.aio.spawn", "fastfork", _in_asyncio(_aio_exec_spawn)),
+    ),
+    sizes={"quick": (50,), "default": (1000,), "full": (1000,)},
+    big_sizes={"quick": (5,), "default": (50,), "full": (100,)},
+)
+
+# The same commands from the big parent, beside a 1 ms periodic callback:
+# LOOP_DELAYS says how long the loop stalled (throughput is measured as usual).
+AIO_LATENCY = Workload(
+    key="aio-latency",
+    title=f"asyncio: {TRUE} {AIO_JOBS} at a time beside a 1 ms callback (loop latency)",
+    baseline="asyncio.create_subprocess_exec + tick",
+    methods=(
+        Method("asyncio.create_subprocess_exec + tick", "stdlib",
+               _ticking("asyncio.create_subprocess_exec + tick", _aio_exec_asyncio)),
+        Method("fastfork.aio.spawn_many + tick", "fastfork",
+               _ticking("fastfork.aio.spawn_many + tick", _aio_exec_spawn_many)),
+        Method("fastfork.aio.spawn + tick", "fastfork",
+               _ticking("fastfork.aio.spawn + tick", _aio_exec_spawn)),
+    ),
+    sizes={"quick": (), "default": (), "full": ()},
+    big_sizes={"quick": (50,), "default": (1000,), "full": (1000,)},
+)
+
+AIO_MAP = Workload(
+    key="aio-map", title=f"asyncio: fan-out of N Python no-op children (jobs={JOBS})",
+    baseline="fastfork.map",
+    methods=(
+        Method("fastfork.map", "fastfork", _fanout_fastfork),
+        Method("fastfork.aio.map", "fastfork", _in_asyncio(_aio_map)),
+    ),
+    sizes={"quick": (100,), "default": (1000,), "full": (1000,)},
+    big_sizes={"quick": (5,), "default": (30,), "full": (100,)},
+)
+
+WORKLOADS.update({w.key: w for w in (AIO_EXEC, AIO_LATENCY, AIO_MAP)})
+TARGETS += (
+    Target("aio.spawn_many vs create_subprocess_exec", "aio-exec", "fastfork.aio.spawn_many",
+           "small", "asyncio.create_subprocess_exec", "small", 1.2, ">= 1.2x"),
+    Target("aio.map vs fastfork.map (time per task <= 1.2x)", "aio-map", "fastfork.aio.map",
+           "small", "fastfork.map", "small", 1 / 1.2, ">= 0.83x"),
 )

@@ -2,10 +2,12 @@
 
 Runs the workloads of ``fastfork._workloads`` (the same ones ``bench/`` runs
 under pytest-benchmark), prints one table with children per second and the
-ratio to the stdlib baseline measured in the same run, and optionally writes
-JSON (``--json``) and a chart (``--plot``, needs matplotlib). Each row is the
-median of its rounds; the rounds of the methods compared in one group take
-turns. The exit status is 1 only if a workload failed to run.
+ratio to the stdlib baseline measured in the same run, with a line per group
+saying what that ratio means, and optionally writes JSON (``--json``) and a
+chart (``--plot``, needs matplotlib). Each row is the median of its rounds;
+the rounds of the methods compared in one group take turns. ``--targets``
+also prints the project's own performance goals against this run. The exit
+status is 1 only if a workload failed to run.
 """
 import datetime
 import json
@@ -17,6 +19,7 @@ import time
 
 import fastfork
 from fastfork import _workloads as W
+from fastfork.errors import describe_exception
 
 SCHEMA = 1
 # mode -> (most rounds per row, seconds after which a row stops adding rounds)
@@ -30,7 +33,7 @@ def add_arguments(parser):
     size.add_argument("--quick", dest="mode", action="store_const", const="quick",
                       help="a few seconds: small sizes, one round each")
     size.add_argument("--full", dest="mode", action="store_const", const="full",
-                      help="the whole matrix, including a parent holding --parent-mib "
+                      help="every workload at every size, including a parent holding --parent-mib "
                            "MiB of touched memory (several minutes)")
     parser.set_defaults(mode="default")
     parser.add_argument("--parent-mib", type=_positive_int, default=1024, metavar="N",
@@ -49,6 +52,9 @@ def add_arguments(parser):
     parser.add_argument("--plot", dest="plot_path", type=_plot_path, metavar="PATH",
                         help="write a chart to PATH (.png or .svg; needs matplotlib: "
                              f"{PLOT_HINT})")
+    parser.add_argument("--targets", action="store_true",
+                        help="also print the ratios fastfork's developers aim for, and "
+                             "whether this run reaches them")
 
 
 def _positive_int(text):
@@ -155,7 +161,8 @@ def run_group(rows, mode, fixed_rounds=None):
                 sys.stdout.flush()
                 seconds[i].append(W.measure(rows[i]["method"], rows[i]["n"]))
             except Exception as exc:  # noqa: BLE001 - a failed workload is reported, not fatal
-                results[i].update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+                results[i].update(status="failed", reason=describe_exception(
+                    type(exc).__name__, exc))
                 active.remove(i)
                 continue
             spent[i] += time.perf_counter() - started
@@ -278,33 +285,59 @@ def _parent_label(r, parent_mib):
     return f"parent holding {parent_mib} MiB"
 
 
+def reading(group):
+    """Return one sentence on what a group's results mean, or None.
+
+    ``group`` is the result dicts of one workload, parent and N (ratios set).
+    The sentence gives the workload's headline method's ratio to the baseline
+    and what to expect of it; None if the workload names no headline or it
+    was not measured.
+    """
+    workload = W.WORKLOADS.get(group[0]["workload"])
+    if workload is None or not workload.headline:
+        return None
+    for r in group:
+        if r["method"] == workload.headline and r.get("ratio") is not None:
+            return (f"{workload.headline} is {r['ratio']:.2f}x {workload.baseline} here; "
+                    f"{workload.expect}")
+    return None
+
+
 def format_rows(results, parent_mib):
-    """Return the table lines of ``results``: one block per workload, N and parent."""
+    """Return the table lines of ``results``: one block per workload, N and parent.
+
+    Each block ends with its ``reading``.
+    """
     width = max([len(r["method"]) for r in results] + [24])
-    lines = []
-    group = None
+    blocks = {}
     for r in results:
-        key = (r["workload"], r["parent"], r["n"])
-        if key != group:
-            group = key
-            lines += ["", f"{r['title']}: N={r['n']}, {_parent_label(r, parent_mib)} "
-                          f"(RSS {r['parent_rss_mib']:.0f} MiB)",
-                      f"  {'method':<{width}}  {'children/s':>12}  {'per child':>10}  "
-                      f"{'ratio':>8}  rounds"]
-        mark = "*" if r["baseline"] else " "
-        if r["status"] == "ok":
-            ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
-            lines.append(f"{mark} {r['method']:<{width}}  {_fmt_rate(r['children_per_s']):>12}  "
-                         f"{_fmt_time(r['per_child_s']):>10}  {ratio:>8}  {r['rounds']:>6}")
-        else:
-            label = "skipped: " if r["status"] == "skipped" else "FAILED: "
-            lines.append(f"{mark} {r['method']:<{width}}  {label}{r['reason']}")
+        blocks.setdefault((r["workload"], r["parent"], r["n"]), []).append(r)
+    lines = []
+    for group in blocks.values():
+        first = group[0]
+        lines += ["", f"{first['title']}: N={first['n']}, {_parent_label(first, parent_mib)} "
+                      f"(RSS {first['parent_rss_mib']:.0f} MiB)",
+                  f"  {'method':<{width}}  {'children/s':>12}  {'per child':>10}  "
+                  f"{'ratio':>8}  rounds"]
+        for r in group:
+            mark = "*" if r["baseline"] else " "
+            if r["status"] == "ok":
+                ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+                lines.append(f"{mark} {r['method']:<{width}}  "
+                             f"{_fmt_rate(r['children_per_s']):>12}  "
+                             f"{_fmt_time(r['per_child_s']):>10}  {ratio:>8}  {r['rounds']:>6}")
+            else:
+                label = "skipped: " if r["status"] == "skipped" else "FAILED: "
+                lines.append(f"{mark} {r['method']:<{width}}  {label}{r['reason']}")
+        sentence = reading(group)
+        if sentence:
+            lines.append(f"  -> {sentence}")
     return lines
 
 
 def format_targets(targets):
     """Return the lines of the targets table (``evaluate_targets`` output)."""
-    lines = ["targets (throughput ratio, same run)"]
+    lines = ["fastfork's performance goals (throughput ratio, same run)"]
     tw = max(len(t["name"]) for t in targets)
     for t in targets:
         if t["met"] is None:
@@ -316,8 +349,11 @@ def format_targets(targets):
     return lines
 
 
-def format_report(report):
-    """Return the human-readable table of ``report`` (as from ``build_report``)."""
+def format_report(report, targets=False):
+    """Return the human-readable table of ``report`` (as from ``build_report``).
+
+    ``targets`` adds the table of the project's performance goals.
+    """
     m = report["machine"]
     lines = [
         f"fastfork bench  {report['date']}  {m['system']} {m['kernel']} {m['machine']}  "
@@ -327,7 +363,8 @@ def format_report(report):
         f"over the baseline (*) of its group, same run",
     ]
     lines += format_rows(report["results"], report["parent_mib"])
-    lines += [""] + format_targets(report["targets"])
+    if targets:
+        lines += [""] + format_targets(report["targets"])
     return "\n".join(lines)
 
 
@@ -440,7 +477,7 @@ def main(args):
     command = "fastfork bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"]
                                            else sys.argv[1:])
     report = build_report(args, results, command.strip())
-    print(format_report(report))
+    print(format_report(report, targets=args.targets))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=1)

@@ -1,101 +1,50 @@
 """Child: a handle on one process fastfork created, and the loop that waits on many.
 
-A Child waits and signals through a pidfd where the kernel has one (Linux 5.3+),
-so a recycled pid is never signalled; elsewhere it polls with WNOHANG and a
-capped exponential back-off on the monotonic clock. Subclasses attach pipes
-that must be drained while the child runs (results, captured output).
+A Child waits and signals through a pidfd where the kernel has them (Linux
+5.4+), so a recycled pid is never signalled; elsewhere it polls with WNOHANG
+and a capped exponential back-off on the monotonic clock. Its pid and fds
+live in C (fastfork._core.ChildHandle), which closes them when the handle is
+dropped. Subclasses attach pipes that must be drained while the child runs
+(results, captured output).
 """
-import errno
+from __future__ import annotations
+
 import os
 import select
 import signal
-import threading
 import time
 
 from fastfork import _core
 from fastfork._checks import check_timeout, poll_ms
 from fastfork.errors import TimeoutExpired
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import resource
+    from collections.abc import Iterable
+    from typing import TypeVar
+
+    from typing_extensions import Self
+
+    ChildT = TypeVar("ChildT", bound="Child")
+    ChildrenT = TypeVar("ChildrenT", bound="Iterable[Child]")
+
 __all__ = ["Child", "Watcher", "wait_all", "stop_all"]
 
-_HAVE_PIDFD = hasattr(os, "pidfd_open") and hasattr(signal, "pidfd_send_signal")
-_HAVE_WAITID_PIDFD = _HAVE_PIDFD
-
-# Fds fastfork holds open in this process (pipes, pidfds). A forked child closes
-# them all first, so it never holds a sibling's pipe. Code that creates fds no
-# child may inherit holds _fd_lock until they are registered or closed; the
-# core's forks of fastfork children take it too (when other threads exist).
-_owned_fds: set[int] = set()
-_fd_lock = threading.Lock()
-
-# (pid, pidfd or -1) of children whose handle was dropped while they ran:
-# reaped later, never left.
-_unreaped: list[tuple[int, int]] = []
-
-
-def _after_fork_in_child():
-    # A child forked while the lock was held (by fastfork's own fork, or by
-    # another thread when user code calls os.fork) must be able to fork too.
-    # Only one thread survives a fork, so no one else can hold it here.
-    if _fd_lock.locked():
-        _fd_lock.release()
-    _unreaped.clear()  # the parent's children, not ours
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-_core._register_child_state(_owned_fds, _unreaped, _fd_lock)
+# The core keeps the fds fastfork owns (each forked child closes them first),
+# the lock that code making fds no child may inherit holds, and the children
+# whose handles were dropped while they ran.
+own_fd = _core.own_fd
+close_owned = _core.close_owned
+disown_fd = _core.disown_fd
+close_inherited_fds = _core.close_inherited_fds
+reap_dropped = _core.reap_dropped
+_fd_lock = _core.fd_lock
 
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
 
 
-def own_fd(fd):
-    """Record ``fd`` as fastfork's (closed in every child it forks); return it."""
-    _owned_fds.add(fd)
-    return fd
-
-
-def close_owned(fd):
-    """Close an fd recorded with own_fd()."""
-    _owned_fds.discard(fd)
-    os.close(fd)
-
-
-# In a freshly forked child: close every fd fastfork owns but those in ``keep``.
-close_inherited_fds = _core.close_inherited_fds
-
-
-def reap_dropped():
-    """Reap children whose handles were garbage-collected while they ran."""
-    for entry in list(_unreaped):
-        pid, pidfd = entry
-        try:
-            done = _wait_nohang(pid, pidfd)[0] != 0
-        except ChildProcessError:
-            done = True
-        if done:
-            _unreaped.remove(entry)
-            if pidfd >= 0:
-                close_owned(pidfd)
-
-
-def _wait_nohang(pid, pidfd):
-    """wait4(pid, WNOHANG), through ``pidfd`` where there is one (>= 0).
-
-    By pidfd, a pid that was reaped elsewhere and reused can never be taken
-    for the child. Returns (pid, status, rusage) as wait4 does.
-    """
-    global _HAVE_WAITID_PIDFD
-    if pidfd >= 0 and _HAVE_WAITID_PIDFD:
-        try:
-            return _core._wait_pidfd(pidfd, os.WNOHANG)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            _HAVE_WAITID_PIDFD = False  # Linux 5.3: pidfd_open but no P_PIDFD
-    return _core.wait4(pid, os.WNOHANG)
-
-
-class Child:
+class Child(_core.ChildHandle):
     """A child process created by fastfork.
 
     Attributes: ``pid``; ``returncode`` -- None while running, the exit code,
@@ -105,28 +54,21 @@ class Child:
     so its exit status is unknown.
     """
 
-    def __init__(self, pid, pidfd=None):
+    returncode: int | None
+    rusage: resource.struct_rusage | None
+    lost: bool
+
+    def __init__(self, pid: int | None, pidfd: int | None = None) -> None:
         """Take charge of child ``pid``; ``pidfd``, if given, is a pidfd for it
-        that this handle now owns (e.g. received from a fork server). A
-        subclass may pass pid None for a handle whose process is made later."""
-        self.pid = pid
+        that this handle now owns (e.g. received from a fork server; -1: none).
+        A subclass may pass pid None for a handle whose process is made later.
+        Raises TypeError for a non-integer pid, ValueError for a pid <= 0."""
         self.returncode = None
         self.rusage = None
         self.lost = False
-        self._reaped = False    # the exit status has been collected
-        self._finished = False  # ... and every fd of the handle closed
-        self._owner = os.getpid()
-        self._pidfd = -1
-        if pidfd is not None:
-            self._pidfd = own_fd(pidfd)
-        elif _HAVE_PIDFD and pid is not None:
-            try:
-                self._pidfd = own_fd(os.pidfd_open(pid))
-            except OSError:
-                # EMFILE, or the child already vanished: fall back to polling.
-                self._pidfd = -1
+        super().__init__(pid, pidfd)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "running" if not self._finished else f"returncode={self.returncode}"
         return f"<{type(self).__name__} pid={self.pid} {state}>"
 
@@ -161,11 +103,6 @@ class Child:
         """Called once the process is reaped: drain and close its pipes."""
         self._drain()
 
-    def _close_fds(self):
-        """Close every fd this handle holds: the attributes named in ``_fd_attrs``."""
-        for name in self._fd_attrs:
-            _core.close_fd_attr(self, name)
-
     # ------------------------------------------------------------ state
 
     def _check_owner(self):
@@ -174,16 +111,13 @@ class Child:
                 f"this handle on child {self.pid} belongs to process {self._owner}; "
                 "it cannot be used from another process")
 
-    def _close_pidfd(self):
-        _core.close_fd_attr(self, "_pidfd")
-
     def _try_reap(self):
         """Reap the child if it has exited, without blocking; True once finished."""
         if self._finished:
             return True
         if not self._reaped:
             try:
-                pid, status, rusage = _wait_nohang(self.pid, self._pidfd)
+                pid, status, rusage = self._poll_status()
             except ChildProcessError:
                 # Reaped elsewhere (SIGCHLD ignored, or a foreign waitpid): the exit
                 # status is gone for good. Report it as unknown rather than hang.
@@ -204,13 +138,13 @@ class Child:
         return True
 
     @property
-    def finished(self):
+    def finished(self) -> bool:
         """True once the child has exited and been reaped (or found lost)."""
         return self._finished
 
     # ------------------------------------------------------------ public
 
-    def poll(self):
+    def poll(self) -> int | None:
         """Reap the child if it has exited; return ``returncode`` (None while running)."""
         self._check_owner()
         if not self._finished:
@@ -218,7 +152,7 @@ class Child:
             self._try_reap()
         return self.returncode
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the child to exit and reap it.
 
         Returns ``returncode`` (None if the child was lost, see ``lost``).
@@ -232,7 +166,7 @@ class Child:
             raise TimeoutExpired(self.pid, timeout, cmd=getattr(self, "args", None))
         return self.returncode
 
-    def send_signal(self, sig):
+    def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child; does nothing once it has been reaped.
 
         Goes through the pidfd where there is one, so a recycled pid is never hit.
@@ -240,24 +174,17 @@ class Child:
         self._check_owner()
         if self._reaped or self._finished:
             return
-        try:
-            if self._pidfd >= 0:
-                signal.pidfd_send_signal(self._pidfd, sig)
-            else:
-                # Not reaped yet, so the pid still names our child (or its zombie).
-                os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass  # exited, not yet reaped
+        self._signal(sig)  # False if it has exited, not yet reaped
 
-    def terminate(self):
+    def terminate(self) -> None:
         """Send SIGTERM."""
         self.send_signal(signal.SIGTERM)
 
-    def kill(self):
+    def kill(self) -> None:
         """Send SIGKILL."""
         self.send_signal(signal.SIGKILL)
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout: float = 5.0) -> int | None:
         """Terminate the child, wait ``timeout`` seconds, then SIGKILL; reap it.
 
         Returns ``returncode``.
@@ -265,19 +192,12 @@ class Child:
         stop_all([self], timeout)
         return self.returncode
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         if os.getpid() == self._owner:
             self.stop()
-
-    # The attributes holding the handle's fds (subclasses add their pipes).
-    _fd_attrs: tuple[str, ...] = ("_pidfd",)
-    # False where another process reaps the child (a fork server's children).
-    _reaps_own_pid = True
-    # In C: a Python __del__ would swallow a Ctrl-C that lands while it runs.
-    __del__ = _core.finalize_child
 
 
 class Watcher:
@@ -357,10 +277,13 @@ class Watcher:
         self._polling.clear()
 
 
-def wait_all(children, timeout=None, *, until_any=False):
+def wait_all(children: Iterable[ChildT], timeout: float | None = None, *,
+             until_any: bool = False) -> list[ChildT]:
     """Wait until every child (or, with ``until_any``, one) has finished.
 
-    Drains each child's pipes meanwhile. Returns the list of children that
+    Drains each child's pipes meanwhile. At least one step is taken, even
+    with a timeout of 0, so a child that has exited is reaped (as
+    subprocess.Popen.wait(0) does). Returns the list of children that
     finished during this call or before it. Never raises on timeout: the
     caller checks ``finished``.
     """
@@ -372,20 +295,20 @@ def wait_all(children, timeout=None, *, until_any=False):
     watcher = Watcher(pending)
     try:
         while pending:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                break
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             if watcher.step(remaining):
                 done.extend(c for c in pending if c.finished)
                 pending = [c for c in pending if not c.finished]
                 if until_any:
                     break
+            if remaining == 0:
+                break
     finally:
         watcher.close()
     return done
 
 
-def stop_all(children, grace=5.0, sig=signal.SIGTERM):
+def stop_all(children: ChildrenT, grace: float = 5.0, sig: int = signal.SIGTERM) -> ChildrenT:
     """Stop children: ``sig`` (SIGTERM), up to ``grace`` seconds, SIGKILL; reap all.
 
     Returns the children (all finished).

@@ -15,9 +15,12 @@ empty signal mask (subprocess keeps the calling thread's); signals the
 interpreter ignores (SIGPIPE, SIGXFSZ) are reset to SIG_DFL as with
 ``restore_signals=True``, other ignored signals stay ignored.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import errno
+import functools
 import io
 import os
 import select
@@ -32,10 +35,48 @@ from fastfork import _core
 from fastfork._checks import (MAX_WAIT, check_fan_out, check_optional_callable, check_pass_fds,
                               check_stdio, check_timeout)
 from fastfork._scheduler import Scheduler, drive
-from fastfork.child import Child, _fd_lock, _owned_fds, own_fd, reap_dropped
+from fastfork.child import Child, _fd_lock, disown_fd, own_fd, reap_dropped
 from fastfork.errors import TimeoutExpired
 
-__all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import Any, Literal, Protocol, SupportsIndex, TypeVar, Union, overload
+
+    from _typeshed import FileDescriptorLike, StrOrBytesPath
+    from typing_extensions import TypeAlias
+
+    Arg: TypeAlias = StrOrBytesPath
+    """One argument of a command: str, bytes or an os.PathLike of either."""
+
+    T_co = TypeVar("T_co", covariant=True)
+
+    class SequenceNotStr(Protocol[T_co]):
+        """A Sequence, but not a str or bytes: their ``__contains__`` takes only
+        str (bytes), so a type checker rejects ``spawn("echo hi")``."""
+
+        @overload
+        def __getitem__(self, index: SupportsIndex, /) -> T_co: ...
+        @overload
+        def __getitem__(self, index: slice, /) -> Sequence[T_co]: ...
+        def __contains__(self, value: object, /) -> bool: ...
+        def __len__(self) -> int: ...
+        def __iter__(self) -> Iterator[T_co]: ...
+        def __reversed__(self) -> Iterator[T_co]: ...
+        def index(self, value: Any, start: int = 0, stop: int = ..., /) -> int: ...
+        def count(self, value: Any, /) -> int: ...
+
+    ArgSequence: TypeAlias = SequenceNotStr[Arg]
+    """A command's argv: a list or tuple (any Sequence) of Args, not one str."""
+    Env: TypeAlias = Union[Mapping[str, StrOrBytesPath], Mapping[bytes, StrOrBytesPath]]
+    Stdio: TypeAlias = Union[FileDescriptorLike, None]
+    """None (inherit), PIPE, DEVNULL, STDOUT (stderr only), an fd or a file object."""
+else:
+    def overload(fn):
+        return fn
+
+__all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many",
+           "ManyCommands"]
 
 # The same values as subprocess's, so either module's constants work here.
 PIPE = subprocess.PIPE
@@ -129,7 +170,7 @@ class _PipeFileIO(io.FileIO):
 
     def close(self):
         if not self.closed and self.closefd:
-            _owned_fds.discard(self.fileno())
+            disown_fd(self.fileno())
         super().close()
 
 
@@ -146,54 +187,53 @@ class Process(Child):
     signalling and stopping are ``Child``'s (``returncode`` is -N after signal N).
     """
 
-    _capture_fd_attrs = ("_capture_fd_0", "_capture_fd_1")
-    _fd_attrs = Child._fd_attrs + _capture_fd_attrs
+    args: list[Arg]
+    stdin: io.FileIO | None
+    stdout: io.FileIO | None
+    stderr: io.FileIO | None
 
-    def __init__(self, pid, args, stdin=None, stdout=None, stderr=None, *, capture_fds=()):
+    def __init__(self, pid: int, args: list[Arg], stdin: io.FileIO | None = None,
+                 stdout: io.FileIO | None = None, stderr: io.FileIO | None = None, *,
+                 capture_fds: Sequence[int] = ()) -> None:
+        # spawn_many's capture: the pipes' read ends are the handle's capture
+        # fds from here on, drained by the wait loop (the _readers hook) while
+        # the command runs and closed at end of file or once it is reaped.
+        # Their bytes collect here, one list per pipe.
+        self._adopt_capture_fds(capture_fds)
+        self._capture: list[list[bytes]] = [[] for _ in capture_fds]
         self.args = args
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        # spawn_many's capture: fd -> chunks, drained by the wait loop (the
-        # _readers hook) while the command runs, closed once it is reaped.
-        self._capture = {fd: [] for fd in capture_fds}
-        self._capture_reading = set(capture_fds)   # not at end of file yet
-        # Also as attributes (see _fd_attrs), so that a Process dropped while
-        # running has them closed by its finalizer.
-        self._capture_fd_0, self._capture_fd_1 = (tuple(capture_fds) + (-1, -1))[:2]
         self._comm = None  # communicate()'s state, kept across a timeout
         super().__init__(pid)
 
     # ------------------------------------------------------------ hooks
 
     def _readers(self):
-        return {fd: self._capture[fd].append for fd in self._capture_reading}
+        return {fd: functools.partial(self._collect, index)
+                for index, fd in enumerate(self._capture_fds) if fd >= 0}
 
-    def _read(self, fd, callback):
-        done = super()._read(fd, callback)
-        if done:
-            self._capture_reading.discard(fd)
-        return done
+    def _collect(self, index, data):
+        if data:
+            self._capture[index].append(data)
+        else:
+            self._close_capture_fd(index)
 
     def _finish(self):
         super()._finish()
-        self._close_capture()
-
-    def _close_capture(self):
-        self._capture_reading.clear()
-        for name in self._capture_fd_attrs:
-            _core.close_fd_attr(self, name)  # does nothing once closed
+        self._close_capture_fds()
 
     def _captured(self, index):
         """The bytes captured from capture_fds[index], or None."""
-        fds = list(self._capture)
-        if index >= len(fds):
+        if index >= len(self._capture):
             return None
-        return b"".join(self._capture[fds[index]])
+        return b"".join(self._capture[index])
 
     # ------------------------------------------------------------ public
 
-    def communicate(self, input=None, timeout=None):
+    def communicate(self, input: bytes | None = None,
+                    timeout: float | None = None) -> tuple[bytes | None, bytes | None]:
         """Send ``input`` to stdin, read stdout and stderr to the end, wait for the exit.
 
         Both pipes are drained together (selectors), so output of any size
@@ -209,38 +249,13 @@ class Process(Child):
         deadline = None if timeout is None else time.monotonic() + timeout
         if self._comm is None:
             self._comm = self._start_communicate(input)
-        chunks, pending_input = self._comm
-        with selectors.PollSelector() as selector:
-            for fileobj in (self.stdout, self.stderr):
-                if fileobj is not None and not fileobj.closed:
-                    selector.register(fileobj, selectors.EVENT_READ)
-            if pending_input is not None and self.stdin is not None and not self.stdin.closed:
-                selector.register(self.stdin, selectors.EVENT_WRITE)
-            while selector.get_map():
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self._raise_timeout(timeout)
-                for key, _ in selector.select(None if remaining is None
-                                              else min(remaining, MAX_WAIT)):
-                    if key.fileobj is self.stdin:
-                        if self._feed_stdin(pending_input):
-                            selector.unregister(self.stdin)
-                            self.stdin.close()
-                    else:
-                        data = os.read(key.fd, 32768)
-                        if data:
-                            chunks[key.fileobj].append(data)
-                        else:
-                            selector.unregister(key.fileobj)
-                            key.fileobj.close()
+        self._exchange(deadline, timeout)
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             self.wait(remaining)
         except TimeoutExpired:
             self._raise_timeout(timeout)
-        out = b"".join(chunks[self.stdout]) if self.stdout is not None else None
-        err = b"".join(chunks[self.stderr]) if self.stderr is not None else None
-        return out, err
+        return self._communicated()
 
     def _start_communicate(self, input):
         """Flush stdin (closing it when there is no input); return the buffers."""
@@ -257,6 +272,32 @@ class Process(Child):
                     self.stdin.close()
         return chunks, pending
 
+    def _exchange(self, deadline, timeout):
+        """Feed stdin and read stdout/stderr until every pipe is closed.
+
+        Raises TimeoutExpired at ``deadline`` (None: none).
+        """
+        chunks, pending_input = self._comm
+        with selectors.PollSelector() as selector:
+            for fileobj in (self.stdout, self.stderr):
+                if fileobj is not None and not fileobj.closed:
+                    selector.register(fileobj, selectors.EVENT_READ)
+            if pending_input is not None and self.stdin is not None and not self.stdin.closed:
+                selector.register(self.stdin, selectors.EVENT_WRITE)
+            while selector.get_map():
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    self._raise_timeout(timeout)
+                ready = selector.select(None if remaining is None else min(remaining, MAX_WAIT))
+                for key, _ in ready:
+                    if key.fileobj is self.stdin:
+                        done = self._feed_stdin(pending_input)
+                    else:
+                        done = self._read_output(key, chunks)
+                    if done:
+                        selector.unregister(key.fileobj)
+                        key.fileobj.close()
+
     def _feed_stdin(self, pending):
         """Write the next piece of input; True when all is written (or the reader left)."""
         view, offset = pending
@@ -267,20 +308,33 @@ class Process(Child):
         pending[1] = offset
         return offset >= len(view)
 
-    def _raise_timeout(self, timeout):
+    @staticmethod
+    def _read_output(key, chunks):
+        """Read what an output pipe holds; True at end of file."""
+        data = os.read(key.fd, 32768)
+        if data:
+            chunks[key.fileobj].append(data)
+        return not data
+
+    def _communicated(self):
+        """(stdout, stderr) as collected so far: bytes for a pipe, else None."""
         chunks = self._comm[0]
         out = b"".join(chunks[self.stdout]) if self.stdout is not None else None
         err = b"".join(chunks[self.stderr]) if self.stderr is not None else None
+        return out, err
+
+    def _raise_timeout(self, timeout):
+        out, err = self._communicated()
         raise TimeoutExpired(self.pid, timeout, cmd=self.args, output=out, stderr=err)
 
-    def close_pipes(self):
+    def close_pipes(self) -> None:
         """Close whichever of stdin, stdout, stderr are still open."""
         for fileobj in (self.stdin, self.stdout, self.stderr):
             if fileobj is not None:
                 with contextlib.suppress(BrokenPipeError):
                     fileobj.close()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         if os.getpid() != self._owner:
             return
         try:
@@ -291,13 +345,15 @@ class Process(Child):
             super().__exit__(*exc_info)
         finally:
             self.close_pipes()
-            self._close_capture()
+            self._close_capture_fds()
 
 
 # ---------------------------------------------------------------- spawn
 
-def spawn(argv, *, executable=None, env=None, cwd=None, stdin=None, stdout=None,
-          stderr=None, pass_fds=(), close_fds=True, new_session=False, die_with_parent=False):
+def spawn(argv: ArgSequence, *, executable: Arg | None = None, env: Env | None = None,
+          cwd: Arg | None = None, stdin: Stdio = None, stdout: Stdio = None,
+          stderr: Stdio = None, pass_fds: Iterable[int] = (), close_fds: bool = True,
+          new_session: bool = False, die_with_parent: bool = False) -> Process:
     """Start a command; return its ``Process``.
 
     ``argv``: a sequence of str/bytes/os.PathLike; ``argv[0]`` (or
@@ -387,7 +443,7 @@ def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
                 _core.waitpid(pid, 0)
         for fd in parent_ends:
             if fd is not None:
-                _owned_fds.discard(fd)
+                disown_fd(fd)
                 with contextlib.suppress(OSError):
                     os.close(fd)
         raise
@@ -408,7 +464,7 @@ class CommandResult:
     not found, else 126, as a shell reports it).
     """
 
-    args: list
+    args: list[Arg]
     returncode: int
     stdout: bytes | None = None
     stderr: bytes | None = None
@@ -417,11 +473,11 @@ class CommandResult:
     error: OSError | None = None
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         """True if the command ran, was not stopped for its timeout, and exited 0."""
         return self.returncode == 0 and not self.timed_out and self.error is None
 
-    def check_returncode(self):
+    def check_returncode(self) -> None:
         """Raise if the command failed: its start error, fastfork.TimeoutExpired
         (also a subprocess.TimeoutExpired) if it timed out, else
         subprocess.CalledProcessError for a non-zero exit (as CompletedProcess).
@@ -436,9 +492,34 @@ class CommandResult:
                                                 self.stdout, self.stderr)
 
 
-def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=True,
-               grace=1.0, env=None, cwd=None, stdin=DEVNULL, new_session=False,
-               die_with_parent=True, spawn_retries=8, callback=None):
+@overload
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False,
+               keep_going: Literal[True] = True, grace: float = 1.0,
+               env: Env | Callable[[int], Env] | None = None, cwd: Arg | None = None,
+               stdin: Stdio = DEVNULL, new_session: bool = False, die_with_parent: bool = True,
+               spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult]: ...
+
+
+@overload
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False, keep_going: bool,
+               grace: float = 1.0, env: Env | Callable[[int], Env] | None = None,
+               cwd: Arg | None = None, stdin: Stdio = DEVNULL, new_session: bool = False,
+               die_with_parent: bool = True, spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult | None]: ...
+
+
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False, keep_going: bool = True,
+               grace: float = 1.0, env: Env | Callable[[int], Env] | None = None,
+               cwd: Arg | None = None, stdin: Stdio = DEVNULL, new_session: bool = False,
+               die_with_parent: bool = True, spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult] | list[CommandResult | None]:
     """Run many commands, at most ``jobs`` at once; return their results in input order.
 
     ``commands``: argv sequences. Returns a list of ``CommandResult`` (one per
@@ -467,28 +548,60 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
     command is stopped (SIGTERM, one shared ``grace``, SIGKILL) and reaped
     before it propagates.
     """
-    jobs, timeout, grace, spawn_retries, _ = check_fan_out(
-        jobs, timeout, grace, spawn_retries, "spawn_retries")
-    check_optional_callable(callback, "callback")
-    stdin = check_stdio(stdin, "stdin")
-    if stdin == PIPE:
-        raise ValueError("spawn_many cannot give commands a stdin pipe")
-    if isinstance(commands, (str, bytes)):
-        raise TypeError("commands must be a sequence of argv sequences")
-    prepared = []
-    for index, argv in enumerate(commands):
-        command_env = env(index) if callable(env) else env
-        prepared.append(_prepare(argv, None, command_env, cwd))
-    output = PIPE if capture else None
-    stdio = (stdin, output, output)
+    many = ManyCommands(commands, jobs=jobs, timeout=timeout, capture=capture,
+                        keep_going=keep_going, grace=grace, env=env, cwd=cwd, stdin=stdin,
+                        new_session=new_session, die_with_parent=die_with_parent,
+                        spawn_retries=spawn_retries, callback=callback)
+    try:
+        for entry in drive(many.scheduler):
+            many.take(entry)
+    finally:
+        many.scheduler.close()
+    return many.results
 
-    def launch(index):
-        return _start(prepared[index], stdio, (), True, new_session, die_with_parent, capture)
 
-    def result_of(entry):
+class ManyCommands:
+    """``spawn_many`` apart from its driver: the validated commands on a Scheduler.
+
+    A driver (``_scheduler.drive``, the asyncio one in ``fastfork.aio``) runs
+    ``scheduler`` and passes each finished entry to ``take``, which stores
+    its CommandResult in ``results`` (input order) and calls the callback.
+    Takes the arguments of ``spawn_many`` and validates them all, before
+    anything starts.
+    """
+
+    def __init__(self, commands, *, jobs, timeout, capture, keep_going, grace, env, cwd,
+                 stdin, new_session, die_with_parent, spawn_retries, callback):
+        jobs, timeout, grace, spawn_retries, _ = check_fan_out(
+            jobs, timeout, grace, spawn_retries, "spawn_retries")
+        self._callback = check_optional_callable(callback, "callback")
+        stdin = check_stdio(stdin, "stdin")
+        if stdin == PIPE:
+            raise ValueError("spawn_many cannot give commands a stdin pipe")
+        if isinstance(commands, (str, bytes)):
+            raise TypeError("commands must be a sequence of argv sequences")
+        prepared = []
+        for index, argv in enumerate(commands):
+            command_env = env(index) if callable(env) else env
+            prepared.append(_prepare(argv, None, command_env, cwd))
+        output = PIPE if capture else None
+        stdio = (stdin, output, output)
+        self._prepared = prepared
+        self.results = [None] * len(prepared)
+
+        def launch(index):
+            return _start(prepared[index], stdio, (), True, new_session, die_with_parent,
+                          capture)
+
+        self.scheduler = Scheduler(launch, range(len(prepared)), jobs=jobs, timeout=timeout,
+                                   grace=grace, retries=spawn_retries,
+                                   stop_on_failure=not keep_going,
+                                   is_failure=lambda entry: not self._result_of(entry).ok)
+
+    def _result_of(self, entry):
         """The CommandResult of a finished entry, made once."""
         if entry.data is None:
-            command = prepared[entry.index]
+            command = self._prepared[entry.index]
             if entry.error is not None:
                 entry.data = _start_failure(command, entry.error)
             else:
@@ -498,18 +611,11 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
                     entry.finished_at - entry.started_at, entry.timed_out)
         return entry.data
 
-    results = [None] * len(prepared)
-    scheduler = Scheduler(launch, range(len(prepared)), jobs=jobs, timeout=timeout,
-                          grace=grace, retries=spawn_retries, stop_on_failure=not keep_going,
-                          is_failure=lambda entry: not result_of(entry).ok)
-    try:
-        for entry in drive(scheduler):
-            results[entry.index] = result = result_of(entry)
-            if callback is not None:
-                callback(entry.index, result)
-    finally:
-        scheduler.close()
-    return results
+    def take(self, entry):
+        """Store the finished entry's CommandResult; call the callback with it."""
+        self.results[entry.index] = result = self._result_of(entry)
+        if self._callback is not None:
+            self._callback(entry.index, result)
 
 
 def _start_failure(command, exc):

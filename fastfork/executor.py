@@ -14,6 +14,8 @@ and result pipes, enforces timeouts, stops cancelled tasks and completes
 the futures. It holds no lock of the executor while it forks and completes
 futures (so runs their callbacks) outside every lock it holds.
 """
+from __future__ import annotations
+
 import atexit
 import collections
 import concurrent.futures
@@ -23,19 +25,31 @@ import os
 import pickle
 import reprlib
 import select
+import signal
 import threading
 import time
 import weakref
 from concurrent.futures._base import (CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED,
                                       InvalidStateError)
 
+from fastfork import _core
 from fastfork._checks import check_callable, check_timeout, poll_ms
 from fastfork._result import ERROR
 from fastfork._scheduler import RETRYABLE_ERRNOS, Scheduler
 from fastfork.child import _fd_lock, close_owned, own_fd
-from fastfork.errors import ChildError, ChildTimeout, ForkError, ServerError
+from fastfork.errors import ChildTimeout, ForkError
 from fastfork.fanout import start_child
 from fastfork.server import ForkServer
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+    from typing import Any, TypeVar
+
+    from typing_extensions import ParamSpec
+
+    P = ParamSpec("P")
+    R = TypeVar("R")
 
 __all__ = ["ForkExecutor"]
 
@@ -191,15 +205,25 @@ class ForkExecutor(concurrent.futures.Executor):
     the executor goes on. ``cancel()`` on a running task's future stops its
     process. ``die_with_parent`` has the kernel kill the tasks if this
     process dies. ``server``: a ForkServer that forks the tasks instead of
-    this process (see ``ForkServer.executor``).
+    this process (see ``ForkServer.executor``). Leaving a ``with`` block by
+    Ctrl-C stops every task (SIGTERM, grace, SIGKILL) and reaps it; at
+    interpreter exit the tasks already submitted finish first, as in
+    concurrent.futures (a Ctrl-C while waiting for them stops them).
+
+    The tasks are forked by the executor's thread. On Python 3.12+ a fork
+    warns (DeprecationWarning) when other threads of yours run at that
+    moment -- one of them could hold a lock the child then never gets; the
+    executor's own thread does not count. With ``server=`` the forks happen
+    in the server, a single-threaded process, and never warn.
 
     Raises TypeError/ValueError for bad arguments, before any process exists.
     """
 
     __module__ = "fastfork"
 
-    def __init__(self, max_workers=None, *, timeout=None, grace=1.0, die_with_parent=True,
-                 server=None):
+    def __init__(self, max_workers: int | None = None, *, timeout: float | None = None,
+                 grace: float = 1.0, die_with_parent: bool = True,
+                 server: ForkServer | None = None) -> None:
         self._max_workers = _check_max_workers(max_workers)
         self._timeout = check_timeout(timeout, allow_zero=False)
         self._grace = check_timeout(grace, "grace")
@@ -223,7 +247,8 @@ class ForkExecutor(concurrent.futures.Executor):
         if os.getpid() != self._owner:
             raise RuntimeError(f"this ForkExecutor belongs to process {self._owner}")
 
-    def submit(self, fn, /, *args, **kwargs):
+    def submit(self, fn: Callable[P, R], /, *args: P.args,
+               **kwargs: P.kwargs) -> concurrent.futures.Future[R]:
         """Schedule ``fn(*args, **kwargs)`` in a fresh process; return its Future.
 
         Raises TypeError for a non-callable (or, with a server, a call that
@@ -258,7 +283,8 @@ class ForkExecutor(concurrent.futures.Executor):
             self._manager.start()
         return self._manager
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
+    def map(self, fn: Callable[..., R], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator[R]:
         """Return an iterator of ``fn(*args)`` over the zipped ``iterables``, in order.
 
         As ``concurrent.futures.Executor.map`` (3.14): the calls are submitted
@@ -356,7 +382,7 @@ class ForkExecutor(concurrent.futures.Executor):
 # ---------------------------------------------------------------- the manager thread
 
 _global_shutdown = False
-_managers = weakref.WeakSet()
+_managers: "weakref.WeakSet[_Manager]" = weakref.WeakSet()
 _thread_names = itertools.count(1)
 
 
@@ -431,7 +457,7 @@ class _Manager(threading.Thread):
             queued = []
             if cancel_futures:
                 queued, self._inbox = self._inbox, collections.deque()
-            if stop_running is not None:
+            if stop_running is not None:  # taken (and cleared) by the thread
                 self._stop_grace = (stop_running if self._stop_grace is None
                                     else min(stop_running, self._stop_grace))
             self._wake()
@@ -449,6 +475,14 @@ class _Manager(threading.Thread):
     # ------------------------------------------------------------ the thread
 
     def run(self):
+        # Signals sent to the process must reach the main thread: one taken by
+        # this thread would leave the main thread blocked in a wait (a lock,
+        # Future.result) with its Ctrl-C never handled. The tasks get back the
+        # mask this thread started with.
+        self._task_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        # Nor does it hold a lock a forked child could need (it prints nothing;
+        # the import lock is taken around every fork): forks need not warn about it.
+        _core._library_thread(True)
         scheduler = Scheduler(self._launch, jobs=self._max_workers, timeout=self._timeout,
                               grace=self._grace, stop_on_failure=False)
         live = {}  # future -> Entry, for tasks handed to the scheduler
@@ -474,7 +508,7 @@ class _Manager(threading.Thread):
                     continue
                 _apply_watch_changes(scheduler, poller, callbacks)
                 deadline = scheduler.next_deadline()
-                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                wait = None if deadline is None else max(0.0, deadline - scheduler.clock())
                 for fd, _ in poller.poll(poll_ms(wait)):
                     if fd == self._wake_r:
                         _drain(fd)
@@ -484,16 +518,17 @@ class _Manager(threading.Thread):
             failure = exc
             raise
         finally:
-            self._finish(scheduler, live, failure)
+            try:
+                self._finish(scheduler, live, failure)
+            finally:
+                _core._library_thread(False)
 
     def _take_requests(self, scheduler, live):
         with self.lock:
             self._woken = False
             cancels, self._cancels = self._cancels, []
-            stop_grace = self._stop_grace
-            queued = ()
-            if stop_grace is not None:
-                queued, self._inbox = self._inbox, collections.deque()
+            # stop() emptied the inbox already (cancel_futures).
+            stop_grace, self._stop_grace = self._stop_grace, None
         for future in cancels:
             entry = live.get(future)
             if entry is not None:
@@ -501,9 +536,6 @@ class _Manager(threading.Thread):
             else:
                 _notify_cancelled(future)  # it never reached the scheduler
         if stop_grace is not None:
-            for task in queued:
-                task.future.cancel()
-                _notify_cancelled(task.future)
             self._stop_all(scheduler, live, stop_grace)
 
     def _stop_all(self, scheduler, live, grace):
@@ -534,7 +566,7 @@ class _Manager(threading.Thread):
         call = task.call
         try:
             if self._server is None:
-                return start_child(call.fn, call.args, call.kwargs,
+                return start_child(_run_task, (self._task_mask, call.fn, call.args, call.kwargs),
                                    die_with_parent=self._die_with_parent,
                                    index=task.index, item=call)
             return self._server._start_pickled(task.pickled, index=task.index, item=call)
@@ -602,6 +634,12 @@ def _apply_watch_changes(scheduler, poller, callbacks):
     for fd, callback in added.items():
         poller.register(fd, select.POLLIN)
         callbacks[fd] = callback
+
+
+def _run_task(mask, fn, args, kwargs):
+    """In a task's child: unblock the signals the manager thread blocks, run the task."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    return fn(*args, **kwargs)
 
 
 def _drain(fd):

@@ -23,6 +23,8 @@ sends each child's pidfd back, so the caller waits on and signals the child
 through the pidfd (never a pid that could be recycled); the server reaps the
 child and reports its exit status and rusage.
 """
+from __future__ import annotations
+
 import contextlib
 import itertools
 import os
@@ -32,6 +34,7 @@ import socket
 import sys
 import threading
 import weakref
+from typing import TYPE_CHECKING, TypeVar, overload
 
 from fastfork import _core
 from fastfork import _server_proto as proto
@@ -41,6 +44,19 @@ from fastfork._checks import check_callable, check_timeout, poll_ms
 from fastfork.child import (Child, _fd_lock, close_inherited_fds,
                             close_owned, own_fd, stop_all)
 from fastfork.errors import ServerError, describe_status
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+    from typing import Any, Literal
+
+    from typing_extensions import ParamSpec, Self
+
+    from fastfork.executor import ForkExecutor
+
+    P = ParamSpec("P")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["ForkServer", "ServerChild"]
 
@@ -249,7 +265,7 @@ class _Connection:
             self.process.stop(0)
 
 
-class ServerChild(fanout.FunctionChild):
+class ServerChild(fanout.FunctionChild[R]):
     """A child forked by a ForkServer: the same interface as FunctionChild.
 
     It is not this process's child: its pidfd came from the server (which
@@ -258,17 +274,18 @@ class ServerChild(fanout.FunctionChild):
     reporting; ``result()`` then raises ServerError.
     """
 
-    def __init__(self, connection, req_id, pid, pidfd, result_fd, *, index=None, item=None):
+    server_died: bool
+
+    def __init__(self, connection: _Connection, req_id: int, pid: int, pidfd: int,
+                 result_fd: int, *, index: int | None = None, item: object = None) -> None:
         self._conn = connection
         self._req_id = req_id
         self._status = None
         self.server_died = False
-        # The server's pidfd, opened before it could reap the pid: one opened
-        # here by pid might already name another process.
-        super().__init__(pid, result_fd, index=index, item=item,
-                         pidfd=pidfd if pidfd >= 0 else None)
-        if pidfd < 0:
-            self._close_pidfd()  # none from the server: never open one by pid
+        self._reaps_own_pid = False  # the server reaps it; only our fds are ours
+        # The server's pidfd, opened before it could reap the pid (-1: none):
+        # one opened here by pid might already name another process.
+        super().__init__(pid, result_fd, index=index, item=item, pidfd=pidfd)
 
     def _try_reap(self):
         """Finish the child once the server has reported it; True once finished."""
@@ -294,7 +311,7 @@ class ServerChild(fanout.FunctionChild):
         self._finished = True
         return True
 
-    def send_signal(self, sig):
+    def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child (through its pidfd, or through the server)."""
         self._check_owner()
         if self._finished:
@@ -312,9 +329,6 @@ class ServerChild(fanout.FunctionChild):
                 f"the fork server {self._conn.pid} died before child {self.pid} "
                 f"reported{'' if self.index is None else f' (item {self.index})'}")
         return super()._decode()
-
-    # The server reaps it; only our fds are ours to close when dropped.
-    _reaps_own_pid = False
 
 
 class ForkServer:
@@ -339,7 +353,8 @@ class ForkServer:
 
     __module__ = "fastfork"
 
-    def __init__(self, preload=(), *, start_timeout=60.0, pickler=None):
+    def __init__(self, preload: Iterable[str] = (), *, start_timeout: float = 60.0,
+                 pickler: str | None = None) -> None:
         if isinstance(preload, (str, bytes)):
             raise TypeError("preload must be a sequence of module names, not a single string")
         preload = tuple(preload)
@@ -353,9 +368,9 @@ class ForkServer:
         self._conn = None
         self._closed = False
         self._owner = os.getpid()
-        self._children = weakref.WeakSet()
+        self._children: weakref.WeakSet[ServerChild[Any]] = weakref.WeakSet()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if self._closed:
             state = "closed"
         elif self._conn is None or self._conn.dead:
@@ -365,7 +380,7 @@ class ForkServer:
         return f"<fastfork.ForkServer {state} preload={self._preload!r}>"
 
     @property
-    def pid(self):
+    def pid(self) -> int | None:
         """The server's pid, or None when it is not running."""
         conn = self._conn
         return None if conn is None or conn.dead else conn.pid
@@ -390,7 +405,7 @@ class ForkServer:
                 self._conn = conn = _Connection(self._preload, self._start_timeout)
             return conn
 
-    def open(self):
+    def open(self) -> Self:
         """Start the server now (if it is not running); return self.
 
         Raises ServerError if it cannot start (e.g. a preload import fails;
@@ -399,7 +414,7 @@ class ForkServer:
         self._connection()
         return self
 
-    def close(self, grace=1.0):
+    def close(self, grace: float = 1.0) -> None:
         """Stop every child this server made (SIGTERM, ``grace`` s, SIGKILL) and the server.
 
         Closing twice is harmless.
@@ -419,23 +434,25 @@ class ForkServer:
         for child in children:
             child._try_reap()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.open()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # ------------------------------------------------------------ the fan-out API
 
-    def start_child(self, fn, args=(), kwargs=None, *, die_with_parent=True,
-                    print_traceback=False, index=None, item=None, launched=None):
+    def start_child(self, fn: Callable[..., R], args: Iterable[Any] = (),
+                    kwargs: dict[str, Any] | None = None, *, die_with_parent: bool = True,
+                    print_traceback: bool = False, index: int | None = None,
+                    item: object = None, launched: list[Any] | None = None) -> ServerChild[R]:
         """Have the server fork a child that runs ``fn(*args, **kwargs)``; return its ServerChild.
 
         Like ``fastfork.start_child``; the child always dies with the server
         and the server with this process (``die_with_parent`` is accepted for
         the same signature). Raises TypeError for a non-callable or what
-        cannot be pickled, before anything is sent; ServerError if the server
-        dies; OSError if its fork fails.
+        cannot be pickled (see ``pickler``), before anything is sent or
+        forked; ServerError if the server dies; OSError if its fork fails.
         """
         check_callable(fn)
         kwargs = {} if kwargs is None else kwargs
@@ -445,7 +462,10 @@ class ForkServer:
                                    index, item, launched)
 
     def _pickle(self, fn, args, kwargs):
-        """Pickle a call for this server: (payload, SharedBuffer fds, setup); TypeError if it cannot travel."""
+        """Pickle a call for this server: (payload, SharedBuffer fds, setup steps).
+
+        Raises TypeError if it cannot travel (see ``pickler``).
+        """
         return pickle_call(fn, args, kwargs, self._pickler)
 
     def _start_pickled(self, pickled, print_traceback=False, index=None, item=None,
@@ -456,7 +476,8 @@ class ForkServer:
         req_id, pid, pidfd, result_fd = conn.request_start(payload, buffer_fds, setup,
                                                            print_traceback)
         try:
-            child = ServerChild(conn, req_id, pid, pidfd, result_fd, index=index, item=item)
+            child: ServerChild[R] = ServerChild(conn, req_id, pid, pidfd, result_fd,
+                                                index=index, item=item)
         except BaseException:
             conn._kill_orphan(req_id, [pidfd] if pidfd >= 0 else [])
             close_owned(result_fd)
@@ -468,12 +489,37 @@ class ForkServer:
         self._children.add(child)
         return child
 
-    def start(self, fn, /, *args, **kwargs):
+    def start(self, fn: Callable[P, R], /, *args: P.args,
+              **kwargs: P.kwargs) -> ServerChild[R]:
         """Run ``fn(*args, **kwargs)`` in a child of the server; return its ServerChild."""
         return self.start_child(fn, args, kwargs)
 
-    def as_completed(self, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-                     fork_retries=8, grace=1.0, print_traceback=False, chunksize=1):
+    @overload
+    def as_completed(self, fn: Callable[[T], R], iterable: Iterable[T], *,
+                     jobs: int | None = None, timeout: float | None = None,
+                     return_exceptions: Literal[False] = False, fork_retries: int = 8,
+                     grace: float = 1.0, print_traceback: bool = False,
+                     chunksize: int = 1) -> Iterator[tuple[int, R]]: ...
+
+    @overload
+    def as_completed(self, fn: Callable[[T], R], iterable: Iterable[T], *,
+                     jobs: int | None = None, timeout: float | None = None,
+                     return_exceptions: Literal[True], fork_retries: int = 8, grace: float = 1.0,
+                     print_traceback: bool = False,
+                     chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]: ...
+
+    @overload
+    def as_completed(self, fn: Callable[[T], R], iterable: Iterable[T], *,
+                     jobs: int | None = None, timeout: float | None = None,
+                     return_exceptions: bool, fork_retries: int = 8, grace: float = 1.0,
+                     print_traceback: bool = False,
+                     chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]: ...
+
+    def as_completed(self, fn: Callable[[T], R], iterable: Iterable[T], *,
+                     jobs: int | None = None, timeout: float | None = None,
+                     return_exceptions: bool = False, fork_retries: int = 8, grace: float = 1.0,
+                     print_traceback: bool = False,
+                     chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]:
         """``fastfork.as_completed`` with the children forked by the server.
 
         Yields (index, result) as children finish; ``chunksize``, ``timeout``
@@ -484,14 +530,34 @@ class ForkServer:
         (every running child is stopped first).
         """
         self._check_usable()
-        self._pickle(fn, (), {})
+        self._pickle(fn, (), {})  # TypeError now if fn cannot travel
         return fanout.fan_out(self.start_child, fn, iterable, jobs=jobs, timeout=timeout,
                               return_exceptions=return_exceptions,
                               fork_retries=fork_retries, grace=grace,
                               print_traceback=print_traceback, chunksize=chunksize)
 
-    def map(self, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-            fork_retries=8, grace=1.0, print_traceback=False, chunksize=1):
+    @overload
+    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+            timeout: float | None = None, return_exceptions: Literal[False] = False,
+            fork_retries: int = 8, grace: float = 1.0, print_traceback: bool = False,
+            chunksize: int = 1) -> list[R]: ...
+
+    @overload
+    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+            timeout: float | None = None, return_exceptions: Literal[True], fork_retries: int = 8,
+            grace: float = 1.0, print_traceback: bool = False,
+            chunksize: int = 1) -> list[R | BaseException]: ...
+
+    @overload
+    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+            timeout: float | None = None, return_exceptions: bool, fork_retries: int = 8,
+            grace: float = 1.0, print_traceback: bool = False,
+            chunksize: int = 1) -> list[R | BaseException]: ...
+
+    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+            timeout: float | None = None, return_exceptions: bool = False, fork_retries: int = 8,
+            grace: float = 1.0, print_traceback: bool = False,
+            chunksize: int = 1) -> list[R] | list[R | BaseException]:
         """``fastfork.map`` with the children forked by the server.
 
         Returns the results in input order; ChildError on a failed item (or,
@@ -503,7 +569,7 @@ class ForkServer:
             fork_retries=fork_retries, grace=grace, print_traceback=print_traceback,
             chunksize=chunksize))
 
-    def executor(self, max_workers=None, **options):
+    def executor(self, max_workers: int | None = None, **options: Any) -> ForkExecutor:
         """Return a ``fastfork.ForkExecutor`` whose tasks this server forks.
 
         ``options``: ``timeout`` and ``grace`` as for ForkExecutor. Shutting
@@ -515,7 +581,9 @@ class ForkServer:
         return ForkExecutor(max_workers, server=self, **options)
 
     @contextlib.contextmanager
-    def background(self, fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0):
+    def background(self, fn: Callable[..., R], /, *args: Any,
+                   kwargs: dict[str, Any] | None = None, stop_signal: int = signal.SIGTERM,
+                   grace: float = 5.0) -> Iterator[ServerChild[R]]:
         """``fastfork.background`` with the child forked by the server."""
         check_callable(fn)
         grace = check_timeout(grace, "grace")

@@ -1,6 +1,6 @@
 # The fan-out engine behind fastfork.map and fastfork.as_completed, and the
-# child's side of the result pipe. Included at the end of _core.pyx, so it
-# shares that module's fork, wait and fd helpers.
+# child's side of the result pipe. Included by _core.pyx, so it shares that
+# module's fork, wait and fd helpers.
 #
 # Why the scheduler is in C: after every fork all of the parent's pages are
 # copy-on-write, so each page the parent writes before its next fork costs a
@@ -22,54 +22,19 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_Occurred
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from libc.string cimport memcpy
-from posix.signal cimport kill as _kill_pid
-from posix.unistd cimport read as _read_fd, write as _write_fd
+from posix.uio cimport iovec, writev
+
+from _decls cimport PyIter_Next_raw
 
 import pickle
 import traceback
 
-from fastfork._result import error_payload as _error_payload
-
-cdef extern from "<errno.h>" nogil:
-    int EAGAIN
-    int ENOMEM
-    int ENOSYS
-
-cdef extern from "<signal.h>" nogil:
-    int SIGTERM
-    int SIGCONT
-
-cdef extern from "<sys/syscall.h>" nogil:
-    long SYS_pidfd_send_signal
-
-cdef extern from "<stdlib.h>" nogil:
-    void *realloc(void *p, size_t size)
-
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    Py_ssize_t writev(int fd, const iovec *parts, int count)
-
-cdef extern from "Python.h":
-    # A new reference, or NULL at the end (or on error, with the error set).
-    PyObject *_iter_next "PyIter_Next"(PyObject *iterator)
+from fastfork._result import error_payload as _error_payload, user_traceback as _user_traceback
 
 cdef object _dumps = pickle.dumps
 cdef char _RESULT = b"R"
 cdef char _ERROR = b"E"
 cdef int _PROTOCOL = pickle.HIGHEST_PROTOCOL
-
-# Tests set this to a callable run before each of the engine's forks, which
-# may raise OSError in place of fork() (an EAGAIN on the third fork, say).
-cdef object _fork_fault = None
-
-
-def _set_fork_fault(fault):
-    """Run ``fault()`` before each FanOut fork (None: stop); for tests only."""
-    global _fork_fault
-    _fork_fault = fault
-
 
 cdef enum:
     _HEADER = 9                 # kind byte + 8-byte length
@@ -87,10 +52,9 @@ cdef int _write_all(int fd, const char *data, Py_ssize_t size, int bell, int tok
     from then on the parent drains the pipe while we write.
     """
     cdef Py_ssize_t n
-    cdef int flags
     while size > 0:
         with nogil:  # other threads of the child may need the GIL meanwhile
-            n = _write_fd(fd, data, size)
+            n = c_write(fd, data, size)
         if n > 0:
             data += n
             size -= n
@@ -98,11 +62,10 @@ cdef int _write_all(int fd, const char *data, Py_ssize_t size, int bell, int tok
             continue
         elif n < 0 and errno == EAGAIN and bell >= 0:
             with nogil:
-                while _write_fd(bell, &token, sizeof(token)) < 0 and errno == EINTR:
+                while c_write(bell, &token, sizeof(token)) < 0 and errno == EINTR:
                     pass
             bell = -1
-            flags = fcntl(fd, F_GETFL)
-            fcntl(fd, F_SETFL, flags & ~O_NONBLOCK)
+            _set_blocking(fd, True)
         else:
             _raise_errno(errno)
     return 0
@@ -158,6 +121,8 @@ cdef int _run_and_report(fn, tuple args, dict kwargs, int fd, bint print_traceba
 
     Returns the exit code the child should end with: 0 after a result, 1 after
     an exception or an unpicklable result, SystemExit's code after SystemExit.
+    SystemExit with exit status 0 (``sys.exit()``, ``sys.exit(0)``) is a
+    success whose result is None, as when a program exits 0.
     Raises only if even the report cannot be made (the caller exits 70).
     """
     cdef int code = 0
@@ -166,12 +131,15 @@ cdef int _run_and_report(fn, tuple args, dict kwargs, int fd, bint print_traceba
         value = fn(*args, **kwargs)
     except SystemExit as exc:
         code = _exit_code_of(exc)
-        kind = _ERROR
-        payload = _error_payload(exc, "exited")
+        if code == 0:
+            payload = _dumps(None, _PROTOCOL)
+        else:
+            kind = _ERROR
+            payload = _error_payload(exc, "exited")
     except BaseException as exc:
         code = 1
         if print_traceback:
-            traceback.print_exc()
+            traceback.print_exception(type(exc), exc, _user_traceback(exc))
         kind = _ERROR
         payload = _error_payload(exc, "raised")
     else:
@@ -284,7 +252,6 @@ cdef class FanOut:
     cdef double backoff_until   # no fork before this (fork retry back-off)
     cdef double poll_interval   # for children without a pidfd
     cdef bint print_traceback, stop_on_failure, launching, flush_each_fork
-    cdef bint waitid_pidfd      # the kernel has waitid(P_PIDFD)
     cdef pid_t parent
     cdef readonly object fork_error
     cdef readonly Py_ssize_t started
@@ -301,10 +268,7 @@ cdef class FanOut:
             raise ValueError("jobs must be >= 1")
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be None or > 0, not {timeout!r}")
-        if not 0 <= pdeathsig < NSIG:
-            raise ValueError(f"pdeathsig must be 0 or a signal number, not {pdeathsig!r}")
-        if _owned_fds_set is None:
-            raise RuntimeError("fastfork.child has not registered its fd set")
+        _checked_pdeathsig(pdeathsig)
         self.fn = fn
         self.items = iter(items)
         self.jobs = jobs
@@ -316,7 +280,6 @@ cdef class FanOut:
         self.stop_on_failure = stop_on_failure
         self.flush_each_fork = flush_each_fork
         self.launching = True
-        self.waitid_pidfd = True
         self.poll_interval = 0.0005
         self.parent = getpid()
         self.outcome_items = []
@@ -331,9 +294,11 @@ cdef class FanOut:
         if pipe2(fds, O_CLOEXEC) < 0:
             _raise_errno(errno)
         self.bell_r, self.bell_w = fds[0], fds[1]
-        fcntl(self.bell_r, F_SETFL, fcntl(self.bell_r, F_GETFL) | O_NONBLOCK)
-        _owned_fds_set.add(self.bell_r)
-        _owned_fds_set.add(self.bell_w)
+        _own(self.bell_r)
+        _own(self.bell_w)
+        # Read without blocking; children write their tokens blocking, so
+        # that none is lost when the doorbell is full.
+        _set_blocking(self.bell_r, False)
 
     def __dealloc__(self):
         # Normally close() has run; this is the safety net (no Python code
@@ -452,7 +417,7 @@ cdef class FanOut:
                     return 0
                 self.backoff_until = 0.0
             if not self.has_pending:
-                drawn = _iter_next(<PyObject *>self.items)
+                drawn = PyIter_Next_raw(<PyObject *>self.items)
                 if drawn == NULL:
                     if PyErr_Occurred():
                         return -1  # propagates what the iterator raised
@@ -498,14 +463,12 @@ cdef class FanOut:
         if pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0:
             _raise_errno(errno)
         slot.rfd, slot.wfd = fds[0], fds[1]
-        _owned_fds_set.add(fds[0])
-        _owned_fds_set.add(fds[1])
         try:
-            if _fork_fault is not None:
-                _fork_fault()
+            _own(fds[0])
+            _own(fds[1])
             # A signal handler due now runs before the flush, not after it (in
             # _fork_checked), where what it prints would reach the child.
-            PyErr_CheckSignals_or_raise()
+            PyErr_CheckSignals()
             alone = _only_thread()
             if self.flush_each_fork or self.started == 0 or not alone:
                 # Or the child would print the parent's buffered output again.
@@ -517,19 +480,18 @@ cdef class FanOut:
             self._close_slot_fds(slot)
             raise
         if pid == 0:
-            self._child_main(slot.wfd, s, item)
+            _child_main(self.pdeathsig, self.parent, _engine_child_body,
+                        (self, slot.wfd, s, item))
         # Recorded at once (no Python code runs until close() could need it).
         slot.pid = pid
         Py_INCREF(item)
         slot.item = <PyObject *>item
         self.running += 1
         slot.index = index
-        close(slot.wfd)
-        _owned_fds_set.discard(slot.wfd)
-        slot.wfd = -1
-        slot.pidfd = _pidfd_open(pid)
+        _close_fd(&slot.wfd)
+        slot.pidfd = _open_pidfd(pid)
         if slot.pidfd >= 0:
-            _owned_fds_set.add(slot.pidfd)
+            _own(slot.pidfd)
         slot.deadline = _monotonic() + self.timeout if self.timeout > 0 else 0.0
         slot.kill_at = 0.0
         slot.size = 0
@@ -537,20 +499,11 @@ cdef class FanOut:
         slot.draining = slot.reaped = slot.lost = slot.timed_out = False
         return 0
 
-    cdef void _child_main(self, int fd, int token, item) noexcept:
-        """The forked child's whole life: it always ends in _exit."""
-        cdef int code = 70
-        try:
-            if self.pdeathsig > 0:
-                if prctl(PR_SET_PDEATHSIG, self.pdeathsig, 0, 0, 0) != 0 or getppid() != self.parent:
-                    c_exit(70)
-            close_inherited_fds((fd, self.bell_w))
-            code = _run_and_report(self.fn, (item,), {}, fd, self.print_traceback,
-                                   self.bell_w, token)
-        except BaseException:
-            code = 70
-        _flush_stdio()
-        c_exit(code)
+    cdef int _child_work(self, int fd, int token, item) except -1:
+        """In the forked child: run ``fn(item)`` and report on ``fd``; the exit code."""
+        close_inherited_fds((fd, self.bell_w))
+        return _run_and_report(self.fn, (item,), {}, fd, self.print_traceback,
+                               self.bell_w, token)
 
     # ------------------------------------------------------------ waiting
 
@@ -559,14 +512,31 @@ cdef class FanOut:
 
         ``stopping`` (close): no timeouts to enforce; ``until`` caps the sleep.
         """
-        cdef pollfd *fds
-        cdef int *owner
-        cdef int n = 1, k, s, rc, ms
-        cdef double now = _monotonic(), wake = until
+        cdef double wake = until
         cdef bint by_pid = False
+        cdef int n = self._fill_pollfds(stopping, &wake, &by_pid)
+        if self._poll(n, wake):
+            return 0  # a signal interrupted the poll; its handlers have run
+        self._handle_events(n)
+        if by_pid:
+            self._reap_children_without_pidfd()
+        if not stopping:
+            self._enforce_timeouts(_monotonic())
+        self._finish_reaped()
+        return 0
+
+    cdef int _fill_pollfds(self, bint stopping, double *wake, bint *by_pid) noexcept:
+        """Fill the poll set; return its size.
+
+        It holds the doorbell, each running child's pidfd and, once the child
+        rang, its pipe. ``wake`` is lowered to the next timeout or fork retry
+        due (unless ``stopping``); ``by_pid`` is set if a child has no pidfd,
+        and then children are polled on a timer with capped back-off.
+        """
+        cdef pollfd *fds = self.pollfds
+        cdef int *owner = self.poll_owner
+        cdef int n = 1, s
         cdef _Slot *slot
-        fds = self.pollfds
-        owner = self.poll_owner
         fds[0].fd = self.bell_r
         fds[0].events = POLLIN
         owner[0] = -1
@@ -574,13 +544,13 @@ cdef class FanOut:
             slot = &self.slots[s]
             if not slot.pid or slot.reaped:
                 continue
-            if slot.pidfd >= 0 and self.waitid_pidfd:
+            if slot.pidfd >= 0:
                 fds[n].fd = slot.pidfd
                 fds[n].events = POLLIN
                 owner[n] = s
                 n += 1
             else:
-                by_pid = True
+                by_pid[0] = True
             if slot.draining and slot.rfd >= 0:
                 fds[n].fd = slot.rfd
                 fds[n].events = POLLIN
@@ -588,41 +558,60 @@ cdef class FanOut:
                 n += 1
             if not stopping:
                 if slot.deadline and not slot.timed_out:
-                    wake = _earliest(wake, slot.deadline)
+                    wake[0] = _earliest(wake[0], slot.deadline)
                 if slot.kill_at:
-                    wake = _earliest(wake, slot.kill_at)
+                    wake[0] = _earliest(wake[0], slot.kill_at)
         if self.launching and self.backoff_until:
-            wake = _earliest(wake, self.backoff_until)
-        if by_pid:
-            wake = _earliest(wake, now + self.poll_interval)
+            wake[0] = _earliest(wake[0], self.backoff_until)
+        if by_pid[0]:
+            wake[0] = _earliest(wake[0], _monotonic() + self.poll_interval)
             self.poll_interval = min(self.poll_interval * 2, 0.05)
+        return n
+
+    cdef int _poll(self, int n, double wake) except -1:
+        """poll() the first ``n`` entries until ``wake`` (0: no limit).
+
+        Returns 1 if a signal interrupted it (its handlers have run), else 0.
+        """
+        cdef int rc, ms
         # A handler that became due while we were busy (during a fork, say)
         # runs now: poll() would not be interrupted for it.
-        PyErr_CheckSignals_or_raise()
-        ms = -1 if wake == 0 else <int>(min(max(wake - now, 0.0), 60.0) * 1000.0 + 0.999)
+        PyErr_CheckSignals()
+        ms = -1 if wake == 0 else <int>(min(max(wake - _monotonic(), 0.0), 60.0) * 1000.0 + 0.999)
         with nogil:
-            rc = poll(fds, n, ms)
-        if rc < 0:
-            if errno != EINTR:
-                _raise_errno(errno)
-            PyErr_CheckSignals_or_raise()
+            rc = poll(self.pollfds, n, ms)
+        if rc >= 0:
             return 0
+        if errno != EINTR:
+            _raise_errno(errno)
+        PyErr_CheckSignals()
+        return 1
+
+    cdef int _handle_events(self, int n) except -1:
+        """Answer the doorbell, drain the pipes with data, reap those whose pidfd is readable."""
+        cdef pollfd *fds = self.pollfds
+        cdef int k, s
         for k in range(n):
             if fds[k].revents == 0:
                 continue
+            s = self.poll_owner[k]
             if k == 0:
                 self._answer_bell()
-            elif fds[k].fd == self.slots[owner[k]].rfd:
-                self._drain(&self.slots[owner[k]])
+            elif fds[k].fd == self.slots[s].rfd:
+                self._drain(&self.slots[s])
             else:
-                self._try_reap(owner[k])
-        if by_pid:
-            for s in range(self.jobs):
-                if self.slots[s].pid and not self.slots[s].reaped and (
-                        self.slots[s].pidfd < 0 or not self.waitid_pidfd):
-                    self._try_reap(s)
-        if not stopping:
-            self._enforce_timeouts(_monotonic())
+                self._try_reap(s)
+        return 0
+
+    cdef int _reap_children_without_pidfd(self) except -1:
+        cdef int s
+        for s in range(self.jobs):
+            if self.slots[s].pid and not self.slots[s].reaped and self.slots[s].pidfd < 0:
+                self._try_reap(s)
+        return 0
+
+    cdef int _finish_reaped(self) except -1:
+        cdef int s
         for s in range(self.jobs):
             if self.slots[s].pid and self.slots[s].reaped:
                 self._finish(s)
@@ -634,12 +623,12 @@ cdef class FanOut:
         cdef int tokens[64]
         cdef Py_ssize_t n, i
         while True:
-            n = _read_fd(self.bell_r, tokens, sizeof(tokens))
+            n = c_read(self.bell_r, tokens, sizeof(tokens))
             if n < 0 and errno == EINTR:
                 continue
             if n <= 0:
                 return 0
-            for i in range(n // sizeof(int)):
+            for i in range(n // <Py_ssize_t>sizeof(int)):
                 # A token can outlive its child (it exited before we read it):
                 # draining the slot's next child too is harmless.
                 if 0 <= tokens[i] < self.jobs and self.slots[tokens[i]].pid:
@@ -657,11 +646,11 @@ cdef class FanOut:
                     raise MemoryError()
                 slot.buf = grown
                 slot.cap = max(slot.cap * 2, _FIRST_BUFFER)
-            n = _read_fd(slot.rfd, slot.buf + slot.size, slot.cap - slot.size)
+            n = c_read(slot.rfd, slot.buf + slot.size, slot.cap - slot.size)
             if n > 0:
                 slot.size += n
             elif n == 0:
-                self._close_fd(&slot.rfd)
+                _close_fd(&slot.rfd)
             elif errno == EINTR:
                 continue
             elif errno == EAGAIN:
@@ -673,33 +662,14 @@ cdef class FanOut:
     cdef int _try_reap(self, int s) except -1:
         """Reap the slot's child if it has exited (without blocking)."""
         cdef _Slot *slot = &self.slots[s]
-        cdef siginfo_t info
-        cdef long rc
         cdef int status = 0
-        if slot.pidfd >= 0 and self.waitid_pidfd:
-            memset(&info, 0, sizeof(info))
-            rc = syscall(SYS_waitid, P_PIDFD, slot.pidfd, &info, WEXITED | WNOHANG, NULL)
-            if rc == 0:
-                if info.si_pid == 0:
-                    return 0
-                slot.returncode = _exitcode_of_status(_status_of(&info))
-                slot.reaped = True
-                return 0
-            if errno == EINTR:
-                return 0
-            if errno == ECHILD:
-                slot.lost = slot.reaped = True
-                return 0
-            if errno != EINVAL:
-                _raise_errno(errno)
-            self.waitid_pidfd = False  # Linux 5.3: pidfds, but no waitid(P_PIDFD)
-        rc = c_waitpid(slot.pid, &status, WNOHANG)
+        cdef pid_t rc = _wait_child(slot.pid, slot.pidfd, WNOHANG, &status, NULL)
         if rc > 0:
             slot.returncode = _exitcode_of_status(status)
             slot.reaped = True
         elif rc < 0:
             if errno == ECHILD:
-                slot.lost = slot.reaped = True
+                slot.lost = slot.reaped = True  # reaped by someone else
             elif errno != EINTR:
                 _raise_errno(errno)
         return 0
@@ -780,13 +750,8 @@ cdef class FanOut:
     # ------------------------------------------------------------ stopping
 
     cdef void _signal(self, int s, int sig) noexcept:
-        """Send ``sig`` to the slot's (unreaped) child, by pidfd where there is one."""
-        cdef _Slot *slot = &self.slots[s]
-        if slot.pidfd >= 0:
-            if syscall(SYS_pidfd_send_signal, slot.pidfd, sig, NULL, 0) == 0 or errno != ENOSYS:
-                return
-        # Not reaped yet, so the pid still names our child (or its zombie).
-        _kill_pid(slot.pid, sig)
+        """Send ``sig`` to the slot's (unreaped) child."""
+        _signal_child(self.slots[s].pid, self.slots[s].pidfd, sig)
 
     cdef int _enforce_timeouts(self, double now) except -1:
         cdef int s
@@ -810,8 +775,7 @@ cdef class FanOut:
 
     cdef void _kill_and_reap_all(self) noexcept:
         """SIGKILL every child still running and reap it, blocking; no Python code."""
-        cdef int s, status
-        cdef siginfo_t info
+        cdef int s
         cdef _Slot *slot
         if self.slots == NULL:
             return
@@ -822,13 +786,7 @@ cdef class FanOut:
             self._signal(s, SIGKILL)
             with nogil:
                 # SIGKILL cannot be caught: only a child stuck in the kernel waits here.
-                if slot.pidfd >= 0 and self.waitid_pidfd:
-                    while (syscall(SYS_waitid, P_PIDFD, slot.pidfd, &info, WEXITED, NULL) < 0
-                           and errno == EINTR):
-                        pass
-                else:
-                    while c_waitpid(slot.pid, &status, 0) < 0 and errno == EINTR:
-                        pass
+                _reap_quietly(slot.pid, slot.pidfd)
             slot.reaped = True
         for s in range(self.jobs):
             if self.slots[s].pid:
@@ -836,20 +794,10 @@ cdef class FanOut:
 
     # ------------------------------------------------------------ fds
 
-    cdef void _close_fd(self, int *fd) noexcept:
-        if fd[0] >= 0:
-            close(fd[0])
-            if _owned_fds_set is not None:
-                try:
-                    _owned_fds_set.discard(fd[0])
-                except BaseException:
-                    pass
-            fd[0] = -1
-
     cdef void _close_slot_fds(self, _Slot *slot) noexcept:
-        self._close_fd(&slot.rfd)
-        self._close_fd(&slot.wfd)
-        self._close_fd(&slot.pidfd)
+        _close_fd(&slot.rfd)
+        _close_fd(&slot.wfd)
+        _close_fd(&slot.pidfd)
 
     cdef void _close_fds(self) noexcept:
         cdef int s
@@ -859,8 +807,14 @@ cdef class FanOut:
                 free(self.slots[s].buf)
             free(self.slots)
             self.slots = NULL
-        self._close_fd(&self.bell_r)
-        self._close_fd(&self.bell_w)
+        _close_fd(&self.bell_r)
+        _close_fd(&self.bell_w)
+
+
+cdef int _engine_child_body(object work) except -1:
+    """_child_main's body for an engine child: ``work`` is (engine, fd, token, item)."""
+    cdef FanOut engine = work[0]
+    return engine._child_work(work[1], work[2], work[3])
 
 
 cdef inline double _earliest(double a, double b) noexcept nogil:
@@ -868,10 +822,3 @@ cdef inline double _earliest(double a, double b) noexcept nogil:
     if a == 0:
         return b
     return a if a < b else b
-
-
-cdef int _exitcode_of_status(int status) noexcept nogil:
-    """os.waitstatus_to_exitcode for an exited or killed child."""
-    if (status & 0x7f) == 0:
-        return (status >> 8) & 0xff
-    return -(status & 0x7f)

@@ -1,42 +1,13 @@
 # The exec path: turn prepared Python arguments into an ff_spawn_plan, create
 # the child with the GIL released (src/spawn.c), and read its error report.
-# Included at the end of _core.pyx, so it shares that module's helpers
-# (_raise_errno, the waitpid declaration, close/malloc/free).
+# Included by _core.pyx.
 
-from libc.errno cimport ENOENT
-from libc.signal cimport SIGKILL
 from libc.string cimport strlen
-from posix.signal cimport kill as c_kill
-from posix.unistd cimport read as c_read, sysconf, _SC_OPEN_MAX
+from posix.unistd cimport sysconf, _SC_OPEN_MAX
 
-import os as _os
-
-# fcntl, F_DUPFD_CLOEXEC, O_CLOEXEC and pipe2 are declared in _core.pyx.
-
-cdef extern from "spawn.h" nogil:
-    ctypedef struct ff_spawn_plan:
-        char **paths
-        char **argv
-        char **envp
-        const char *cwd
-        int stdio[3]
-        const int *keep_fds
-        int n_keep_fds
-        int close_fds
-        int max_fd
-        int new_session
-        int pdeathsig
-        pid_t parent
-        int errpipe
-        int use_fork
-    pid_t ff_spawn(const ff_spawn_plan *plan)
-    int ff_spawn_uses_vfork()
-    enum:
-        FF_STEP_FDS
-        FF_STEP_CWD
-        FF_STEP_SETSID
-        FF_STEP_PDEATHSIG
-        FF_STEP_EXEC
+from _decls cimport (
+    FF_STEP_CWD, FF_STEP_EXEC, ff_spawn, ff_spawn_plan, ff_spawn_uses_vfork,
+)
 
 
 cdef char **_c_strings(list items, str what) except NULL:
@@ -63,7 +34,88 @@ cdef char **_c_strings(list items, str what) except NULL:
     return arr
 
 
-cdef int _read_report(int fd, int *msg, pid_t pid) except -1:
+cdef class _Plan:
+    """An ff_spawn_plan and the C arrays it points into, freed with it.
+
+    The arrays point into the bytes objects given to _make_plan, kept alive here.
+    """
+
+    cdef ff_spawn_plan plan
+    cdef tuple sources
+    cdef char **paths
+    cdef char **argv
+    cdef char **envp
+    cdef int *keep_fds
+
+    def __dealloc__(self):
+        free(self.paths)
+        free(self.argv)
+        free(self.envp)
+        free(self.keep_fds)
+
+
+cdef _Plan _make_plan(list paths, list argv, list envp, bytes cwd, stdio, keep_fds,
+                      bint close_fds, bint new_session, int pdeathsig, bint use_fork):
+    """The plan a spawned child applies (see _spawn); TypeError/ValueError if
+    an argument cannot be converted."""
+    cdef _Plan p = _Plan()
+    cdef Py_ssize_t i, n_keep = len(keep_fds)
+    if len(stdio) != 3:
+        raise ValueError("stdio must hold three fds")
+    memset(&p.plan, 0, sizeof(p.plan))
+    p.sources = (paths, argv, envp, cwd)
+    p.paths = _c_strings(paths, "the executable path")
+    p.argv = _c_strings(argv, "an argument")
+    if envp is not None:
+        p.envp = _c_strings(envp, "the environment")
+    p.plan.paths = p.paths
+    p.plan.argv = p.argv
+    p.plan.envp = p.envp
+    if cwd is not None:
+        p.plan.cwd = cwd
+        if <Py_ssize_t>strlen(p.plan.cwd) != len(cwd):
+            raise ValueError("embedded null byte in cwd")
+    for i in range(3):
+        p.plan.stdio[i] = stdio[i]
+    if n_keep:
+        p.keep_fds = <int *>malloc(n_keep * sizeof(int))
+        if p.keep_fds == NULL:
+            raise MemoryError()
+        for i in range(n_keep):
+            p.keep_fds[i] = keep_fds[i]
+    p.plan.keep_fds = p.keep_fds
+    p.plan.n_keep_fds = <int>n_keep
+    p.plan.close_fds = close_fds
+    p.plan.max_fd = <int>sysconf(_SC_OPEN_MAX)
+    p.plan.new_session = new_session
+    p.plan.pdeathsig = pdeathsig
+    p.plan.parent = getpid()
+    p.plan.use_fork = use_fork
+    return p
+
+
+cdef int _error_pipe(int *fds) except -1:
+    """A close-on-exec pipe for the child's error report, its write end >= 3.
+
+    The child's dup2() onto 0-2 must not overwrite its error pipe. Raises
+    OSError (nothing is left open then).
+    """
+    cdef int fd
+    if pipe2(fds, O_CLOEXEC) < 0:
+        _raise_errno(errno)
+    if fds[1] < 3:
+        fd = fcntl(fds[1], F_DUPFD_CLOEXEC, 3)
+        if fd < 0:
+            fd = errno
+            close(fds[0])
+            close(fds[1])
+            _raise_errno(fd)
+        close(fds[1])
+        fds[1] = fd
+    return 0
+
+
+cdef Py_ssize_t _read_report(int fd, int *msg, pid_t pid) except -1:
     """Read the child's (step, errno) report; return the bytes read (0: exec'd).
 
     Blocks only until the child execs or exits. On a signal whose handler
@@ -80,21 +132,27 @@ cdef int _read_report(int fd, int *msg, pid_t pid) except -1:
             break
         elif errno == EINTR:
             try:
-                PyErr_CheckSignals_or_raise()
+                PyErr_CheckSignals()
             except BaseException:
                 c_kill(pid, SIGKILL)
-                _reap_quietly(pid)
+                with nogil:
+                    _reap_quietly(pid, -1)
                 raise
         else:
             _raise_errno(errno)
     return got
 
 
-cdef void _reap_quietly(pid_t pid) noexcept nogil:
-    """waitpid() a child known to be exiting, retrying EINTR without Python."""
-    cdef int status
-    while c_waitpid(pid, &status, 0) < 0 and errno == EINTR:
-        pass
+cdef int _raise_exec_failure(int *msg, Py_ssize_t got, pid_t pid, exec_name, cwd_name) except -1:
+    """Raise what a child that could not exec reported, as subprocess does."""
+    if got != 2 * <Py_ssize_t>sizeof(int):
+        raise RuntimeError(f"truncated error report from child {pid}")
+    err = msg[1]
+    if msg[0] == FF_STEP_EXEC:
+        raise OSError(err, os.strerror(err), exec_name)
+    if msg[0] == FF_STEP_CWD:
+        raise OSError(err, os.strerror(err), cwd_name)
+    raise OSError(err, os.strerror(err))
 
 
 def _spawn_uses_vfork():
@@ -122,139 +180,31 @@ def _spawn(list paths, list argv, list envp, bytes cwd, stdio, keep_fds,
     filename for an exec failure, ``cwd_name`` for a chdir failure, none for
     the other steps.
     """
-    cdef ff_spawn_plan plan
-    cdef int pipefd[2]
+    cdef _Plan p = _make_plan(paths, argv, envp, cwd, stdio, keep_fds, close_fds,
+                              new_session, pdeathsig, use_fork)
+    cdef int errpipe[2]
     cdef int msg[2]
-    cdef int fd, i, err
-    cdef Py_ssize_t n_keep = len(keep_fds)
+    cdef int err
     cdef pid_t pid
     cdef Py_ssize_t got
-    cdef char **c_paths = NULL
-    cdef char **c_argv = NULL
-    cdef char **c_envp = NULL
-    cdef int *c_keep = NULL
-
-    memset(&plan, 0, sizeof(plan))
-    if len(stdio) != 3:
-        raise ValueError("stdio must hold three fds")
-    pipefd[0] = pipefd[1] = -1
+    _error_pipe(errpipe)
     try:
-        c_paths = _c_strings(paths, "the executable path")
-        c_argv = _c_strings(argv, "an argument")
-        if envp is not None:
-            c_envp = _c_strings(envp, "the environment")
-        plan.paths = c_paths
-        plan.argv = c_argv
-        plan.envp = c_envp
-        if cwd is not None:
-            plan.cwd = cwd
-            if <Py_ssize_t>strlen(plan.cwd) != len(cwd):
-                raise ValueError("embedded null byte in cwd")
-        for i in range(3):
-            plan.stdio[i] = stdio[i]
-        if n_keep:
-            c_keep = <int *>malloc(n_keep * sizeof(int))
-            if c_keep == NULL:
-                raise MemoryError()
-            for i in range(n_keep):
-                c_keep[i] = keep_fds[i]
-        plan.keep_fds = c_keep
-        plan.n_keep_fds = <int>n_keep
-        plan.close_fds = close_fds
-        plan.max_fd = <int>sysconf(_SC_OPEN_MAX)
-        plan.new_session = new_session
-        plan.pdeathsig = pdeathsig
-        plan.parent = getpid()
-        plan.use_fork = use_fork
-
-        if pipe2(pipefd, O_CLOEXEC) < 0:
-            _raise_errno(errno)
-        if pipefd[1] < 3:
-            # The child's dup2() onto 0-2 must not overwrite its error pipe.
-            fd = fcntl(pipefd[1], F_DUPFD_CLOEXEC, 3)
-            if fd < 0:
-                _raise_errno(errno)
-            close(pipefd[1])
-            pipefd[1] = fd
-        plan.errpipe = pipefd[1]
-
+        p.plan.errpipe = errpipe[1]
         with nogil:
-            pid = ff_spawn(&plan)
+            pid = ff_spawn(&p.plan)
             err = errno
-            close(pipefd[1])
-            pipefd[1] = -1
+            close(errpipe[1])
+            errpipe[1] = -1
         if pid < 0:
             _raise_errno(err)
-
-        got = _read_report(pipefd[0], msg, pid)
-        if got == 0:
-            registry.append(pid)
-            return pid
-        with nogil:
-            _reap_quietly(pid)
-        if got != sizeof(msg):
-            raise RuntimeError(f"truncated error report from child {pid}")
-        err = msg[1]
-        if msg[0] == FF_STEP_EXEC:
-            raise OSError(err, _os.strerror(err), exec_name)
-        if msg[0] == FF_STEP_CWD:
-            raise OSError(err, _os.strerror(err), cwd_name)
-        raise OSError(err, _os.strerror(err))
+        got = _read_report(errpipe[0], msg, pid)
     finally:
-        for i in range(2):
-            if pipefd[i] >= 0:
-                close(pipefd[i])
-        free(c_paths)
-        free(c_argv)
-        free(c_envp)
-        free(c_keep)
-
-
-def _c_spawn_loop(Py_ssize_t n, bytes path=b"/bin/true"):
-    """The exec path's physical limit: n times ff_spawn(path) + waitpid, all in C.
-
-    Each round makes its error pipe as ``_spawn`` does, inherits stdio and
-    the environment, and closes other fds. Returns how many children exited
-    0. For benchmarks only. Raises OSError if a process cannot be created.
-    """
-    cdef ff_spawn_plan plan
-    cdef char *argv[2]
-    cdef int pipefd[2]
-    cdef Py_ssize_t i, ok = 0
-    cdef pid_t pid = 0
-    cdef int status = 0, err = 0
-    cdef bint failed = False
-    argv[0] = path
-    argv[1] = NULL
-    memset(&plan, 0, sizeof(plan))
-    plan.paths = argv
-    plan.argv = argv
-    plan.stdio[0] = plan.stdio[1] = plan.stdio[2] = -1
-    plan.close_fds = 1
-    plan.max_fd = <int>sysconf(_SC_OPEN_MAX)
-    plan.parent = getpid()
+        close(errpipe[0])
+        if errpipe[1] >= 0:
+            close(errpipe[1])
+    if got == 0:
+        registry.append(pid)
+        return pid
     with nogil:
-        for i in range(n):
-            if pipe2(pipefd, O_CLOEXEC) < 0:
-                err = errno
-                failed = True
-                break
-            plan.errpipe = pipefd[1]
-            pid = ff_spawn(&plan)
-            err = errno
-            close(pipefd[0])
-            close(pipefd[1])
-            if pid < 0:
-                failed = True
-                break
-            _reap_status(pid, &status)
-            if status == 0:
-                ok += 1
-    if failed:
-        _raise_errno(err)
-    return ok
-
-
-cdef void _reap_status(pid_t pid, int *status) noexcept nogil:
-    while c_waitpid(pid, status, 0) < 0 and errno == EINTR:
-        pass
+        _reap_quietly(pid, -1)
+    _raise_exec_failure(msg, got, pid, exec_name, cwd_name)

@@ -5,7 +5,10 @@
 - ``run_contained(code)`` runs ``code`` in a fresh interpreter (the same
   environment as ``procutil.run_python``) under the ``subreaper`` launcher: this
   machine's init never reaps orphans, so everything the code leaves behind is
-  killed and reaped there and counted in the result's ``leftover``.
+  killed and reaped there and counted in the result's ``leftover``. The
+  interpreter starts with SIGINT and SIGTERM at their defaults (the subreaper
+  resets them), so code that sends itself SIGINT gets KeyboardInterrupt even
+  when the test run was started with SIGINT ignored.
 - ``run_with_shim(code, funcs=..., errno=...)``: the same, with the LD_PRELOAD
   shim (``faults/shim.c``) making the named libc calls fail.
 - ``run_with_seccomp(code, errno)``: the same, where no process can be created.

@@ -1,13 +1,17 @@
 """Process and fd accounting shared by the tests: children, zombies, open fds.
 
 Also ``run_python``: run code in a fresh interpreter that imports the same
-fastfork as this test session (for tests that change process-wide state).
+fastfork as this test session (for tests that change process-wide state), and
+``Ready``: how a test waits for its children to be ready, without sleeping.
 """
 import os
+import select
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 
 import fastfork
@@ -128,6 +132,71 @@ def kill_and_reap(pids, timeout=5.0):
                 break
             time.sleep(0.001)
     return alive
+
+
+class Ready:
+    """A named pipe that children write a byte to once they are ready; the test waits on it.
+
+    Tests synchronise on this instead of sleeping. A forked child calls
+    ``ready.signal()`` (it inherited the write end); any other process (a fork
+    server's child, an exec'd program) writes a byte to ``ready.path``, e.g.
+    with ``signal_ready(path)`` or ``echo > "$path"``. Use as a context manager.
+    """
+
+    def __init__(self):
+        self._dir = tempfile.mkdtemp(prefix="fastfork-ready-")
+        self.path = os.path.join(self._dir, "ready")
+        os.mkfifo(self.path)
+        # Holding a write end ourselves: a writer that closes never makes it EOF.
+        self._r = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self._w = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+
+    def signal(self):
+        """In a forked child: say it is ready."""
+        os.write(self._w, b".")
+
+    def wait(self, count=1, timeout=60.0):
+        """Wait until ``count`` children have said they are ready; fail the test after ``timeout``."""
+        got = 0
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(self._r, select.POLLIN)
+        while got < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise AssertionError(f"{got} of {count} children were ready after {timeout} s")
+            try:
+                got += len(os.read(self._r, count - got))
+            except BlockingIOError:
+                pass
+
+    def close(self):
+        os.close(self._r)
+        os.close(self._w)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def signal_ready(path):
+    """From any process: write the byte that ``Ready.wait`` counts to ``path``."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+
+
+def wait_readable(fd, timeout=60.0):
+    """Wait until ``fd`` has data to read; fail the test after ``timeout``."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if not poller.poll(timeout * 1000):
+        raise AssertionError(f"fd {fd} had nothing to read after {timeout} s")
 
 
 def child_env(env=None, unbuffered=True):

@@ -36,12 +36,14 @@ FAKE = W.Workload(
     methods=(
         W.Method("base", "stdlib", lambda n: None),
         W.Method("fast", "fastfork", lambda n: None),
-        W.Method("missing", "fastfork", lambda n: None, requires=("fastfork.no_such_thing",)),
+        W.Method("future", "fastfork", lambda n: None, min_python=(99,)),
         W.Method("prepared", "limit", lambda n, token: None, prepare=lambda n: ("token",),
                  cleanup=lambda token: None),
+        W.Method("self-timed", "fastfork", lambda n: 0.25 * n, reports_time=True),
     ),
     sizes={"quick": (3,), "default": (3,), "full": (3, 5)},
     big_sizes={"quick": (), "default": (), "full": ()},
+    headline="fast", expect="what this ratio means",
 )
 BROKEN = W.Workload(
     key="broken", title="a broken workload", baseline="base",
@@ -71,7 +73,7 @@ ROW = re.compile(r"^(?P<mark>[* ]) (?P<method>\S.*?)\s+(?P<rate>[\d,.]+)\s+"
                  r"(?P<per>[\d,.]+ (?:ms|us))\s+(?P<ratio>[\d.]+x)\s+(?P<rounds>\d+)$")
 
 
-def test_table_lists_every_method_with_rate_ratio_and_status(fake, capsys):
+def test_table_lists_every_method_with_rate_ratio_status_and_a_reading(fake, capsys):
     status, out, _ = run_main(capsys, ["--only", "fake", "--rounds", "2"])
     assert status == 0
     lines = out.splitlines()
@@ -79,15 +81,42 @@ def test_table_lists_every_method_with_rate_ratio_and_status(fake, capsys):
     assert "median" in lines[1]
     assert any(line.startswith("a fake workload: N=3, small parent (RSS ") for line in lines)
     rows = {m["method"]: m for m in filter(None, map(ROW.match, lines))}
-    assert set(rows) == {"base", "fast", "prepared"}
+    assert set(rows) == {"base", "fast", "prepared", "self-timed"}
     assert rows["base"]["mark"] == "*" and rows["base"]["ratio"] == "1.00x"
     assert rows["fast"]["mark"] == " " and rows["fast"]["rounds"] == "2"
-    assert any(re.match(r"^  missing\s+skipped: fastfork\.no_such_thing not available yet$", line)
-               for line in lines)
-    assert "targets (throughput ratio, same run)" in lines
+    assert rows["self-timed"]["per"] == "250.00 ms"  # what run() reported, not the wall clock
+    assert any(re.match(r"^  future\s+skipped: needs Python 99\+$", line) for line in lines)
+    # The group ends with what its headline ratio means; the goals are not shown.
+    readings = [line for line in lines if line.startswith("  -> ")]
+    assert len(readings) == 1
+    assert re.match(r"^  -> fast is [\d.]+x base here; what this ratio means$", readings[0])
+    assert lines.index(readings[0]) > max(lines.index(line) for line in lines
+                                          if ROW.match(line))
+    assert not any("goal" in line or "MISSED" in line or "targets" in line for line in lines)
+
+
+def test_targets_are_shown_on_request(fake, capsys):
+    status, out, _ = run_main(capsys, ["--only", "fake", "--rounds", "1", "--targets"])
+    assert status == 0
+    lines = out.splitlines()
+    assert "fastfork's performance goals (throughput ratio, same run)" in lines
     assert any(re.match(r"^  fast vs base\s+[\d.]+x\s+goal >= 0x\s+met$", line) for line in lines)
     assert any(re.match(r"^  fast big vs base\s+-\s+goal >= 1x\s+n/a \(needs --full\)$", line)
                for line in lines)
+
+
+def test_a_failure_without_text_is_named_without_a_bare_colon(monkeypatch, capsys):
+    def interrupted(n):
+        raise RuntimeError()
+    silent = W.Workload(
+        key="silent", title="silent", baseline="base",
+        methods=(W.Method("base", "stdlib", lambda n: None),
+                 W.Method("bad", "fastfork", interrupted)),
+        sizes={m: (1,) for m in W.MODES}, big_sizes={m: () for m in W.MODES})
+    monkeypatch.setattr(W, "WORKLOADS", {"silent": silent})
+    status, out, _ = run_main(capsys, ["--only", "silent", "--rounds", "1"])
+    assert status == 1
+    assert re.search(r"^  bad\s+FAILED: RuntimeError$", out, re.M)
 
 
 def test_the_methods_of_a_group_take_turns_round_by_round():
@@ -127,15 +156,15 @@ def test_json_schema(fake, capsys, tmp_path):
                 "fastfork"):
         assert machine[key], key
     by_method = {r["method"]: r for r in report["results"]}
-    assert set(by_method) == {"base", "fast", "missing", "prepared"}
+    assert set(by_method) == {"base", "fast", "future", "prepared", "self-timed"}
     base = by_method["base"]
     assert base["baseline"] is True and base["ratio"] == 1.0
     assert base["status"] == "ok" and base["rounds"] == 3 and len(base["seconds"]) == 3
     assert base["median_s"] >= base["best_s"] >= 0
     assert base["children_per_s"] > 0 and base["n"] == 3 and base["parent"] == "small"
-    missing = by_method["missing"]
-    assert missing["status"] == "skipped" and missing["ratio"] is None
-    assert missing["reason"] == "fastfork.no_such_thing not available yet"
+    future = by_method["future"]
+    assert future["status"] == "skipped" and future["ratio"] is None
+    assert future["reason"] == "needs Python 99+"
     targets = {t["name"]: t for t in report["targets"]}
     assert targets["fast vs base"]["met"] is True and targets["fast vs base"]["ratio"] > 0
     assert targets["fast big vs base"]["met"] is None
@@ -202,3 +231,18 @@ def test_real_fork_and_reap_workloads_in_a_fresh_interpreter(tmp_path):
     assert {(r["workload"], r["status"]) for r in report["results"]} == {
         ("fork", "ok"), ("reap", "ok")}
     assert all(r["n"] == 3 for r in report["results"])
+
+
+def test_import_time_workload_in_a_fresh_interpreter(tmp_path):
+    path = tmp_path / "bench.json"
+    proc = run_cli(["--quick", "--only", "import", "--children", "2", "--rounds", "1",
+                    "--json", str(path)])
+    assert proc.returncode == 0, proc.stderr
+    rows = [m for m in map(ROW.match, proc.stdout.splitlines()) if m]
+    assert [m["method"] for m in rows] == ["import subprocess", "import fastfork"]
+    assert re.search(r"^  -> import fastfork is [\d.]+x import subprocess here; ", proc.stdout,
+                     re.M)
+    report = json.loads(path.read_text())
+    assert [r["status"] for r in report["results"]] == ["ok", "ok"]
+    assert all(r["per_child_s"] > 0 for r in report["results"])
+    assert "import fastfork vs import subprocess" in {t["name"] for t in report["targets"]}

@@ -7,6 +7,7 @@ at-fork hooks, audit hooks, rlimits, cgroups, interpreter shutdown) run in a
 fresh interpreter through ``procutil.run_python``.
 """
 import _imp
+import errno
 import json
 import math
 import os
@@ -141,108 +142,184 @@ def test_fork_with_threads_only_forking_thread_survives_and_warns_like_os(where,
         assert warned == []
 
 
+# Each entry point forks on a line marked "# at: NAME", with an idle thread
+# running; the script reports the warnings each one issued.
+THREADS_WARNING_SCRIPT = """
+import json, os, subprocess, threading, warnings, fastfork
+release = threading.Event()
+idle = threading.Thread(target=release.wait)
+idle.start()
+seen = {}
+
+def record(name, caught):
+    seen[name] = [[w.filename, w.lineno, w.category.__name__,
+                   str(w.message).replace(str(os.getpid()), "PID")] for w in caught]
+
+def fork_here(fork):
+    pid = fork()  # at: in-function
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fork_here(fork)
+    record(name + " in a function", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pid = os.fork()  # at: os
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+record("os", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    pid = fastfork.fork()  # at: fastfork
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+record("fastfork", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fastfork.map(abs, [-1])  # at: map
+record("map", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fastfork.start(abs, -1).result(timeout=30)  # at: start
+record("start", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    list(fastfork.as_completed(abs, [-1]))  # at: as_completed
+record("as_completed", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with fastfork.background(abs, -1) as child:  # at: background
+        child.wait(timeout=30)
+record("background", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with fastfork.ForkServer() as server:  # at: ForkServer
+        server.start(abs, -1).result(timeout=30)
+record("ForkServer", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    fastfork.spawn(["true"]).wait(timeout=30)
+record("spawn", caught)
+
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    subprocess.run(["true"])
+record("subprocess", caught)
+
+release.set()
+idle.join()
+print(json.dumps(seen))
+"""
+
+
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="os.fork warns about threads from 3.12")
-@pytest.mark.parametrize("how", ["map", "start"])
-def test_threads_warning_of_a_library_fork_names_the_callers_line(how):
-    release = threading.Event()
-    idle = threading.Thread(target=release.wait)
-    idle.start()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if how == "map":
-                fastfork.map(abs, [-1])
-            else:
-                fastfork.start(abs, -1).result(timeout=30)
-    finally:
-        release.set()
-        idle.join()
-    warned = [w for w in caught if w.category is DeprecationWarning]
-    assert [w.filename for w in warned] == [__file__]
+def test_threads_warning_names_the_line_that_forked_for_every_entry_point():
+    lines = {line.rpartition("# at: ")[2]: number
+             for number, line in enumerate(THREADS_WARNING_SCRIPT.splitlines(), 1)
+             if "# at: " in line}
+    seen = run_script(THREADS_WARNING_SCRIPT)
+
+    def warned_at(name):
+        return [["<string>", lines[name], "DeprecationWarning",
+                 "This process (pid=PID) is multi-threaded, use of fork() may lead to "
+                 "deadlocks in the child."]]
+
+    # fastfork.fork warns exactly as os.fork does, at module level and in a function.
+    assert seen["os"] == warned_at("os")
+    assert seen["fastfork"] == warned_at("fastfork")
+    assert seen["fastfork in a function"] == seen["os in a function"] == warned_at("in-function")
+    # The library's forks name the user's line that called into fastfork.
+    for name in ("map", "start", "as_completed", "background", "ForkServer"):
+        assert seen[name] == warned_at(name), name
+    # spawn creates its process vfork-style and execs at once: like subprocess, no warning.
+    assert seen["spawn"] == seen["subprocess"] == []
 
 
-def test_fork_without_threads_does_not_warn(reaper):
-    # A thread joined by an earlier test may linger in the kernel for a moment.
-    deadline = time.monotonic() + 5
-    while len(os.listdir("/proc/self/task")) > 1 and time.monotonic() < deadline:
-        time.sleep(0.001)
-    for fork in (os.fork, fastfork.fork):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pid = fork_and(fork, lambda: 0)
-        reaper.append(pid)
-        os.waitpid(pid, 0)
-        assert [w for w in caught if w.category is DeprecationWarning] == []
+@pytest.mark.parametrize("how", ["fork", "start"])
+def test_a_signal_during_an_at_fork_hook_is_not_lost_with_threads_running(how):
+    # While the hooks run, the forking thread blocks signals, but another
+    # thread can still receive one; its C-level handler sets a flag, and the
+    # Python-level handler would then run inside the hook, in the main thread,
+    # where what it raised would be printed as "Exception ignored" and lost.
+    call = {
+        "fork": "pid = fastfork.fork()\n    if pid == 0:\n        os._exit(0)",
+        "start": "fastfork.start(int).result(timeout=30)",
+    }[how]
+    proc = procutil.run_python(textwrap.dedent("""
+        import os, signal, threading, warnings, fastfork, procutil
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        go_r, go_w = os.pipe()
+        done_r, done_w = os.pipe()
 
+        def other_thread():
+            os.read(go_r, 1)
+            # raise() returns once this thread's C-level handler has run.
+            signal.raise_signal(signal.SIGINT)
+            os.write(done_w, b"!")
 
-@pytest.mark.skipif(sys.version_info < (3, 12), reason="os.fork warns about threads from 3.12")
-@pytest.mark.parametrize("action", ["error", "raise KeyboardInterrupt"])
-def test_an_exception_from_the_threads_warning_is_cleared_like_os(action, reaper):
-    # os.fork clears whatever the warning raises (PyErr_Clear): the fork
-    # happened, so the pid is returned -- and fork_call records it.
-    def interrupt(*args, **kwargs):
-        raise KeyboardInterrupt
+        helper = threading.Thread(target=other_thread)
+        helper.start()
+        armed = [1]
 
-    release = threading.Event()
-    idle = threading.Thread(target=release.wait)
-    idle.start()
-    registry = []
-    try:
-        with warnings.catch_warnings():
-            if action == "error":
-                warnings.simplefilter("error", DeprecationWarning)
-            else:
-                warnings.simplefilter("always")
-                warnings.showwarning = interrupt
-            try:
-                for fork in (os.fork, fastfork.fork):
-                    pid = fork_and(fork, lambda: 0)
-                    reaper.append(pid)
-                    assert type(pid) is int and pid > 0
-                pid = _core.fork_call(lambda: 0, registry)
-                reaper.append(pid)
-            except KeyboardInterrupt:  # would abort the whole pytest session
-                pytest.fail("KeyboardInterrupt escaped from fork")
-    finally:
-        release.set()
-        idle.join()
-    assert registry == [pid]
-    assert fastfork.reap(reaper) == [(p, 0) for p in reaper]
+        def before():
+            if armed:
+                armed.clear()
+                os.write(go_w, b"!")
+                os.read(done_r, 1)  # the signal has been received meanwhile
+                sum(range(100))  # bytecode, where a due Python-level handler runs
 
-
-def test_threads_warning_is_issued_around_the_after_fork_hooks_like_os():
-    # 3.12 warns before the after_in_parent hooks run, 3.13 after them: a hook
-    # that starts a thread makes the difference visible.
-    out = run_script("""
-        import json, os, threading, time, warnings, fastfork
-        release, started = threading.Event(), []
-        def start_thread():
-            t = threading.Thread(target=release.wait)
-            t.start()
-            started.append(t)
-        os.register_at_fork(after_in_parent=start_thread)
-
-        def kernel_threads():
-            with open("/proc/self/stat") as f:
-                return int(f.read().rpartition(")")[2].split()[17])
-        out = {}
-        for name, fork in (("os", os.fork), ("fastfork", fastfork.fork)):
-            while kernel_threads() > 1:  # a joined thread can linger in the kernel a moment
-                time.sleep(0.001)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                pid = fork()
-                if pid == 0:
-                    os._exit(0)
+        os.register_at_fork(before=before)
+        outcome = "lost"
+        try:
+            {call}
+        except KeyboardInterrupt:
+            outcome = "raised"
+        for pid in procutil.children():
             os.waitpid(pid, 0)
-            release.set()
-            started.pop().join()
-            release.clear()
-            out[name] = len(caught)
-        print(json.dumps(out))
-    """)
-    assert out["fastfork"] == out["os"]
-    assert out["fastfork"] == (1 if sys.version_info >= (3, 13) else 0)
+        helper.join()
+        print(outcome, signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    """).format(call=call))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["raised", "True"], proc.stderr
+    assert "Exception ignored" not in proc.stderr
+
+
+def test_a_signal_handler_set_by_an_at_fork_hook_stays_with_threads_running():
+    # Held signals get their handler back after the hooks, unless a hook set
+    # one of its own: here SIG_DFL, whose default action ends the process.
+    proc = procutil.run_python(textwrap.dedent("""
+        import os, signal, threading, warnings, fastfork
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with threads, 3.12+
+        signal.signal(signal.SIGUSR1, lambda *args: print("handled"))
+        release = threading.Event()
+        idle = threading.Thread(target=release.wait, daemon=True)
+        idle.start()
+        os.register_at_fork(before=lambda: signal.signal(signal.SIGUSR1, signal.SIG_DFL))
+        pid = fastfork.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print(signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL, flush=True)
+        signal.raise_signal(signal.SIGUSR1)  # its default action ends the process
+        print("survived")
+    """))
+    assert proc.stdout.split() == ["True"], proc.stderr
+    assert proc.returncode == -signal.SIGUSR1, proc.stderr
 
 
 @FORKS
@@ -1202,7 +1279,7 @@ def test_reap_interrupted_hands_over_what_it_already_reaped():
         if slow == 0:
             time.sleep(30)
             os._exit(0)
-        time.sleep(0.1)  # the fast child has exited
+        os.waitid(os.P_PID, fast, os.WEXITED | os.WNOWAIT)  # the fast child has exited
         def interrupt(*args):
             raise KeyboardInterrupt
         signal.signal(signal.SIGALRM, interrupt)
@@ -1216,3 +1293,49 @@ def test_reap_interrupted_hands_over_what_it_already_reaped():
         print(json.dumps([reaped == [(fast, 3 << 8)], fastfork.reap([slow]) == [(slow, 9)]]))
     """)
     assert out == [True, True]
+
+
+# ------------------------------------------------------------------ owned fds
+
+
+def test_owned_fds_are_recorded_forgotten_and_closed():
+    r, w = os.pipe()
+    try:
+        assert _core.own_fd(r) == r
+        assert r in _core.owned_fds() and w not in _core.owned_fds()
+        _core.disown_fd(r)
+        assert r not in _core.owned_fds()
+        _core.own_fd(w)
+    finally:
+        os.close(r)
+    _core.close_owned(w)
+    assert w not in _core.owned_fds()
+    with pytest.raises(OSError) as info:
+        _core.close_owned(w)  # closed already
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(ValueError):
+        _core.own_fd(-1)
+    with pytest.raises(TypeError):
+        _core.own_fd("3")
+
+
+def owned_fd_seen_by_child(fd):
+    """In a fastfork child: is ``fd`` still owned, and still open?"""
+    try:
+        os.fstat(fd)
+        is_open = True
+    except OSError:
+        is_open = False
+    return [fd in _core.owned_fds(), is_open]
+
+
+def test_fastfork_children_close_every_owned_fd_first():
+    r, w = os.pipe()
+    _core.own_fd(r)
+    try:
+        assert fastfork.start(owned_fd_seen_by_child, r).result(timeout=30) == [False, False]
+        assert fastfork.map(owned_fd_seen_by_child, [r]) == [[False, False]]
+        assert r in _core.owned_fds()  # the parent's copy is untouched
+    finally:
+        _core.close_owned(r)
+        os.close(w)

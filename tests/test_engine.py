@@ -5,8 +5,8 @@ pipe without blocking first; a result that overfills the pipe makes it ring the
 fan-out's doorbell with its slot number, and the parent drains that pipe while
 it waits. These tests aim at that path (results around the pipe's capacity,
 many children ringing at once, a child killed mid-write), at stopping (timeouts,
-stop_on_failure, closing early, close() and the __dealloc__ safety net) and at
-which fds the children hold. The autouse guard in conftest.py checks after each
+stop_on_failure, closing early, close() and the __dealloc__ safety net), at
+which fds the children hold and at the traceback a failing child sends. The autouse guard in conftest.py checks after each
 test that no child process or fd was left behind.
 """
 import contextlib
@@ -16,6 +16,7 @@ import gc
 import itertools
 import os
 import pickle
+import re
 import select
 import signal
 import textwrap
@@ -28,7 +29,6 @@ import pytest
 import fastfork
 import procutil
 from fastfork import _core
-from fastfork.child import _owned_fds
 
 PIPE_CAPACITY = 1 << 16         # Linux's default pipe capacity
 HEADER = 9                      # the frame's kind byte and 8-byte length
@@ -134,7 +134,7 @@ def test_as_completed_results_around_the_pipe_capacity():
 
 def shrink_pipes_then_blob(item):
     """In a map child: shrink its pipes (the result pipe, the doorbell) to one page first."""
-    fds = sorted(_owned_fds)  # in a fan-out child: exactly its result pipe and the doorbell
+    fds = _core.owned_fds()  # in a fan-out child: exactly its result pipe and the doorbell
     assert len(fds) == 2, fds
     for fd in fds:
         fcntl.fcntl(fd, F_SETPIPE_SZ, 4096)
@@ -214,7 +214,7 @@ def stall_mid_write(item):
     """
     marker, n = item
     mark = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    fds = set(_owned_fds)  # the result pipe and the doorbell
+    fds = set(_core.owned_fds())  # the result pipe and the doorbell
     syscall = f"/proc/self/task/{os.getpid()}/syscall"
 
     def watch():
@@ -278,12 +278,15 @@ def stubborn_or_writer(kind):
         return kind
     if kind == "stubborn":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        os.write(SYNC_W, b"s")
         time.sleep(30)
     time.sleep(0.1)  # let "quick" finish first
+    os.write(SYNC_W, b"w")
     return blob(50 << 20)  # overfills its pipe: blocks while nobody drains it
 
 
-def test_closing_as_completed_stops_writers_blocked_on_a_full_pipe_and_stubborn_children():
+def test_closing_as_completed_stops_writers_blocked_on_a_full_pipe_and_stubborn_children(
+        sync_pipe):
     before = procutil.children()
     fds_before = procutil.open_fds()
     started = time.monotonic()
@@ -291,7 +294,7 @@ def test_closing_as_completed_stops_writers_blocked_on_a_full_pipe_and_stubborn_
                                 jobs=4, grace=0.3)
     with contextlib.closing(gen):
         assert next(gen) == (0, "quick")
-        time.sleep(0.2)  # the writers fill their pipes, ring, and block: nobody drains now
+        wait_readable(sync_pipe, 3)  # the writers fill their pipes and block: nobody drains now
         assert len(procutil.children() - before) == 3
     assert procutil.children() - before == set()
     assert procutil.open_fds() == fds_before
@@ -452,12 +455,72 @@ def test_map_decodes_results_only_after_every_child_exited():
     assert got == {0: base + 2, 1: 1.0, 2: 1.0}
 
 
-# --------------------------------------------- 7. _core.FanOut used directly
+# --------------------------------------------- 7. the child's traceback
+
+
+def raise_value_error(item):
+    raise ValueError(f"bad item {item}")
+
+
+def unpicklable_result(_):
+    return threading.Lock()
+
+
+TRACEBACK_FRAME = re.compile(r'^  File "([^"]+)", line \d+, in (\S+)$', re.MULTILINE)
+
+
+@pytest.mark.parametrize("how", ["map", "as_completed", "start"])
+def test_a_childs_traceback_shows_the_users_frames_only(how):
+    # The frames that call the function in the child are fastfork's own (its
+    # compiled core): they tell the user nothing and are left out.
+    with pytest.raises(fastfork.ChildError) as info:
+        if how == "map":
+            fastfork.map(raise_value_error, [1], timeout=NO_DEADLOCK)
+        elif how == "as_completed":
+            list(fastfork.as_completed(raise_value_error, [1], timeout=NO_DEADLOCK))
+        else:
+            fastfork.start(raise_value_error, 1).result(timeout=NO_DEADLOCK)
+    text = info.value.remote_traceback
+    assert text.startswith("Traceback (most recent call last):\n"), text
+    assert TRACEBACK_FRAME.findall(text) == [(__file__, "raise_value_error")], text
+    assert text.endswith("ValueError: bad item 1\n"), text
+
+
+def test_traceback_of_an_unpicklable_result_has_no_frame_of_fastfork():
+    with pytest.raises(fastfork.ChildError) as info:
+        fastfork.map(unpicklable_result, [1], timeout=NO_DEADLOCK)
+    text = info.value.remote_traceback
+    assert TRACEBACK_FRAME.findall(text) == [], text
+    assert "cannot pickle" in text, text
+
+
+def test_a_traceback_printed_by_the_child_shows_the_users_frames_only():
+    proc = procutil.run_python(textwrap.dedent("""
+        import fastfork
+
+        def fail(item):
+            raise ValueError(f"bad item {item}")
+
+        for error in fastfork.map(fail, [1], return_exceptions=True, print_traceback=True):
+            print(type(error).__name__)
+        try:
+            fastfork.start_child(fail, (2,), print_traceback=True).result(timeout=30)
+        except fastfork.ChildError:
+            print("ChildError")
+    """))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ChildError", "ChildError"], proc.stderr
+    frames = TRACEBACK_FRAME.findall(proc.stderr)
+    assert frames == [("<string>", "fail")] * 2, proc.stderr
+    assert "bad item 1" in proc.stderr and "bad item 2" in proc.stderr
+
+
+# --------------------------------------------- 8. _core.FanOut used directly
 
 
 def test_engine_steps_until_done_and_reports_whole_outcomes():
     fds_before = procutil.open_fds()
-    owned_before = set(_owned_fds)
+    owned_before = set(_core.owned_fds())
     items = [(0, 5), (1, PIPE_CAPACITY * 3), (2, 0), (3, 1 << 20)]
     engine = new_engine(make_blob, items, 2)
     outcomes = []
@@ -474,14 +537,14 @@ def test_engine_steps_until_done_and_reports_whole_outcomes():
         assert (returncode, kind, timed_out, lost) == (0, b"R", False, False)
         assert pickle.loads(payload) == make_blob(item)
     assert procutil.open_fds() == fds_before
-    assert _owned_fds == owned_before
+    assert set(_core.owned_fds()) == owned_before
 
 
 def test_engine_close_twice_is_safe():
     # A second close() finds the slots freed and returns. Run in a fresh
     # interpreter, so that a crash fails this test, not the whole session.
     code = textwrap.dedent("""
-        import pickle, fastfork, procutil
+        import pickle, fastfork.child, procutil  # fastfork.child registers the engine's fd set
         from fastfork import _core
         def double(x):
             return 2 * x
@@ -534,7 +597,7 @@ def sync_pipe():
 def test_engine_close_stops_running_children(sync_pipe):
     before = procutil.children()
     fds_before = procutil.open_fds()
-    owned_before = set(_owned_fds)
+    owned_before = set(_core.owned_fds())
     engine = new_engine(quick_sleeper_stubborn_stopped,
                         ["quick", "sleeper", "stubborn", "stopped"], 4)
     try:
@@ -553,28 +616,28 @@ def test_engine_close_stops_running_children(sync_pipe):
     assert elapsed >= 0.3 * 0.99  # the stubborn child had its grace before SIGKILL
     assert engine.done_running and engine.step() == []  # outcomes of stopped children dropped
     assert procutil.open_fds() == fds_before
-    assert _owned_fds == owned_before
+    assert set(_core.owned_fds()) == owned_before
 
 
-def test_engine_deleted_while_children_run_kills_and_reaps_them():
+def test_engine_deleted_while_children_run_kills_and_reaps_them(sync_pipe):
     # The __dealloc__ safety net: an engine dropped without close() (no Python
     # code can run there) SIGKILLs and reaps its children and closes its fds,
     # a child blocked writing into its full pipe included.
     before = procutil.children()
     fds_before = procutil.open_fds()
-    owned_before = set(_owned_fds)
+    owned_before = set(_core.owned_fds())
     engine = new_engine(stubborn_or_writer, ["quick", "stubborn", "big"], 3)
     [outcome] = engine.step()
     assert outcome[:2] == (0, "quick")
     running = procutil.children() - before
     assert len(running) == 2
-    time.sleep(0.3)  # "big" is blocked writing by now: step() no longer drains its pipe
+    wait_readable(sync_pipe, 2)  # "big" is writing: step() no longer drains its pipe
     del engine, outcome
     gc.collect()
     assert procutil.children() & running == set()  # no zombie: reaped in __dealloc__
     assert all(procutil.state(pid) is None for pid in running)
     assert procutil.open_fds() == fds_before
-    assert _owned_fds == owned_before
+    assert set(_core.owned_fds()) == owned_before
 
 
 def test_big_results_with_sigchld_ignored():
@@ -596,7 +659,7 @@ def test_big_results_with_sigchld_ignored():
     assert proc.stdout.splitlines() == [str(sizes), str(sizes), "0"]
 
 
-# --------------------------------------------- 8. another thread starting children
+# --------------------------------------------- 9. another thread starting children
 
 
 def pipes_held(_):

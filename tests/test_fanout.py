@@ -14,7 +14,6 @@ import pytest
 
 import fastfork
 import procutil
-from fastfork import _core
 
 
 def double(x):
@@ -59,7 +58,7 @@ def test_exception_travels_back_with_traceback():
 
 
 @pytest.mark.parametrize("exc, code", [
-    (SystemExit(3), 3), (SystemExit(None), 0), (SystemExit("msg"), 1),
+    (SystemExit(3), 3), (SystemExit(257), 1), (SystemExit("msg"), 1),
     (KeyboardInterrupt(), 1), (GeneratorExit(), 1),
 ])
 def test_base_exceptions_end_in_exit(exc, code):
@@ -70,6 +69,34 @@ def test_base_exceptions_end_in_exit(exc, code):
         child.result()
     assert child.returncode == code
     assert info.value.exc_type == type(exc).__name__
+
+
+@pytest.mark.parametrize("exc", [SystemExit(), SystemExit(None), SystemExit(0),
+                                 SystemExit(False), SystemExit(256)])
+def test_exit_status_zero_is_a_success_with_result_none(exc):
+    def exits():
+        raise exc
+    child = fastfork.start(exits)
+    assert child.result() is None and child.returncode == 0
+
+
+def test_exit_status_zero_in_a_fan_out_or_a_fork_server():
+    # Neither fails the map nor stops later items.
+    assert fastfork.map(lambda x: sys.exit() if x == 0 else x, range(4), jobs=1) == [
+        None, 1, 2, 3]
+    with fastfork.ForkServer() as server:
+        assert server.start(sys.exit, 0).result() is None
+
+
+def test_an_exception_without_text_ends_its_message_with_its_name():
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(fastfork.ChildError) as info:
+        fastfork.start(interrupted).result()
+    assert info.value.message.endswith("raised: KeyboardInterrupt")
+    with pytest.raises(fastfork.ChildError) as info:
+        fastfork.start(sys.exit, 4).result()
+    assert info.value.message.endswith("exited: SystemExit: 4")
 
 
 def test_result_timeout_raises_timeout_expired_then_succeeds():
@@ -213,6 +240,12 @@ def test_as_completed_close_stops_running_children():
     gen.close()  # the two sleepers are stopped and reaped (checked by the autouse guard)
 
 
+def test_closing_chunked_as_completed_stops_running_children():
+    gen = fastfork.as_completed(sleep_then, [0.0, 0.0, 30, 30], jobs=2, chunksize=2)
+    assert next(gen) == (0, 0.0)
+    gen.close()  # the chunk of sleepers is stopped and reaped (checked by the autouse guard)
+
+
 def test_timeout_stops_sleeper_stubborn_and_stopped_children():
     def stubborn(x):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -222,10 +255,12 @@ def test_timeout_stops_sleeper_stubborn_and_stopped_children():
         os.kill(os.getpid(), signal.SIGSTOP)
         return x
 
-    out = fastfork.map(sleep_then, [30, 0.0], timeout=0.3, return_exceptions=True)
+    # Timeouts long enough for a busy machine to start the children and let the
+    # quick one finish, and the stubborn one install its handler.
+    out = fastfork.map(sleep_then, [30, 0.0], timeout=1.0, return_exceptions=True)
     assert isinstance(out[0], fastfork.ChildError) and out[0].returncode == -signal.SIGTERM
     assert "timed out" in str(out[0]) and out[1] == 0.0
-    [err] = fastfork.map(stubborn, [1], timeout=0.3, grace=0.2, return_exceptions=True)
+    [err] = fastfork.map(stubborn, [1], timeout=1.0, grace=0.2, return_exceptions=True)
     assert err.returncode == -signal.SIGKILL
     [err] = fastfork.map(stops_itself, [1], timeout=0.3, return_exceptions=True)
     assert err.returncode is not None and "timed out" in str(err)
@@ -276,7 +311,9 @@ def test_pickling_that_crashes_or_exits(how, returncode):
 
 def test_killed_mid_result_is_never_unpickled():
     child = fastfork.start(lambda: b"y" * (50 * 2**20))
-    time.sleep(0.2)  # let it fill the pipe and block in write
+    # Once bytes arrive the child is writing; nobody drains the pipe, so it
+    # cannot get past the first 64 KiB of the 50 MiB frame.
+    procutil.wait_readable(child._result_fd)
     child.kill()
     with pytest.raises(fastfork.ChildError) as info:
         child.result()
@@ -373,10 +410,10 @@ def test_fork_retry_then_fork_error(fork_fault):
     assert info.value.started == 3 and isinstance(info.value, OSError)
 
 
-def test_fork_failure_in_start_leaves_nothing_open(monkeypatch):
-    def enomem(fn, registry, pdeathsig=0):
+def test_fork_failure_in_start_leaves_nothing_open(fork_fault):
+    def enomem():
         raise OSError(errno.ENOMEM, os.strerror(errno.ENOMEM))
-    monkeypatch.setattr(_core, "fork_call", enomem)
+    fork_fault(enomem)
     with pytest.raises(OSError) as info:
         fastfork.start(double, 1)
     assert info.value.errno == errno.ENOMEM
@@ -392,13 +429,19 @@ def test_background_stops_with_sigterm_on_exit():
 
 
 def test_background_sigint_lets_a_server_shut_down_cleanly():
+    ready = procutil.Ready()
+
     def server():
+        # SIGINT raises KeyboardInterrupt here even when this test run was
+        # started with SIGINT ignored (nohup, a background job).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
+            ready.signal()
             time.sleep(30)
         except KeyboardInterrupt:
             return "clean"
-    with fastfork.background(server, stop_signal=signal.SIGINT) as child:
-        time.sleep(0.1)  # let the child install nothing and block in sleep
+    with ready, fastfork.background(server, stop_signal=signal.SIGINT) as child:
+        ready.wait()
     assert child.result() == "clean"
 
 
@@ -564,7 +607,7 @@ def test_child_holds_only_its_own_fds():
     assert proc.returncode == 0, proc.stderr
     for fds in eval(proc.stdout):
         # stdin/stdout/stderr, the child's own result pipe, the fan-out's
-        # doorbell (see test_case21 in test_reliability.py), listdir's own fd
+        # doorbell (see test_a_child_holds_only_its_own_fds in test_reliability.py), listdir's own fd
         assert len(fds) == 6 and fds[:3] == [0, 1, 2], fds
 
 

@@ -205,13 +205,16 @@ def test_seccomp_clone3_errno_also_blocks_threads():
 def test_subreaper_reaps_and_counts_what_the_code_leaves_behind():
     code = """
     import os, time
-    if os.fork() == 0:            # a child that orphans a sleeping grandchild
+    first = os.fork()
+    if first == 0:                # a child that orphans a sleeping grandchild
         if os.fork() == 0:
             time.sleep(60)
         os._exit(0)
-    if os.fork() == 0:            # a child never reaped: a zombie at exit
+    second = os.fork()
+    if second == 0:               # a child never reaped: a zombie at exit
         os._exit(0)
-    time.sleep(0.2)
+    for pid in (first, second):   # wait until both have exited, leaving them unreaped
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
     """
     result = faultlib.run_contained(textwrap.dedent(code))
     assert result.returncode == 0, result.stderr

@@ -1,14 +1,20 @@
 """The package surface: exports, the import errors, the console entry points."""
+import fnmatch
 import glob
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 
 import pytest
 
 import fastfork
 import procutil
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_all_names_exist_and_exceptions_say_fastfork():
@@ -17,6 +23,63 @@ def test_all_names_exist_and_exceptions_say_fastfork():
     for exc in (fastfork.FastforkError, fastfork.ChildError, fastfork.ForkError,
                 fastfork.TimeoutExpired, fastfork.ServerError):
         assert exc.__module__ == "fastfork"
+
+
+def test_dir_lists_every_export_and_unknown_names_raise_attribute_error():
+    assert set(fastfork.__all__) <= set(dir(fastfork))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        fastfork.no_such_name
+    assert fastfork.__version__ == __import__("fastfork._version").__version__
+
+
+def loaded_by(code):
+    """Run ``code`` in a fresh interpreter; return the modules it added to sys.modules."""
+    proc = procutil.run_python(
+        "import sys\nbefore = set(sys.modules)\n" + code
+        + "\nprint(' '.join(sorted(set(sys.modules) - before)))")
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stdout.split())
+
+
+# Modules that only some capabilities need: importing fastfork must not load them.
+NOT_ON_IMPORT = {"pickle", "socket", "subprocess", "dataclasses", "inspect", "typing",
+                 "threading", "multiprocessing", "fastfork._core", "fastfork.commands",
+                 "fastfork.server", "fastfork.fanout", "fastfork.shared", "fastfork.benchmark",
+                 "fastfork._workloads", "fastfork.runner", "fastfork.cli"}
+
+
+def test_import_fastfork_loads_only_the_package_itself():
+    loaded = loaded_by("import fastfork")
+    assert loaded == {"fastfork", "fastfork._version"}, loaded - NOT_ON_IMPORT
+
+
+def test_a_capability_loads_what_it_needs_on_first_use():
+    loaded = loaded_by("import fastfork\nfastfork.fork")
+    assert "fastfork._core" in loaded
+    assert not loaded & {"socket", "fastfork.server", "fastfork.commands", "fastfork.benchmark"}
+    loaded = loaded_by("from fastfork import ForkServer")
+    assert {"fastfork.server", "socket"} <= loaded
+
+
+def test_fastfork_run_does_not_load_the_benchmark():
+    loaded = loaded_by("from fastfork import cli\n"
+                       "cli.main(['run', '-n', '1', '--', 'true'])")
+    assert "fastfork.runner" in loaded
+    assert not loaded & {"fastfork.benchmark", "fastfork._workloads", "multiprocessing"}
+
+
+def test_first_use_at_interpreter_shutdown_is_a_runtime_error():
+    proc = procutil.run_python(
+        "import fastfork, os\n"
+        "class AtShutdown:\n"
+        "    def __del__(self, write=os.write):\n"
+        "        try:\n"
+        "            fastfork.ForkServer\n"
+        "        except RuntimeError as exc:\n"
+        "            write(1, str(exc).encode())\n"
+        "keeper = AtShutdown()  # collected while the interpreter finalizes\n")
+    assert proc.returncode == 0, proc.stderr
+    assert "fastfork.ForkServer was first used while the interpreter shuts down" in proc.stdout
 
 
 def test_drop_ins_are_compiled_not_aliases():
@@ -56,22 +119,101 @@ def test_stubs_and_marker_ship_with_the_package():
     assert glob.glob(os.path.join(package_dir, "_core.pyi"))
 
 
-def test_sdist_manifest_takes_every_source_file_the_build_needs():
-    # setup.py compiles src/_core.pyx, which includes the .pxi files and links
-    # the .c files: an sdist without one of them cannot be built.
-    import fnmatch
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    manifest = os.path.join(repo, "MANIFEST.in")
-    if not os.path.exists(manifest):
+# ---------------------------------------------------------------- what is shipped
+
+# Top-level files and folders the sdist must carry whole: what builds the
+# extension and what tests it (tests/ runs the README's tour and the examples).
+SHIPPED_FILES = ("LICENSE", "README.md", "pyproject.toml", "setup.py")
+SHIPPED_DIRS = ("fastfork", "src", "tests", "bench", "examples")
+# What a checkout holds in those folders that is made, not written.
+BUILD_PRODUCTS = ("*.so", "*.o", "*.pyc", "*.html", "src/_core.c")
+# Build outputs and caches in a checkout, left out of the copy the sdist is built from.
+CHECKOUT_LEFTOVERS = (".git", "build", "dist", "*.egg-info", "__pycache__", ".hypothesis",
+                      ".benchmarks", ".pytest_cache", "*.so", "*.o", "_core.c", "_core.html")
+# What setuptools adds to every sdist.
+SDIST_METADATA = ("PKG-INFO", "setup.cfg", "MANIFEST.in", "fastfork.egg-info/*")
+
+
+def _source_files():
+    """The checkout's files that belong in the sdist, relative to the checkout."""
+    found = set(SHIPPED_FILES)
+    for top in SHIPPED_DIRS:
+        for dirpath, dirnames, filenames in os.walk(os.path.join(REPO, top)):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+            for name in filenames:
+                path = os.path.relpath(os.path.join(dirpath, name), REPO)
+                if not any(fnmatch.fnmatch(path, p) for p in BUILD_PRODUCTS):
+                    found.add(path)
+    return found
+
+
+@pytest.fixture(scope="session")
+def distributions(tmp_path_factory):
+    """The sdist, and the wheel built from it (not from the tree), once per session.
+
+    Returns (sdist member names relative to its top folder, wheel path).
+    """
+    if not all(os.path.exists(os.path.join(REPO, name)) for name in ("setup.py", "src")):
         pytest.skip("needs the source checkout (the tests run from a copy)")
-    with open(manifest) as f:
-        rules = [line.split() for line in f if line.strip()]
-    patterns = [p for rule in rules if rule[:2] == ["recursive-include", "src"] for p in rule[2:]]
-    excluded = [rule[1] for rule in rules if rule[0] == "exclude"]
-    needed = [os.path.relpath(path, repo)
-              for path in glob.glob(os.path.join(repo, "src", "*"))
-              if not path.endswith((".so", ".html")) and "_core.c" not in path]
-    assert needed, "no source files found"
-    for path in needed:
-        assert path not in excluded, path
-        assert any(fnmatch.fnmatch(os.path.basename(path), p) for p in patterns), path
+    if importlib.util.find_spec("build") is None:
+        pytest.skip("building the sdist and wheel needs the 'build' package "
+                    "(pip install build, or the 'test' extra)")
+    # From a copy without build leftovers: setuptools adds to an sdist every file
+    # listed in a stale fastfork.egg-info, whatever MANIFEST.in says now.
+    tree = tmp_path_factory.mktemp("checkout") / "fastfork"
+    shutil.copytree(REPO, tree, ignore=shutil.ignore_patterns(*CHECKOUT_LEFTOVERS))
+    out = tmp_path_factory.mktemp("dist")
+    # Without --sdist/--wheel, build makes the sdist, unpacks it and builds the wheel from it.
+    proc = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(tree)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    (sdist,) = out.glob("*.tar.gz")
+    (wheel,) = out.glob("*.whl")
+    with tarfile.open(sdist) as tar:
+        members = [m.name.split("/", 1)[1] for m in tar.getmembers() if m.isfile()]
+    return members, wheel
+
+
+@pytest.mark.timeout(900)
+def test_sdist_holds_what_builds_and_tests_the_package_and_nothing_else(distributions):
+    members, _ = distributions
+    missing = _source_files() - set(members)
+    assert not missing, f"the sdist lacks {sorted(missing)} (see MANIFEST.in)"
+    extra = [name for name in members if name not in _source_files()
+             and not any(fnmatch.fnmatch(name, p) for p in SDIST_METADATA)]
+    assert not extra, f"the sdist carries {extra}"
+
+
+@pytest.mark.timeout(900)
+def test_wheel_holds_the_package_stubs_and_licence_but_no_sources(distributions):
+    _, wheel = distributions
+    with zipfile.ZipFile(wheel) as whl:
+        names = whl.namelist()
+        info = next(n for n in names if n.endswith(".dist-info/METADATA"))
+        metadata = whl.read(info).decode()
+    package = {n for n in names if n.startswith("fastfork/")}
+    modules = {f"fastfork/{name}" for name in os.listdir(os.path.join(REPO, "fastfork"))
+               if name.endswith(".py")}
+    assert modules <= package, sorted(modules - package)
+    assert {"fastfork/py.typed", "fastfork/_core.pyi"} <= package
+    assert len(fnmatch.filter(package, "fastfork/_core.*.so")) == 1, sorted(package)
+    assert not [n for n in names if n.endswith((".pyx", ".pxi", ".pxd", ".c", ".h"))]
+    assert not [n for n in names if n.startswith(("tests/", "bench/", "examples/", "src/"))]
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), names
+    assert "License-Expression: MIT" in metadata.splitlines()
+    version = {}
+    with open(os.path.join(REPO, "fastfork", "_version.py")) as f:
+        exec(f.read(), version)
+    assert f"Version: {version['__version__']}" in metadata.splitlines()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf (binutils)")
+def test_wheel_extension_carries_no_symbol_table_or_debug_information(distributions, tmp_path):
+    _, wheel = distributions
+    with zipfile.ZipFile(wheel) as whl:
+        (extension,) = fnmatch.filter(whl.namelist(), "fastfork/_core.*.so")
+        path = whl.extract(extension, tmp_path)
+    sections = subprocess.run(["readelf", "-S", "-W", path], capture_output=True, text=True,
+                              check=True).stdout
+    assert ".symtab" not in sections and ".debug_" not in sections, sections

@@ -53,9 +53,25 @@ def sleepy(seconds):
     return seconds
 
 
-def ignore_term_and_sleep(seconds):
+def ignore_term_and_sleep(seconds, ready_path=None):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if ready_path:
+        procutil.signal_ready(ready_path)
     time.sleep(seconds)
+
+
+def ready_then_sleep(ready_path, seconds):
+    procutil.signal_ready(ready_path)
+    time.sleep(seconds)
+
+
+def kill_my_server_or_sleep(kill):
+    """The server's children are its own children: os.getppid() is the server."""
+    if kill:
+        os.kill(os.getppid(), signal.SIGKILL)
+    time.sleep(30)
+
+
 
 
 def square_or_exit(x):
@@ -154,9 +170,9 @@ def test_open_is_explicit_and_idempotent():
 
 
 def test_close_stops_running_children():
-    with ForkServer(preload=["test_server"]) as srv:
-        children = [srv.start(sleepy, 60), srv.start(ignore_term_and_sleep, 60)]
-        time.sleep(0.2)  # let the second one install its handler
+    with procutil.Ready() as ready, ForkServer(preload=["test_server"]) as srv:
+        children = [srv.start(sleepy, 60), srv.start(ignore_term_and_sleep, 60, ready.path)]
+        ready.wait()  # the second one has installed its handler
         grandchildren = procutil.children(srv.pid)
         assert {c.pid for c in children} <= grandchildren
     assert [c.returncode for c in children] == [-signal.SIGTERM, -signal.SIGKILL]
@@ -237,14 +253,9 @@ def test_server_killed_during_map_raises_server_error():
     srv = ForkServer(preload=["test_server"])
     try:
         srv.open()
-        victim = srv.pid
-        killer = __import__("threading").Timer(0.5, os.kill, (victim, signal.SIGKILL))
-        killer.start()
-        try:
-            with pytest.raises(ServerError):
-                srv.map(sleepy, [30] * 4, jobs=2)
-        finally:
-            killer.join()
+        # The first child kills the server while the map runs.
+        with pytest.raises(ServerError):
+            srv.map(kill_my_server_or_sleep, [False, True, False, False], jobs=2)
     finally:
         srv.close()
 
@@ -270,14 +281,26 @@ def test_caller_killed_takes_server_and_children_down():
 
 
 CTRL_C = """
-import os, signal, sys, threading, time
+import functools, os, signal, sys, threading, time
 sys.path.insert(0, {here!r})
 import fastfork, procutil
 import test_server
-with fastfork.ForkServer(preload=["test_server"]) as srv:
-    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+from fastfork._scheduler import drive
+# SIGINT raises KeyboardInterrupt, even if this test run was started with SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+main = threading.get_ident()
+ready = procutil.Ready()
+
+def ctrl_c_once_the_map_waits():
+    ready.wait(3)   # three children run
+    while sys._current_frames()[main].f_code is not drive.__code__:
+        time.sleep(0.001)   # the map is still starting them
+    os.kill(os.getpid(), signal.SIGINT)
+
+with ready, fastfork.ForkServer(preload=["test_server"]) as srv:
+    threading.Thread(target=ctrl_c_once_the_map_waits).start()
     try:
-        srv.map(test_server.sleepy, [30] * 6, jobs=3)
+        srv.map(functools.partial(test_server.ready_then_sleep, ready.path), [30] * 6, jobs=3)
     except KeyboardInterrupt:
         print("interrupted", len(procutil.children(srv.pid)), flush=True)
 print("left", len(procutil.descendants()), flush=True)
@@ -399,8 +422,9 @@ def test_terminate_stop_and_context_manager(server):
     child = server.start(sleepy, 60)
     child.terminate()
     assert child.wait(30) == -signal.SIGTERM
-    stubborn = server.start(ignore_term_and_sleep, 60)
-    time.sleep(0.2)
+    with procutil.Ready() as ready:
+        stubborn = server.start(ignore_term_and_sleep, 60, ready.path)
+        ready.wait()  # it has installed its handler
     assert stubborn.stop(timeout=0.2) == -signal.SIGKILL
     with server.start(sleepy, 60) as child:
         pass
@@ -441,7 +465,7 @@ def test_map_return_exceptions(server):
 
 
 def test_map_timeout_stops_the_slow_item(server):
-    out = server.map(sleepy, [0.01, 60], timeout=0.5, return_exceptions=True)
+    out = server.map(sleepy, [0.01, 60], timeout=2, return_exceptions=True)
     assert out[0] == 0.01
     assert isinstance(out[1], ChildError) and "timed out" in str(out[1])
 
@@ -451,12 +475,21 @@ def test_as_completed_yields_everything(server):
     assert got == {i: i * i for i in range(6)}
 
 
+def test_closing_chunked_as_completed_stops_running_children(server):
+    gen = server.as_completed(sleepy, [0, 0, 30, 30], jobs=2, chunksize=2)
+    assert next(gen) == (0, 0)
+    gen.close()
+    assert procutil.children(server.pid) == set()
+
+
 def test_background_stops_the_child(server):
     with server.background(sleepy, 60, grace=5) as child:
         assert child.poll() is None
     assert child.returncode == -signal.SIGTERM
-    with server.background(sleepy, 60, stop_signal=signal.SIGINT) as child:
-        time.sleep(0.2)
+    with procutil.Ready() as ready:
+        with server.background(ready_then_sleep, ready.path, 60,
+                               stop_signal=signal.SIGINT) as child:
+            ready.wait()  # it runs, with the SIGINT handler of a child forked here
     assert child.returncode == 1  # KeyboardInterrupt raised in the child
 
 

@@ -1,7 +1,8 @@
 """Load and soak: many concurrent children, many fork/reap cycles, a chaos mix.
 
-The default run has short versions (together well under a minute on 2 cores);
-``pytest -m soak`` runs the long ones and prints their figures. Every run ends
+The default run has short versions (a few seconds on 2 cores); ``pytest -m
+soak`` runs the long ones (10,000 concurrent children, 100,000 fork/reap
+cycles, the chaos mix at length) and prints their figures. Every run ends
 with 0 zombies, the fd count unchanged and RSS growth of a few MB at most.
 """
 import json
@@ -117,9 +118,9 @@ def _cycles(threads, per_thread):
 
 # ---------------------------------------------------------------- default run
 
-def test_two_waves_of_1000_concurrent_children():
+def test_two_waves_of_200_concurrent_children():
     budget = _Budget()
-    _waves(2, 1000)
+    _waves(2, 200)
     budget.check()
 
 
@@ -129,9 +130,9 @@ def test_map_wave_of_300_concurrent_children():
     budget.check()
 
 
-def test_4000_fork_reap_cycles_from_4_threads():
+def test_1000_fork_reap_cycles_from_4_threads():
     budget = _Budget()
-    _cycles(4, 1000)
+    _cycles(4, 250)
     budget.check()
 
 

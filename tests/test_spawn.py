@@ -333,8 +333,9 @@ def test_timeouts_escalate_from_sigterm_to_sigkill():
                          grace=0.3)
     assert [(r.returncode, r.timed_out) for r in results] == [
         (-signal.SIGTERM, True), (-signal.SIGKILL, True), (0, False)]
-    with spawn(TRAPS_TERM) as proc:
-        time.sleep(0.1)  # let sh install the trap before it execs sleep
+    with procutil.Ready() as ready, spawn(
+            ["sh", "-c", "trap '' TERM; echo > \"$0\"; exec sleep 30", ready.path]) as proc:
+        ready.wait()  # sh has installed the trap
         assert proc.stop(timeout=0.3) == -signal.SIGKILL
     with spawn(["sleep", "30"]) as proc:
         with pytest.raises(fastfork.TimeoutExpired):
@@ -388,9 +389,9 @@ def test_ctrl_c_during_spawn_many_stops_and_reaps_everything():
     code = textwrap.dedent("""
         import os, signal, threading, procutil
         from fastfork import spawn_many
-        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
         try:
-            spawn_many([["sleep", "30"]] * 20, jobs=4, grace=0.5,
+            spawn_many([["sh", "-c", "kill -INT $PPID; exec sleep 30"]] + [["sleep", "30"]] * 19,
+                       jobs=4, grace=0.5,
                        callback=lambda i, r: print("finished", i))
         except KeyboardInterrupt:
             print("KeyboardInterrupt", sorted(procutil.descendants()))
@@ -426,7 +427,7 @@ def test_die_with_parent():
 
 
 def test_exec_path_cannot_create_a_process_seccomp():
-    """RELIABILITY case 3: clone fails -- a clean BlockingIOError, nothing left open."""
+    """clone fails (seccomp): a clean BlockingIOError, nothing left open."""
     code = textwrap.dedent("""
         import importlib, os, procutil
         s = importlib.import_module("fastfork.commands")
