@@ -30,14 +30,15 @@ import resource
 import socket
 import sys
 import threading
-import types
 import traceback
+import types
 from concurrent.futures import InvalidStateError
+from typing import TYPE_CHECKING, TypeVar, overload
 
 try:
+    import cloudpickle  # type: ignore[import-untyped]
     import dask
     import distributed
-    import cloudpickle
     from dask.utils import funcname, parse_bytes
     from distributed.diagnostics.plugin import WorkerPlugin
     from distributed.protocol import pickle as dask_pickle
@@ -51,6 +52,14 @@ from fastfork._result import short_repr
 from fastfork.errors import ChildError
 from fastfork.executor import ForkExecutor
 from fastfork.server import ForkServer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+    from contextlib import AbstractContextManager
+    from typing import Literal
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["ForkIsolation", "isolated", "map", "dask_setup"]
 
@@ -125,8 +134,10 @@ class ForkIsolation(WorkerPlugin):
     Raises TypeError/ValueError for bad arguments, before anything starts.
     """
 
-    def __init__(self, jobs=None, timeout=None, grace=1.0, memory_limit=None, server=False,
-                 preload=(), name=DEFAULT_NAME):
+    def __init__(self, jobs: int | None = None, timeout: float | None = None,
+                 grace: float = 1.0, memory_limit: int | str | None = None,
+                 server: bool = False, preload: Iterable[str] = (),
+                 name: str = DEFAULT_NAME) -> None:
         self.jobs = None if jobs is None else check_jobs(jobs)
         self.timeout = check_timeout(timeout, allow_zero=False)
         self.grace = check_timeout(grace, "grace")
@@ -136,9 +147,9 @@ class ForkIsolation(WorkerPlugin):
         self.server = server
         self.preload = _check_preload(preload)
         self.name = _check_name(name)  # also the plugin's name: one plugin per executor
-        self._executor = None
+        self._executor: _WorkerExecutor | None = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"<fastfork.dask.ForkIsolation name={self.name!r} jobs={self.jobs} "
                 f"timeout={self.timeout} memory_limit={self.memory_limit} "
                 f"server={self.server}>")
@@ -148,7 +159,7 @@ class ForkIsolation(WorkerPlugin):
         state["_executor"] = None  # a worker's executor stays on that worker
         return state
 
-    async def setup(self, worker):
+    async def setup(self, worker: distributed.Worker) -> None:
         """Install the executor on ``worker`` (starting its fork server in server mode)."""
         executor = _WorkerExecutor(worker, self)
         if self.server:
@@ -157,7 +168,7 @@ class ForkIsolation(WorkerPlugin):
         self._executor = executor
         worker.executors[self.name] = executor
 
-    async def teardown(self, worker):
+    async def teardown(self, worker: distributed.Worker) -> None:
         """Remove the executor; wait (in a thread) until its processes are reaped."""
         executor, self._executor = self._executor, None
         if executor is None:
@@ -300,7 +311,7 @@ def _imports_of(call):
     return tuple(steps)
 
 
-async def dask_setup(server):
+async def dask_setup(server: distributed.Worker | distributed.Scheduler) -> None:
     """``--preload fastfork.dask``: install ``ForkIsolation()`` (its defaults) from the command line.
 
     On ``dask worker`` it installs the plugin on that worker; on ``dask
@@ -438,7 +449,8 @@ def _call_item(fn, index, item):
 
 # ---------------------------------------------------------------- the client's side
 
-def isolated(name=DEFAULT_NAME, *, timeout=None, memory_limit=None):
+def isolated(name: str = DEFAULT_NAME, *, timeout: float | None = None,
+             memory_limit: int | str | None = None) -> AbstractContextManager[None]:
     """Return a context manager that routes the tasks made inside it to ``name``'s processes.
 
     A thin wrapper over ``dask.annotate(executor=name, ...)``: covers
@@ -454,8 +466,30 @@ def isolated(name=DEFAULT_NAME, *, timeout=None, memory_limit=None):
     return dask.annotate(**annotations)
 
 
-def map(fn, items, client=None, timeout=None, return_exceptions=False, *, memory_limit=None,
-        name=DEFAULT_NAME):
+@overload
+def map(fn: Callable[[T], R], items: Iterable[T], client: distributed.Client | None = None,
+        timeout: float | None = None, return_exceptions: Literal[False] = False, *,
+        memory_limit: int | str | None = None, name: str = DEFAULT_NAME) -> list[R]: ...
+
+
+@overload
+def map(fn: Callable[[T], R], items: Iterable[T], client: distributed.Client | None = None,
+        timeout: float | None = None, *, return_exceptions: Literal[True],
+        memory_limit: int | str | None = None,
+        name: str = DEFAULT_NAME) -> list[R | BaseException]: ...
+
+
+@overload
+def map(fn: Callable[[T], R], items: Iterable[T], client: distributed.Client | None = None,
+        timeout: float | None = None, return_exceptions: bool = False, *,
+        memory_limit: int | str | None = None,
+        name: str = DEFAULT_NAME) -> list[R | BaseException]: ...
+
+
+def map(fn: Callable[[T], R], items: Iterable[T], client: distributed.Client | None = None,
+        timeout: float | None = None, return_exceptions: bool = False, *,
+        memory_limit: int | str | None = None,
+        name: str = DEFAULT_NAME) -> list[R] | list[R | BaseException]:
     """Run ``fn(item)`` for every item, each in its own forked process on the cluster.
 
     Returns the results in input order. ``client``: default the current one
