@@ -23,6 +23,8 @@ Per task, the annotations ``fastfork_timeout`` (seconds) and
 ``fastfork_memory_limit`` (bytes of address space, RLIMIT_AS) override the
 plugin's options (``isolated(timeout=..., memory_limit=...)`` sets them).
 """
+from __future__ import annotations
+
 import asyncio
 import concurrent.futures
 import os
