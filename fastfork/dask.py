@@ -13,11 +13,13 @@ data. ``map`` runs a function over items that way, anywhere on the cluster.
 
 How a task reaches the executor: the worker calls
 ``executor.submit(_run_task_simple, task, data, delay)`` (what it does for
-any executor that is not a thread pool; ``distributed.worker``). The child
-runs exactly that, so Dask reports the task's own exceptions as usual, and
-sends back the message (result, timings, error) pickled by Dask's own
-pickler, which handles what the client sent by value. Nothing of the worker
-is used in the child: no event loop, no ``get_worker()``.
+any executor that is not a thread pool; ``distributed.worker``). Only
+``task(data)`` runs in the child (``fastfork._dask_child``, which does not
+import distributed); its result, or its exception with the traceback, comes
+back pickled by cloudpickle (so a class the client sent by value returns
+too), and in the worker Dask's own ``_run_task_simple`` makes the task's
+message of that outcome, with the child's timings. Nothing of the worker is
+used in the child: no event loop, no ``get_worker()``.
 
 Per task, the annotations ``fastfork_timeout`` (seconds) and
 ``fastfork_memory_limit`` (bytes of address space, RLIMIT_AS) override the
@@ -27,12 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import resource
+import functools
+import pickle
 import socket
 import sys
 import threading
-import traceback
 import types
 from concurrent.futures import InvalidStateError
 from typing import TYPE_CHECKING, TypeVar, overload
@@ -44,11 +45,13 @@ try:
     from dask.utils import funcname, parse_bytes
     from distributed.diagnostics.plugin import WorkerPlugin
     from distributed.protocol import pickle as dask_pickle
+    from distributed.worker import _run_task_simple
 except ImportError as _err:
     raise ImportError(
         "fastfork.dask needs dask and distributed: pip install 'fastfork[dask]' "
         f"(original error: {_err})") from _err
 
+from fastfork import _dask_child
 from fastfork._checks import check_callable, check_jobs, check_timeout
 from fastfork._result import short_repr
 from fastfork.errors import ChildError
@@ -194,7 +197,7 @@ class _WorkerExecutor(concurrent.futures.Executor):
         self._timeout = options.timeout
         self._grace = options.grace
         self._memory_limit = options.memory_limit
-        self._server = (ForkServer(preload=("fastfork.dask",) + options.preload,
+        self._server = (ForkServer(preload=("fastfork._dask_child",) + options.preload,
                                    pickler="cloudpickle") if options.server else None)
         self._executors = {}  # timeout -> ForkExecutor
         self._lock = threading.Lock()
@@ -220,15 +223,22 @@ class _WorkerExecutor(concurrent.futures.Executor):
         if self._location is None:
             self._location = f"worker {self._worker.address}, host {socket.gethostname()}"
         location = self._location
-        call = (fn, args, kwargs, memory_limit, location)
+        if fn is _run_task_simple and len(args) == 3 and not kwargs:
+            # Only the task runs in the child; Dask makes its message of the outcome.
+            task, data, delay = args
+            child, call = _dask_child.run_task, (task, data, memory_limit, location)
+            finish = functools.partial(_task_message, delay=delay)
+        else:
+            child, call = _dask_child.run_call, (fn, args, kwargs, memory_limit, location)
+            finish = pickle.loads
         executor = self._executor_for(timeout)
         if self._server is None:
-            inner = executor.submit(_run_in_child, *call)
+            inner = executor.submit(child, *call)
         else:
             # The server imports what the call refers to once: each child
             # would otherwise import the task's modules anew.
-            inner = executor._submit(_run_in_child, call, {}, setup=_imports_of(call))
-        return _TaskFuture(inner, where, location)
+            inner = executor._submit(child, call, {}, setup=_imports_of((child, call)))
+        return _TaskFuture(inner, finish, where, location)
 
     def _task_options(self, args):
         """(timeout, memory_limit, what the task is) from the annotations of the task in ``args``."""
@@ -334,14 +344,15 @@ async def dask_setup(server: distributed.Worker | distributed.Scheduler) -> None
 class _TaskFuture(concurrent.futures.Future):
     """A task's future as the worker sees it.
 
-    Completed from the ForkExecutor's future: the child's pickled message is
-    unpickled, and a ChildError (crash, exit, timeout) says where the task
-    ran. ``cancel()`` (the worker does it on close) stops the process.
+    Completed from the ForkExecutor's future: ``finish`` turns what the child
+    sent into the result, and a ChildError (crash, exit, timeout) says where
+    the task ran. ``cancel()`` (the worker does it on close) stops the process.
     """
 
-    def __init__(self, inner, where, location):
+    def __init__(self, inner, finish, where, location):
         super().__init__()
         self._inner = inner
+        self._finish = finish
         self._where = where
         self._location = location
         inner.add_done_callback(self._inner_done)
@@ -361,7 +372,7 @@ class _TaskFuture(concurrent.futures.Future):
         try:
             exc = inner.exception()
             if exc is None:
-                value = dask_pickle.loads(inner.result())
+                value = self._finish(inner.result())
         except BaseException as error:  # what unpickling raised: the task's error
             exc = error
         if isinstance(exc, ChildError):
@@ -394,59 +405,27 @@ def _locate(err, where, location):
     err.item = where
 
 
-# ---------------------------------------------------------------- in the child
+# ---------------------------------------------------------------- the task's message
 
-# Where this child runs ("worker ..., host ..."), set in the child before the task runs.
-_child_location = None
+class _Outcome:
+    """A stand-in task that returns or raises what the real one did in its process."""
 
+    def __init__(self, ok, value):
+        self._ok = ok
+        self._value = value
 
-def _run_in_child(fn, args, kwargs, memory_limit, location):
-    """In the task's process: apply the memory limit, run the task, return its outcome pickled.
-
-    Pickled by Dask's pickler (cloudpickle where the standard one fails), so
-    a result of a class the client sent by value travels back too. Raises
-    TypeError if the outcome cannot be pickled.
-    """
-    global _child_location
-    _child_location = location
-    if memory_limit is not None:
-        _limit_address_space(memory_limit)
-    outcome = fn(*args, **kwargs)
-    try:
-        return dask_pickle.dumps(outcome)
-    except Exception as exc:
-        if isinstance(outcome, dict) and outcome.get("op") == "task-erred":
-            # The worker only tests the task's exception's type (Reschedule); the
-            # error it reports is already pickled in the message.
-            outcome["actual_exception"] = Exception(outcome.get("exception_text"))
-            return dask_pickle.dumps(outcome)
-        raise TypeError(f"the task's result cannot be sent back from its process: "
-                        f"{exc}") from exc
+    def __call__(self, data):
+        if self._ok:
+            return self._value
+        raise self._value
 
 
-def _limit_address_space(extra):
-    """Let this process map at most ``extra`` more bytes than it has mapped now (RLIMIT_AS)."""
-    with open("/proc/self/statm") as f:
-        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    limit = mapped + extra
-    if hard != resource.RLIM_INFINITY:
-        limit = min(limit, hard)
-    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-
-
-def _call_item(fn, index, item):
-    """``map``'s task: ``fn(item)``; what it raises becomes a ChildError naming the item."""
-    try:
-        return fn(item)
-    except Exception as exc:
-        exc_type = f"{type(exc).__module__}.{type(exc).__qualname__}".removeprefix("builtins.")
-        where = f"item {index}: {short_repr(item)}"
-        if _child_location is not None:
-            where += f"; {_child_location}"
-        raise ChildError(f"child {os.getpid()} ({where}) raised: {exc_type}: {exc}",
-                         pid=os.getpid(), index=index, item=short_repr(item),
-                         exc_type=exc_type, remote_traceback=traceback.format_exc()) from exc
+def _task_message(payload, delay):
+    """Dask's message for a task's outcome (``_dask_child.run_task``), timed as it ran."""
+    ok, value, start, stop = pickle.loads(payload)
+    message = _run_task_simple(_Outcome(ok, value), {}, delay)
+    message["start"], message["stop"] = start + delay, stop + delay
+    return message
 
 
 # ---------------------------------------------------------------- the client's side
@@ -518,7 +497,7 @@ def map(fn: Callable[[T], R], items: Iterable[T], client: distributed.Client | N
     if name not in client.run_on_scheduler(_worker_plugin_names):
         client.register_plugin(ForkIsolation(name=name))
     with context:
-        futures = client.map(_call_item, [fn] * len(items), range(len(items)), items,
+        futures = client.map(_dask_child.call_item, [fn] * len(items), range(len(items)), items,
                              key=funcname(fn), pure=False)
     try:
         return _collect(client, futures, items, return_exceptions)
