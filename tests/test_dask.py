@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import pytest
 
@@ -424,6 +425,25 @@ def test_tasks_own_exception_is_raised_as_usual(client, executor):
         future = client.submit(inverse, 0, pure=False)
     with pytest.raises(ZeroDivisionError):
         future.result()
+    assert "in inverse" in "".join(traceback.format_tb(future.traceback()))
+
+
+class Unpicklable(Exception):
+    def __init__(self):
+        super().__init__("holds a lock")
+        self.lock = threading.Lock()
+
+
+def raise_unpicklable(x):
+    raise Unpicklable()
+
+
+def test_exception_that_cannot_travel_is_reported_as_text(client, executor):
+    with ffd.isolated(executor):
+        future = client.submit(raise_unpicklable, 0, pure=False)
+    with pytest.raises(Exception, match="Unpicklable: holds a lock") as info:
+        future.result()
+    assert "in raise_unpicklable" in str(info.value)
 
 
 def test_unpicklable_result_is_the_tasks_error(client, executor):
