@@ -485,54 +485,60 @@ def test_worker_memory_stays_flat_after_leaking_tasks(client, executor):
     address = sorted(worker_pids(client))[0]
     before = client.run(rss_bytes, workers=[address])[address]
     with ffd.isolated(executor):
-        futures = client.map(leak, [200] * 4, workers=[address], pure=False)
+        futures = client.map(leak, [100] * 4, workers=[address], pure=False)
     assert len(set(client.gather(futures))) == 4
     growth = client.run(rss_bytes, workers=[address])[address] - before
-    # The tasks held 800 MiB in all; the worker may vary by a few MiB of its own.
+    # The tasks held 400 MiB in all; the worker may vary by a few MiB of its own.
     assert growth < 64 << 20, f"the worker grew by {growth >> 20} MiB"
 
 
 # ---------------------------------------------------------------- worker shutdown
 
-# A worker's restart takes an interpreter start and Dask's import: long on a busy machine.
+# A worker's restart takes an interpreter start and Dask's import: long on a busy
+# machine. One restart (and one kill) covers both modes: a task of each is running.
 
-@pytest.mark.timeout(600)
-def test_restarted_worker_leaves_no_task_process(client, executor, pid_pipe):
-    """A worker closed mid-task stops its task processes; its replacement gets the plugin."""
-    address = sorted(worker_pids(client))[0]
-    with ffd.isolated(executor):
-        futures = client.map(report_pid_then_block, [pid_pipe.path] * 2, workers=[address],
-                             pure=False)
+def block_in_both_modes(client, address, pid_pipe):
+    """One blocking task per mode on ``address``; return their pids once both run."""
+    futures = []
+    for name in MODES.values():
+        with ffd.isolated(name):
+            futures.append(client.submit(report_pid_then_block, pid_pipe.path,
+                                         workers=[address], pure=False))
     pids = pid_pipe.read(futures)
     client.cancel(futures)  # not to run again elsewhere; they keep running here
     assert all(procutil.state(pid) not in (None, "Z") for pid in pids)
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_restarted_worker_leaves_no_task_process(client, pid_pipe):
+    """A worker closed mid-task stops its task processes; its replacement gets the plugins."""
+    address = sorted(worker_pids(client))[0]
+    pids = block_in_both_modes(client, address, pid_pipe)
     client.restart_workers([address])
     assert procutil.wait_ended(pids) == []
     wait_for_replacement(client, address)
     workers = set(worker_pids(client).values())
-    with ffd.isolated(executor):
-        new = client.map(task_pid, range(4), pure=False)
-    assert not workers & set(client.gather(new))
+    for name in MODES.values():
+        with ffd.isolated(name):
+            new = client.map(task_pid, range(4), pure=False)
+        assert not workers & set(client.gather(new))
 
 
 @pytest.mark.timeout(600)
-def test_killed_worker_takes_its_task_processes_along(client, executor, pid_pipe):
+def test_killed_worker_takes_its_task_processes_along(client, pid_pipe):
     before = worker_pids(client)
     address = sorted(before)[0]
-    with ffd.isolated(executor):
-        future = client.submit(report_pid_then_block, pid_pipe.path, workers=[address],
-                               pure=False)
-    [pid] = pid_pipe.read([future])
-    client.cancel([future])
+    pids = block_in_both_modes(client, address, pid_pipe)
     os.kill(before[address], signal.SIGKILL)
-    assert procutil.wait_ended([pid]) == []
+    assert procutil.wait_ended(pids) == []
     wait_for_replacement(client, address)
 
 
 # ---------------------------------------------------------------- many tasks
 
 @pytest.mark.timeout(1800)
-@pytest.mark.parametrize("n", [1000, pytest.param(10_000, marks=pytest.mark.soak)])
+@pytest.mark.parametrize("n", [100, pytest.param(10_000, marks=pytest.mark.soak)])
 def test_many_tiny_tasks(client, executor, n):
     with ffd.isolated(executor):
         futures = client.map(square, range(n), pure=False)
