@@ -140,9 +140,9 @@ class ForkIsolation(WorkerPlugin):
     """
 
     def __init__(self, jobs: int | None = None, timeout: float | None = None,
-                 grace: float = 1.0, memory_limit: int | str | None = None,
-                 server: bool = False, preload: Iterable[str] = (),
-                 name: str = DEFAULT_NAME) -> None:
+                 grace: float = 1.0, server: bool = False, name: str = DEFAULT_NAME, *,
+                 memory_limit: int | str | None = None,
+                 preload: Iterable[str] = ()) -> None:
         self.jobs = None if jobs is None else check_jobs(jobs)
         self.timeout = check_timeout(timeout, allow_zero=False)
         self.grace = check_timeout(grace, "grace")
