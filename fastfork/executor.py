@@ -210,6 +210,12 @@ class ForkExecutor(concurrent.futures.Executor):
     interpreter exit the tasks already submitted finish first, as in
     concurrent.futures (a Ctrl-C while waiting for them stops them).
 
+    The tasks are forked by the executor's thread. On Python 3.12+ a fork
+    warns (DeprecationWarning) when other threads of yours run at that
+    moment -- one of them could hold a lock the child then never gets; the
+    executor's own thread does not count. With ``server=`` the forks happen
+    in the server, a single-threaded process, and never warn.
+
     Raises TypeError/ValueError for bad arguments, before any process exists.
     """
 

@@ -89,6 +89,30 @@ def pipe_inodes():
     return found
 
 
+def tcp_socket_fds():
+    """Return the fds of this process that are TCP sockets (IPv4 or IPv6).
+
+    fastfork itself never opens one; a Dask client's connection pool does.
+    """
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)  # the header
+                inodes.update(line.split()[9] for line in f)
+        except (FileNotFoundError, StopIteration):
+            pass
+    found = set()
+    for fd in open_fds():
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            found.add(fd)
+    return found
+
+
 def kill_and_reap(pids, timeout=5.0):
     """SIGKILL and reap ``pids`` (our children); return those that were alive."""
     alive = set()
