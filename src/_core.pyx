@@ -43,7 +43,8 @@ from posix.wait cimport waitpid as c_waitpid
 from _decls cimport (
     CLD_DUMPED, CLD_EXITED, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, NSIG, P_PIDFD,
     POLLIN, PR_SET_PDEATHSIG, PyOS_AfterFork_Child, PyOS_AfterFork_Parent, PyOS_BeforeFork,
-    PySys_Audit, PySys_GetObject, SYS_pidfd_open, SYS_pidfd_send_signal, SYS_waitid,
+    PySys_Audit, PySys_GetObject, SYS_close_range, SYS_pidfd_open, SYS_pidfd_send_signal,
+    SYS_waitid,
     epoll_create1, epoll_ctl, epoll_event, epoll_wait, ff_is_finalizing, pipe2, poll, pollfd,
     prctl, pthread_sigmask, syscall,
 )

@@ -54,9 +54,14 @@ cdef extern from *:
     #ifndef P_PIDFD
     #define P_PIDFD 3  /* Linux 5.4+, uapi value; older glibc headers lack it */
     #endif
+    #include <sys/syscall.h>
+    #ifndef SYS_close_range
+    #define SYS_close_range 436  /* Linux 5.9+, the same number on every architecture */
+    #endif
     """
     bint ff_is_finalizing() noexcept
     int P_PIDFD
+    long SYS_close_range
 
 
 cdef extern from "<signal.h>" nogil:
