@@ -14,6 +14,7 @@ import errno
 import fcntl
 import gc
 import itertools
+import json
 import os
 import pickle
 import re
@@ -706,3 +707,62 @@ def test_fan_out_children_hold_no_pipe_of_another_threads_children():
     # And the other thread's children hold only their own result pipe.
     for inode, held in theirs:
         assert held - baseline == {inode}, (inode, held - baseline, doorbell)
+
+
+# ---------------------------------------------------------------- the fd limit
+
+# Each child's body: say it runs, then wait until the parent lets all go at once.
+_ALL_AT_ONCE = textwrap.dedent("""
+    import json, os, resource, sys, threading
+    import fastfork
+
+    N = 100
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def child(i):
+        os.close(go_w)
+        os.write(ready_w, b"x")
+        os.read(go_r, 1)  # end of file once every child holds no go_w
+        return i
+
+    def release():
+        got = 0
+        while got < N:
+            got += len(os.read(ready_r, N - got))
+        os.close(go_w)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, HARD if HARD else hard))
+    if not HARD:
+        threading.Thread(target=release, daemon=True).start()
+    try:
+        results = fastfork.map(child, range(N), jobs=N)
+    except OSError as exc:
+        print(json.dumps({"errno": exc.errno, "message": str(exc)}))
+    else:
+        print(json.dumps({"results": results,
+                          "soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                          "hard": hard}))
+""")
+
+
+def _run_all_at_once(hard):
+    proc = procutil.run_python(_ALL_AT_ONCE.replace("HARD", repr(hard)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_fd_limit_is_raised_as_far_as_the_children_need():
+    # 100 children at once hold 200 fds in the parent; the soft limit starts at 64.
+    report = _run_all_at_once(None)
+    assert report["results"] == list(range(100))
+    assert 200 < report["soft"] <= report["hard"]
+    if report["hard"] > 1000:
+        assert report["soft"] < 1000  # only as far as needed, not to the hard limit
+
+
+def test_fd_limit_too_low_is_a_clear_error():
+    report = _run_all_at_once(64)
+    assert report["errno"] == errno.EMFILE
+    assert "RLIMIT_NOFILE" in report["message"] and "jobs" in report["message"]
