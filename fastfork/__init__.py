@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # what the lazy loading below provides, for type checkers and
     from fastfork import ready
     from fastfork.errors import (ChildError, ChildTimeout, FastforkError, ForkError,
                                  ServerError, ServiceError, TimeoutExpired)
+    from fastfork.executor import ForkExecutor
     from fastfork.fanout import (FunctionChild, as_completed, background, map, start,
                                  start_child)
     from fastfork.server import ForkServer, ServerChild
@@ -81,11 +82,13 @@ _SOURCES = {
     "start_child": "fastfork.fanout",
     "ForkServer": "fastfork.server",
     "ServerChild": "fastfork.server",
+    "ForkExecutor": "fastfork.executor",
     "PrivateBuffer": "fastfork.shared",
     "SharedBuffer": "fastfork.shared",
 }
 
 __all__ = [
+    "ForkExecutor",
     "ForkServer",
     "ServerChild",
     "PrivateBuffer",

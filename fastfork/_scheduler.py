@@ -1,8 +1,8 @@
 """The fan-out contract, written once, and the scheduler that keeps it.
 
 Every fastfork fan-out keeps one contract. ``ForkServer.map`` and
-``ForkServer.as_completed`` (through ``fanout.fan_out``) and ``spawn_many``
-(and so ``fastfork run``) run on the ``Scheduler`` below; ``fastfork.map`` and
+``ForkServer.as_completed`` (through ``fanout.fan_out``), ``spawn_many`` and
+``fastfork run`` run on the ``Scheduler`` below; ``fastfork.map`` and
 ``fastfork.as_completed`` run on the C engine ``_core.FanOut``, the fast path
 of the same contract for local forks (it keeps the parent's page writes per
 child low; see src/_fanout.pxi).
@@ -476,6 +476,20 @@ class Scheduler:
         if entry.error is not None or self._is_failure(entry):
             self._launching = False
 
+    def set_timeout(self, entry, timeout):
+        """Give a running entry a new ``timeout`` (seconds from its launch; None: none).
+
+        For a front end whose limit is known only once children have run
+        (fastfork run's percentage of the median run time). Returns False if
+        the entry is not running, or is being stopped already.
+        """
+        if entry not in self._running or entry._stopping:
+            return False
+        entry._deadline = None if timeout is None else entry.started_at + timeout
+        if entry._deadline is not None:
+            self._set_timer(entry._deadline, entry)  # an earlier timer finds it not due
+        return True
+
     # ------------------------------------------------------------ stopping
 
     def cancel(self, entry):
@@ -547,13 +561,15 @@ def _kill_and_reap(handles):
         pending = [h for h in pending if not h.finished]
 
 
-def drive(scheduler):
+def drive(scheduler, every=None):
     """Run ``scheduler`` with poll(), yielding its finished entries as they come.
 
-    Ends when the scheduler is done. Whenever it ends -- done, closed by
-    the consumer (``close()`` on this generator), or interrupted by an
-    exception such as KeyboardInterrupt -- the scheduler is closed, so every
-    child is stopped and reaped.
+    With ``every`` (seconds) it also yields None at least that often, for a
+    front end with periodic work (fastfork run --line-buffer prints jobs'
+    new lines). Ends when the scheduler is done. Whenever it ends -- done,
+    closed by the consumer (``close()`` on this generator), or interrupted
+    by an exception such as KeyboardInterrupt -- the scheduler is closed, so
+    every child is stopped and reaped.
     """
     poller = select.poll()
     clock = scheduler.clock
@@ -561,10 +577,14 @@ def drive(scheduler):
     callbacks = scheduler.fds()  # fd -> callback, as registered with the poller
     for fd in callbacks:
         poller.register(fd, select.POLLIN)
+    ticked = clock()
     try:
         while True:
             scheduler.fill()
             finished = scheduler.advance()
+            if every is not None and clock() - ticked >= every:
+                ticked = clock()
+                yield None
             if finished:
                 yield from finished
                 continue
@@ -579,6 +599,9 @@ def drive(scheduler):
                 callbacks[fd] = callback
             deadline = scheduler.next_deadline()
             wait = None if deadline is None else max(0.0, deadline - clock())
+            if every is not None:
+                tick = max(0.0, ticked + every - clock())
+                wait = tick if wait is None else min(wait, tick)
             for fd, _ in poller.poll(poll_ms(wait)):
                 callbacks[fd]()  # one made stale by an earlier callback does nothing
     finally:

@@ -20,6 +20,7 @@ import traceback
 
 from fastfork import _core
 from fastfork import _server_proto as proto
+from fastfork._pickling import BY_VALUE, run_setup
 from fastfork._result import ERROR, error_payload
 from fastfork.shared import SharedBuffer
 
@@ -52,8 +53,34 @@ def _load_request(inline, payload_fd, buffer_fds):
     return _Unpickler(io.BytesIO(inline), buffer_fds).load()
 
 
-def _grandchild(inherited, result_fd, inline, payload_fd, buffer_fds, print_traceback):
-    """The forked child's life: unpickle the call, run it, report; returns the exit code."""
+class _ByValue:
+    """A result that pickles with cloudpickle: classes and functions the call
+    brought by value go back the same way (cloudpickle maps them back onto
+    the caller's originals)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        import cloudpickle  # type: ignore[import-untyped]
+        return pickle.loads, (cloudpickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL),)
+
+
+def _returning_by_value(fn):
+    def call(*args, **kwargs):
+        return _ByValue(fn(*args, **kwargs))
+    return call
+
+
+def _grandchild(inherited, result_fd, inline, payload_fd, buffer_fds, print_traceback,
+                setup, setup_failure):
+    """The forked child's life: unpickle the call, run it, report; returns the exit code.
+
+    ``setup``: the request's setup steps; ``setup_failure``: (step,
+    exception) if the server could not carry one out, else None.
+    """
     # The server ignores SIGINT (Ctrl-C is the caller's business); a child
     # behaves like one forked by the caller.
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -62,13 +89,29 @@ def _grandchild(inherited, result_fd, inline, payload_fd, buffer_fds, print_trac
             os.close(fd)
         except OSError:
             pass
+    if setup_failure is not None:
+        step, exc = setup_failure
+        _core.write_frame(result_fd, ERROR, error_payload(exc, _describe_failed_step(step)))
+        return 1
     try:
         fn, args, kwargs = _load_request(inline, payload_fd, buffer_fds)
     except BaseException as exc:
-        _core.write_frame(result_fd, ERROR, error_payload(
-            exc, "could not unpickle the function or its arguments in the fork server"))
+        stage = "could not unpickle the function or its arguments in the fork server"
+        if "__mp_main__" in str(exc):
+            stage += (" (it imports the main script as __mp_main__, which does not run the "
+                      "`if __name__ == '__main__':` block: define functions outside it)")
+        _core.write_frame(result_fd, ERROR, error_payload(exc, stage))
         return 1
+    if BY_VALUE in setup:
+        fn = _returning_by_value(fn)
     return _core.run_function(fn, tuple(args), dict(kwargs), result_fd, print_traceback)
+
+
+def _describe_failed_step(step):
+    if step[0] == "main":
+        return (f"the fork server could not import the main script {step[2]} "
+                "(it is imported as __mp_main__ to find its functions)")
+    return f"the fork server could not import {step[1]}"
 
 
 class _Server:
@@ -80,6 +123,7 @@ class _Server:
         self.by_pidfd = {}    # pidfd -> pid
         self.poller = select.poll()
         self.poller.register(sock.fileno(), select.POLLIN)
+        self.setup_done = {}  # setup step -> None, or the exception it raised
 
     def serve(self):
         """Serve until the caller closes its end; then kill and reap every child."""
@@ -108,14 +152,14 @@ class _Server:
             return False
         kind = message[0]
         if kind == "start":
-            _, req_id, inline, print_traceback = message
+            _, req_id, inline, setup, print_traceback = message
             if fds_lost or not fds:
                 for fd in fds:
                     os.close(fd)
                 proto.send(self.sock, ("failed", req_id, errno.EMFILE,
                                        "the fork server ran out of file descriptors"))
             else:
-                self.start(req_id, inline, print_traceback, fds)
+                self.start(req_id, inline, print_traceback, fds, setup)
         elif kind == "signal":
             _, req_id, signum = message
             for pid, (rid, _) in self.live.items():
@@ -124,8 +168,34 @@ class _Server:
                     os.kill(pid, signum)
         return True
 
-    def start(self, req_id, inline, print_traceback, fds):
-        """Fork the child for one request and report its pid (and pidfd)."""
+    def prepare(self, setup):
+        """Carry out the setup steps not done yet; return (step, exception) of a failed one.
+
+        Each step runs once per server: a failure is remembered and reported
+        by every child that needs the step.
+        """
+        ran = False
+        for step in setup:
+            # One main script per server, imported once (even if sys.argv changed since).
+            key = step[:1] if step[0] == "main" else step
+            if key not in self.setup_done:
+                ran = True
+                try:
+                    run_setup(step)
+                    self.setup_done[key] = None
+                except BaseException as exc:  # SystemExit from a script, too
+                    self.setup_done[key] = exc
+            if self.setup_done[key] is not None:
+                return step, self.setup_done[key]
+        if ran:
+            # What the import made joins what the children share untouched.
+            gc.collect()
+            gc.freeze()
+        return None
+
+    def start(self, req_id, inline, print_traceback, fds, setup=()):
+        """Prepare ``setup``, fork the child for one request, report its pid (and pidfd)."""
+        setup_failure = self.prepare(setup)
         result_fd = fds[0]
         payload_fd = fds[1] if inline is None else -1
         buffer_fds = fds[2:] if inline is None else fds[1:]
@@ -134,7 +204,7 @@ class _Server:
         try:
             _core.fork_call(
                 lambda: _grandchild(inherited, result_fd, inline, payload_fd, buffer_fds,
-                                    print_traceback),
+                                    print_traceback, setup, setup_failure),
                 registry, signal.SIGKILL)
         except OSError as exc:
             proto.send(self.sock, ("failed", req_id, exc.errno, exc.strerror))
@@ -193,6 +263,9 @@ class _Server:
 
 def main(fd):
     """Serve the caller on socket ``fd``; returns the process exit code."""
+    # A mask survives exec: a server started from a thread that blocks
+    # signals (a ForkExecutor's) would pass it on to every child.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     sock = socket.socket(fileno=fd)

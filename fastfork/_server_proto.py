@@ -5,9 +5,12 @@ same fastfork as the same user, so control messages are pickles.
 
 Caller -> server:
     ("init", sys_path, preload)                 once, first
-    ("start", req_id, inline, print_traceback)  fds: result pipe write end,
+    ("start", req_id, inline, setup, print_traceback)
+                                                fds: result pipe write end,
                                                 [payload memfd if inline is None],
-                                                SharedBuffer memfds
+                                                SharedBuffer memfds; ``setup``: what
+                                                the server prepares once before it
+                                                forks (see ``_pickling``)
     ("signal", req_id, signum)                  for a child without a pidfd
 Server -> caller:
     ("ready", server_pid) | ("error", traceback_text)

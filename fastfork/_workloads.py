@@ -9,18 +9,21 @@ Every fan-out method (``fanout``, ``startup``, the ``jobs=2`` exec methods)
 keeps at most ``jobs`` children alive at once, waiting for the oldest before
 starting the next, so they are compared like for like.
 """
+import asyncio
 import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
 import multiprocessing.forkserver
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import time
 
 import fastfork
+import fastfork.aio
 from fastfork import _core
 
 JOBS = os.cpu_count() or 1
@@ -553,10 +556,9 @@ TINY = Workload(
 
 
 MEMORY = memory_workload(1024)
-WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY)}
 
 
-# ---------------------------------------------------------------- 7. import time
+# ---------------------------------------------------------------- 8. import time
 
 def _import_seconds(module):
     """Import ``module`` in a fresh interpreter; return the seconds it reports taking.
@@ -599,7 +601,7 @@ IMPORT = Workload(
     expect="above 1x means faster: fastfork loads its parts on first use",
 )
 
-WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, MEMORY, IMPORT)}
+WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY, IMPORT)}
 
 
 # ---------------------------------------------------------------- scaling: N children at once
@@ -694,4 +696,321 @@ TARGETS = (
            "fastfork.SharedBuffer", "small", "bytearray", "small", 30.0, ">= 30x"),
     Target("import fastfork vs import subprocess", "import", "import fastfork", "small",
            "import subprocess", "small", 1 / 1.5, ">= 0.67x"),
+)
+
+
+# ---------------------------------------------------------------- 9. fastfork run, the command line
+# The runner as users start it (a fresh interpreter, input on stdin), beside xargs -P,
+# GNU parallel when it is installed, and the same jobs through spawn_many in-process.
+# Every method's stdout goes through a pipe to `cat > /dev/null`, as in `... | consumer`.
+
+RUN_JOBS = 2
+RUN_OUTPUT_MIB = 10
+_PARALLEL = shutil.which("parallel")
+_NO_PARALLEL = "" if _PARALLEL else " (GNU parallel is not installed: not measured)"
+
+
+def _run_piped(argv, n):
+    """Run ``argv`` with items 0..n-1 on stdin, its stdout drained by cat; raise if it fails."""
+    items = "".join(f"{i}\n" for i in range(n)).encode()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(fastfork.__file__)))]
+        + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    with subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL) as cat:
+        try:
+            proc = subprocess.run(argv, input=items, stdout=cat.stdin, stderr=subprocess.PIPE,
+                                  env=env)
+        finally:
+            cat.stdin.close()
+    if proc.returncode:
+        raise RuntimeError(f"{argv[:6]} exited with {proc.returncode}: "
+                           f"{proc.stderr.decode(errors='replace')[-300:]}")
+
+
+def _fastfork_run(*options):
+    return [sys.executable, "-m", "fastfork", "run", "-j", str(RUN_JOBS), "--quiet",
+            "--no-bar", *options, "--"]
+
+
+def _cli_methods(command, xargs):
+    """The methods running ``command`` (argv with {} for the item) once per item.
+
+    ``xargs`` is the xargs command line doing the same.
+    """
+    methods = [
+        Method(f"xargs -P {RUN_JOBS}", "tool",
+               lambda n: _run_piped(["xargs", "-P", str(RUN_JOBS), *xargs], n)),
+        Method("fastfork run", "fastfork", lambda n: _run_piped(_fastfork_run() + command, n)),
+        Method("fastfork run --ungroup", "fastfork",
+               lambda n: _run_piped(_fastfork_run("--ungroup") + command, n)),
+        Method(f"fastfork.spawn_many(jobs={RUN_JOBS}, capture=True)", "fastfork",
+               lambda n: fastfork.spawn_many(
+                   [[a.replace("{}", str(i)) for a in command] for i in range(n)],
+                   jobs=RUN_JOBS, capture=True)),
+    ]
+    if _PARALLEL:
+        methods.append(Method(f"GNU parallel -j {RUN_JOBS}", "tool", lambda n: _run_piped(
+            [_PARALLEL, "--will-cite", "-j", str(RUN_JOBS), *command], n)))
+    return tuple(methods)
+
+
+RUN_TRUE = Workload(
+    key="run-true", title=f"fastfork run: N jobs of `true` (-j {RUN_JOBS}){_NO_PARALLEL}",
+    baseline=f"xargs -P {RUN_JOBS}",
+    methods=_cli_methods([TRUE, "{}"], ["-n", "1", TRUE]),
+    sizes={"quick": (200,), "default": (5000,), "full": (5000,)},
+    big_sizes={"quick": (), "default": (), "full": ()},
+)
+RUN_ECHO = Workload(
+    key="run-echo", title=f"fastfork run: N jobs of `echo {{}}` (-j {RUN_JOBS}){_NO_PARALLEL}",
+    baseline=f"xargs -P {RUN_JOBS}",
+    methods=_cli_methods(["echo", "{}"], ["-I", "{}", "echo", "{}"]),
+    sizes={"quick": (200,), "default": (5000,), "full": (5000,)},
+    big_sizes={"quick": (), "default": (), "full": ()},
+)
+# Each job writes RUN_OUTPUT_MIB of zeros and takes no item (-n COUNT; xargs -I without {}).
+_BIG_OUTPUT = ["head", "-c", str(RUN_OUTPUT_MIB << 20), "/dev/zero"]
+
+
+def _run_output(*options):
+    return lambda n: _run_piped(_fastfork_run("-n", str(n), *options) + _BIG_OUTPUT, n)
+
+
+RUN_OUTPUT = Workload(
+    key="run-output", title=f"fastfork run: N jobs each writing {RUN_OUTPUT_MIB} MiB "
+                        f"(-j {RUN_JOBS}){_NO_PARALLEL}",
+    baseline="fastfork run --ungroup",
+    methods=(
+        Method("fastfork run --ungroup", "fastfork", _run_output("--ungroup")),
+        Method("fastfork run (grouped)", "fastfork", _run_output()),
+        Method("fastfork run --keep-order", "fastfork", _run_output("--keep-order")),
+        Method(f"xargs -P {RUN_JOBS}", "tool", lambda n: _run_piped(
+            ["xargs", "-P", str(RUN_JOBS), "-I", "{}", *_BIG_OUTPUT], n)),
+    ) + ((Method(f"GNU parallel -j {RUN_JOBS}", "tool", lambda n: _run_piped(
+        [_PARALLEL, "--will-cite", "-j", str(RUN_JOBS), "-N0", *_BIG_OUTPUT], n)),)
+        if _PARALLEL else ()),
+    sizes={"quick": (4,), "default": (40,), "full": (100,)},
+    big_sizes={"quick": (), "default": (), "full": ()},
+)
+WORKLOADS.update({w.key: w for w in (RUN_TRUE, RUN_ECHO, RUN_OUTPUT)})
+TARGETS += (
+    Target("run vs xargs -P 2, `true`", "run-true", "fastfork run", "small",
+           f"xargs -P {RUN_JOBS}", "small", 0.9, ">= 0.9x"),
+    Target("run vs xargs -P 2, `echo {}`", "run-echo", "fastfork run", "small",
+           f"xargs -P {RUN_JOBS}", "small", 0.9, ">= 0.9x"),
+    Target("run grouped vs --ungroup, 10 MiB per job", "run-output", "fastfork run (grouped)",
+           "small", "fastfork run --ungroup", "small", 1 / 1.2, ">= 0.83x"),
+)
+
+
+# ---------------------------------------------------------------- 10. a process per task, via an executor
+
+def _executor_prepare(make):
+    """prepare(n) -> (executor, server or None): made and warmed up (one task), untimed."""
+    def prepare(n):
+        executor, server = make()
+        try:
+            executor.submit(_noop, 0).result()
+        except BaseException:
+            _executor_cleanup(executor, server)
+            raise
+        return executor, server
+    return prepare
+
+
+def _executor_map(n, executor, server):
+    for _ in executor.map(_noop, range(n)):
+        pass
+
+
+def _executor_cleanup(executor, server):
+    executor.shutdown()
+    if server is not None:
+        server.close()
+
+
+def _fork_executor():
+    return fastfork.ForkExecutor(JOBS), None
+
+
+def _fork_executor_server():
+    server = fastfork.ForkServer(preload=("fastfork._workloads",)).open()
+    return server.executor(JOBS), server
+
+
+def _pool_per_task():
+    # max_tasks_per_child refuses the fork context; forkserver is its fastest.
+    return concurrent.futures.ProcessPoolExecutor(
+        JOBS, mp_context=multiprocessing.get_context("forkserver"), max_tasks_per_child=1), None
+
+
+def _pool_reused():
+    return concurrent.futures.ProcessPoolExecutor(JOBS), None
+
+
+def _executor_fastfork_map(n):
+    fastfork.map(_noop, range(n), jobs=JOBS)
+
+
+EXECUTOR = Workload(
+    key="executor", title=f"fresh process per task, N tiny tasks via an executor (workers={JOBS})",
+    baseline="ProcessPoolExecutor(max_tasks_per_child=1)",
+    methods=(
+        Method("ProcessPoolExecutor(max_tasks_per_child=1)", "stdlib", _executor_map,
+               _executor_prepare(_pool_per_task), _executor_cleanup, min_python=(3, 11),
+               slow=True),
+        Method("fastfork.ForkExecutor", "fastfork", _executor_map,
+               _executor_prepare(_fork_executor), _executor_cleanup),
+        Method("fastfork.ForkExecutor (server)", "fastfork", _executor_map,
+               _executor_prepare(_fork_executor_server), _executor_cleanup),
+        Method("fastfork.map", "fastfork", _executor_fastfork_map),
+        # Not a process per task: the same workers run every task.
+        Method("ProcessPoolExecutor() reused", "stdlib", _executor_map,
+               _executor_prepare(_pool_reused), _executor_cleanup),
+    ),
+    sizes={"quick": (20,), "default": (200,), "full": (500,)},
+    big_sizes={"quick": (4,), "default": (20,), "full": (50,)},
+    headline="fastfork.ForkExecutor",
+    expect="above 1x means faster: a fork per task instead of a pool process per task",
+)
+WORKLOADS[EXECUTOR.key] = EXECUTOR
+
+TARGETS += (
+    Target("ForkExecutor vs PPE(max_tasks_per_child=1)", "executor", "fastfork.ForkExecutor",
+           "small", "ProcessPoolExecutor(max_tasks_per_child=1)", "small", 10.0, ">= 10x"),
+    Target("ForkExecutor vs fastfork.map (per task <= 1.3x)", "executor",
+           "fastfork.ForkExecutor", "small", "fastfork.map", "small", 1 / 1.3, ">= 0.77x"),
+    Target("ForkExecutor vs fastfork.map, big parent", "executor", "fastfork.ForkExecutor",
+           "big", "fastfork.map", "big", 1 / 1.3, ">= 0.77x"),
+    Target("ForkExecutor: server vs caller, big parent", "executor",
+           "fastfork.ForkExecutor (server)", "big", "fastfork.ForkExecutor", "big", 15.0,
+           ">= 15x"),
+)
+
+
+# ---------------------------------------------------------------- 11. asyncio: fastfork.aio
+
+AIO_JOBS = 2
+TICK = 0.001  # the period of the loop-latency probe, seconds
+# How late the 1 ms periodic callback ran in the last run of each loop-latency
+# method, by method name: {"max": seconds, "p99": seconds} (read by bench/test_aio.py).
+LOOP_DELAYS = {}
+
+
+def _in_asyncio(make_coro):
+    """A Method.run that runs ``make_coro(n)`` on a fresh event loop."""
+    return lambda n: asyncio.run(make_coro(n))
+
+
+async def _windowed(n, jobs, make_one):
+    """Await ``make_one()`` n times, at most ``jobs`` at once (a semaphore)."""
+    room = asyncio.Semaphore(jobs)
+
+    async def one():
+        async with room:
+            await make_one()
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def _true_asyncio():
+    proc = await asyncio.create_subprocess_exec(TRUE)
+    await proc.wait()
+
+
+async def _true_aio():
+    proc = await fastfork.aio.spawn([TRUE])
+    await proc.wait()
+
+
+async def _aio_exec_asyncio(n):
+    await _windowed(n, AIO_JOBS, _true_asyncio)
+
+
+async def _aio_exec_spawn(n):
+    await _windowed(n, AIO_JOBS, _true_aio)
+
+
+async def _aio_exec_spawn_many(n):
+    await fastfork.aio.spawn_many([[TRUE]] * n, jobs=AIO_JOBS)
+
+
+def _ticking(name, work):
+    """Run coroutine function ``work(n)`` beside a 1 ms periodic callback.
+
+    Records in LOOP_DELAYS[name] how late the callback ran, at worst and at
+    the 99th percentile: how long the loop was kept from running callbacks.
+    """
+    async def run(n):
+        loop = asyncio.get_running_loop()
+        delays = []
+        handle = None
+
+        def tick(due):
+            nonlocal handle
+            now = loop.time()
+            delays.append(now - due)
+            handle = loop.call_at(now + TICK, tick, now + TICK)
+        start = loop.time() + TICK
+        handle = loop.call_at(start, tick, start)
+        try:
+            await work(n)
+        finally:
+            handle.cancel()
+        delays.sort()
+        LOOP_DELAYS[name] = {"max": delays[-1] if delays else 0.0,
+                             "p99": delays[len(delays) * 99 // 100] if delays else 0.0}
+    return _in_asyncio(run)
+
+
+async def _aio_map(n):
+    await fastfork.aio.map(_noop, range(n), jobs=JOBS)
+
+
+AIO_EXEC = Workload(
+    key="aio-exec", title=f"asyncio: spawn and await {TRUE}, {AIO_JOBS} at a time",
+    baseline="asyncio.create_subprocess_exec",
+    methods=(
+        Method("asyncio.create_subprocess_exec", "stdlib", _in_asyncio(_aio_exec_asyncio)),
+        Method("fastfork.aio.spawn_many", "fastfork", _in_asyncio(_aio_exec_spawn_many)),
+        Method("fastfork.aio.spawn", "fastfork", _in_asyncio(_aio_exec_spawn)),
+    ),
+    sizes={"quick": (50,), "default": (1000,), "full": (1000,)},
+    big_sizes={"quick": (5,), "default": (50,), "full": (100,)},
+)
+
+# The same commands from the big parent, beside a 1 ms periodic callback:
+# LOOP_DELAYS says how long the loop stalled (throughput is measured as usual).
+AIO_LATENCY = Workload(
+    key="aio-latency",
+    title=f"asyncio: {TRUE} {AIO_JOBS} at a time beside a 1 ms callback (loop latency)",
+    baseline="asyncio.create_subprocess_exec + tick",
+    methods=(
+        Method("asyncio.create_subprocess_exec + tick", "stdlib",
+               _ticking("asyncio.create_subprocess_exec + tick", _aio_exec_asyncio)),
+        Method("fastfork.aio.spawn_many + tick", "fastfork",
+               _ticking("fastfork.aio.spawn_many + tick", _aio_exec_spawn_many)),
+        Method("fastfork.aio.spawn + tick", "fastfork",
+               _ticking("fastfork.aio.spawn + tick", _aio_exec_spawn)),
+    ),
+    sizes={"quick": (), "default": (), "full": ()},
+    big_sizes={"quick": (50,), "default": (1000,), "full": (1000,)},
+)
+
+AIO_MAP = Workload(
+    key="aio-map", title=f"asyncio: fan-out of N Python no-op children (jobs={JOBS})",
+    baseline="fastfork.map",
+    methods=(
+        Method("fastfork.map", "fastfork", _fanout_fastfork),
+        Method("fastfork.aio.map", "fastfork", _in_asyncio(_aio_map)),
+    ),
+    sizes={"quick": (100,), "default": (1000,), "full": (1000,)},
+    big_sizes={"quick": (5,), "default": (30,), "full": (100,)},
+)
+
+WORKLOADS.update({w.key: w for w in (AIO_EXEC, AIO_LATENCY, AIO_MAP)})
+TARGETS += (
+    Target("aio.spawn_many vs create_subprocess_exec", "aio-exec", "fastfork.aio.spawn_many",
+           "small", "asyncio.create_subprocess_exec", "small", 1.2, ">= 1.2x"),
+    Target("aio.map vs fastfork.map (time per task <= 1.2x)", "aio-map", "fastfork.aio.map",
+           "small", "fastfork.map", "small", 1 / 1.2, ">= 0.83x"),
 )

@@ -7,6 +7,8 @@ live in C (fastfork._core.ChildHandle), which closes them when the handle is
 dropped. Subclasses attach pipes that must be drained while the child runs
 (results, captured output).
 """
+from __future__ import annotations
+
 import os
 import select
 import signal
@@ -15,6 +17,17 @@ import time
 from fastfork import _core
 from fastfork._checks import check_timeout, poll_ms
 from fastfork.errors import TimeoutExpired
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import resource
+    from collections.abc import Iterable
+    from typing import TypeVar
+
+    from typing_extensions import Self
+
+    ChildT = TypeVar("ChildT", bound="Child")
+    ChildrenT = TypeVar("ChildrenT", bound="Iterable[Child]")
 
 __all__ = ["Child", "Watcher", "wait_all", "stop_all"]
 
@@ -41,7 +54,11 @@ class Child(_core.ChildHandle):
     so its exit status is unknown.
     """
 
-    def __init__(self, pid, pidfd=None):
+    returncode: int | None
+    rusage: resource.struct_rusage | None
+    lost: bool
+
+    def __init__(self, pid: int | None, pidfd: int | None = None) -> None:
         """Take charge of child ``pid``; ``pidfd``, if given, is a pidfd for it
         that this handle now owns (e.g. received from a fork server; -1: none).
         A subclass may pass pid None for a handle whose process is made later.
@@ -51,7 +68,7 @@ class Child(_core.ChildHandle):
         self.lost = False
         super().__init__(pid, pidfd)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         state = "running" if not self._finished else f"returncode={self.returncode}"
         return f"<{type(self).__name__} pid={self.pid} {state}>"
 
@@ -121,13 +138,13 @@ class Child(_core.ChildHandle):
         return True
 
     @property
-    def finished(self):
+    def finished(self) -> bool:
         """True once the child has exited and been reaped (or found lost)."""
         return self._finished
 
     # ------------------------------------------------------------ public
 
-    def poll(self):
+    def poll(self) -> int | None:
         """Reap the child if it has exited; return ``returncode`` (None while running)."""
         self._check_owner()
         if not self._finished:
@@ -135,7 +152,7 @@ class Child(_core.ChildHandle):
             self._try_reap()
         return self.returncode
 
-    def wait(self, timeout=None):
+    def wait(self, timeout: float | None = None) -> int | None:
         """Wait for the child to exit and reap it.
 
         Returns ``returncode`` (None if the child was lost, see ``lost``).
@@ -149,7 +166,7 @@ class Child(_core.ChildHandle):
             raise TimeoutExpired(self.pid, timeout, cmd=getattr(self, "args", None))
         return self.returncode
 
-    def send_signal(self, sig):
+    def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child; does nothing once it has been reaped.
 
         Goes through the pidfd where there is one, so a recycled pid is never hit.
@@ -159,15 +176,15 @@ class Child(_core.ChildHandle):
             return
         self._signal(sig)  # False if it has exited, not yet reaped
 
-    def terminate(self):
+    def terminate(self) -> None:
         """Send SIGTERM."""
         self.send_signal(signal.SIGTERM)
 
-    def kill(self):
+    def kill(self) -> None:
         """Send SIGKILL."""
         self.send_signal(signal.SIGKILL)
 
-    def stop(self, timeout=5.0):
+    def stop(self, timeout: float = 5.0) -> int | None:
         """Terminate the child, wait ``timeout`` seconds, then SIGKILL; reap it.
 
         Returns ``returncode``.
@@ -175,10 +192,10 @@ class Child(_core.ChildHandle):
         stop_all([self], timeout)
         return self.returncode
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         if os.getpid() == self._owner:
             self.stop()
 
@@ -260,7 +277,8 @@ class Watcher:
         self._polling.clear()
 
 
-def wait_all(children, timeout=None, *, until_any=False):
+def wait_all(children: Iterable[ChildT], timeout: float | None = None, *,
+             until_any: bool = False) -> list[ChildT]:
     """Wait until every child (or, with ``until_any``, one) has finished.
 
     Drains each child's pipes meanwhile. At least one step is taken, even
@@ -290,7 +308,7 @@ def wait_all(children, timeout=None, *, until_any=False):
     return done
 
 
-def stop_all(children, grace=5.0, sig=signal.SIGTERM):
+def stop_all(children: ChildrenT, grace: float = 5.0, sig: int = signal.SIGTERM) -> ChildrenT:
     """Stop children: ``sig`` (SIGTERM), up to ``grace`` seconds, SIGKILL; reap all.
 
     Returns the children (all finished).

@@ -12,7 +12,8 @@ import sys
 # subcommand -> (module, one-line help)
 SUBCOMMANDS = {
     "bench": ("fastfork.benchmark", "measure fork, reap and exec throughput against the stdlib"),
-    "run": ("fastfork.runner", "run a command many times, or commands from stdin, in parallel"),
+    "run": ("fastfork.runner",
+            "run a command per input item, or command lines, in parallel (as xargs -P)"),
 }
 
 

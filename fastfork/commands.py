@@ -15,6 +15,8 @@ empty signal mask (subprocess keeps the calling thread's); signals the
 interpreter ignores (SIGPIPE, SIGXFSZ) are reset to SIG_DFL as with
 ``restore_signals=True``, other ignored signals stay ignored.
 """
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import errno
@@ -36,7 +38,45 @@ from fastfork._scheduler import Scheduler, drive
 from fastfork.child import Child, _fd_lock, disown_fd, own_fd, reap_dropped
 from fastfork.errors import TimeoutExpired
 
-__all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many"]
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from typing import Any, Literal, Protocol, SupportsIndex, TypeVar, Union, overload
+
+    from _typeshed import FileDescriptorLike, StrOrBytesPath
+    from typing_extensions import TypeAlias
+
+    Arg: TypeAlias = StrOrBytesPath
+    """One argument of a command: str, bytes or an os.PathLike of either."""
+
+    T_co = TypeVar("T_co", covariant=True)
+
+    class SequenceNotStr(Protocol[T_co]):
+        """A Sequence, but not a str or bytes: their ``__contains__`` takes only
+        str (bytes), so a type checker rejects ``spawn("echo hi")``."""
+
+        @overload
+        def __getitem__(self, index: SupportsIndex, /) -> T_co: ...
+        @overload
+        def __getitem__(self, index: slice, /) -> Sequence[T_co]: ...
+        def __contains__(self, value: object, /) -> bool: ...
+        def __len__(self) -> int: ...
+        def __iter__(self) -> Iterator[T_co]: ...
+        def __reversed__(self) -> Iterator[T_co]: ...
+        def index(self, value: Any, start: int = 0, stop: int = ..., /) -> int: ...
+        def count(self, value: Any, /) -> int: ...
+
+    ArgSequence: TypeAlias = SequenceNotStr[Arg]
+    """A command's argv: a list or tuple (any Sequence) of Args, not one str."""
+    Env: TypeAlias = Union[Mapping[str, StrOrBytesPath], Mapping[bytes, StrOrBytesPath]]
+    Stdio: TypeAlias = Union[FileDescriptorLike, None]
+    """None (inherit), PIPE, DEVNULL, STDOUT (stderr only), an fd or a file object."""
+else:
+    def overload(fn):
+        return fn
+
+__all__ = ["PIPE", "STDOUT", "DEVNULL", "Process", "CommandResult", "spawn", "spawn_many",
+           "ManyCommands"]
 
 # The same values as subprocess's, so either module's constants work here.
 PIPE = subprocess.PIPE
@@ -147,13 +187,20 @@ class Process(Child):
     signalling and stopping are ``Child``'s (``returncode`` is -N after signal N).
     """
 
-    def __init__(self, pid, args, stdin=None, stdout=None, stderr=None, *, capture_fds=()):
+    args: list[Arg]
+    stdin: io.FileIO | None
+    stdout: io.FileIO | None
+    stderr: io.FileIO | None
+
+    def __init__(self, pid: int, args: list[Arg], stdin: io.FileIO | None = None,
+                 stdout: io.FileIO | None = None, stderr: io.FileIO | None = None, *,
+                 capture_fds: Sequence[int] = ()) -> None:
         # spawn_many's capture: the pipes' read ends are the handle's capture
         # fds from here on, drained by the wait loop (the _readers hook) while
         # the command runs and closed at end of file or once it is reaped.
         # Their bytes collect here, one list per pipe.
         self._adopt_capture_fds(capture_fds)
-        self._capture = [[] for _ in capture_fds]
+        self._capture: list[list[bytes]] = [[] for _ in capture_fds]
         self.args = args
         self.stdin = stdin
         self.stdout = stdout
@@ -185,7 +232,8 @@ class Process(Child):
 
     # ------------------------------------------------------------ public
 
-    def communicate(self, input=None, timeout=None):
+    def communicate(self, input: bytes | None = None,
+                    timeout: float | None = None) -> tuple[bytes | None, bytes | None]:
         """Send ``input`` to stdin, read stdout and stderr to the end, wait for the exit.
 
         Both pipes are drained together (selectors), so output of any size
@@ -279,14 +327,14 @@ class Process(Child):
         out, err = self._communicated()
         raise TimeoutExpired(self.pid, timeout, cmd=self.args, output=out, stderr=err)
 
-    def close_pipes(self):
+    def close_pipes(self) -> None:
         """Close whichever of stdin, stdout, stderr are still open."""
         for fileobj in (self.stdin, self.stdout, self.stderr):
             if fileobj is not None:
                 with contextlib.suppress(BrokenPipeError):
                     fileobj.close()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         if os.getpid() != self._owner:
             return
         try:
@@ -302,8 +350,10 @@ class Process(Child):
 
 # ---------------------------------------------------------------- spawn
 
-def spawn(argv, *, executable=None, env=None, cwd=None, stdin=None, stdout=None,
-          stderr=None, pass_fds=(), close_fds=True, new_session=False, die_with_parent=False):
+def spawn(argv: ArgSequence, *, executable: Arg | None = None, env: Env | None = None,
+          cwd: Arg | None = None, stdin: Stdio = None, stdout: Stdio = None,
+          stderr: Stdio = None, pass_fds: Iterable[int] = (), close_fds: bool = True,
+          new_session: bool = False, die_with_parent: bool = False) -> Process:
     """Start a command; return its ``Process``.
 
     ``argv``: a sequence of str/bytes/os.PathLike; ``argv[0]`` (or
@@ -414,7 +464,7 @@ class CommandResult:
     not found, else 126, as a shell reports it).
     """
 
-    args: list
+    args: list[Arg]
     returncode: int
     stdout: bytes | None = None
     stderr: bytes | None = None
@@ -423,11 +473,11 @@ class CommandResult:
     error: OSError | None = None
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         """True if the command ran, was not stopped for its timeout, and exited 0."""
         return self.returncode == 0 and not self.timed_out and self.error is None
 
-    def check_returncode(self):
+    def check_returncode(self) -> None:
         """Raise if the command failed: its start error, fastfork.TimeoutExpired
         (also a subprocess.TimeoutExpired) if it timed out, else
         subprocess.CalledProcessError for a non-zero exit (as CompletedProcess).
@@ -442,9 +492,34 @@ class CommandResult:
                                                 self.stdout, self.stderr)
 
 
-def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=True,
-               grace=1.0, env=None, cwd=None, stdin=DEVNULL, new_session=False,
-               die_with_parent=True, spawn_retries=8, callback=None):
+@overload
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False,
+               keep_going: Literal[True] = True, grace: float = 1.0,
+               env: Env | Callable[[int], Env] | None = None, cwd: Arg | None = None,
+               stdin: Stdio = DEVNULL, new_session: bool = False, die_with_parent: bool = True,
+               spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult]: ...
+
+
+@overload
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False, keep_going: bool,
+               grace: float = 1.0, env: Env | Callable[[int], Env] | None = None,
+               cwd: Arg | None = None, stdin: Stdio = DEVNULL, new_session: bool = False,
+               die_with_parent: bool = True, spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult | None]: ...
+
+
+def spawn_many(commands: Iterable[ArgSequence], *, jobs: int | None = None,
+               timeout: float | None = None, capture: bool = False, keep_going: bool = True,
+               grace: float = 1.0, env: Env | Callable[[int], Env] | None = None,
+               cwd: Arg | None = None, stdin: Stdio = DEVNULL, new_session: bool = False,
+               die_with_parent: bool = True, spawn_retries: int = 8,
+               callback: Callable[[int, CommandResult], object] | None = None,
+               ) -> list[CommandResult] | list[CommandResult | None]:
     """Run many commands, at most ``jobs`` at once; return their results in input order.
 
     ``commands``: argv sequences. Returns a list of ``CommandResult`` (one per
@@ -473,28 +548,60 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
     command is stopped (SIGTERM, one shared ``grace``, SIGKILL) and reaped
     before it propagates.
     """
-    jobs, timeout, grace, spawn_retries, _ = check_fan_out(
-        jobs, timeout, grace, spawn_retries, "spawn_retries")
-    check_optional_callable(callback, "callback")
-    stdin = check_stdio(stdin, "stdin")
-    if stdin == PIPE:
-        raise ValueError("spawn_many cannot give commands a stdin pipe")
-    if isinstance(commands, (str, bytes)):
-        raise TypeError("commands must be a sequence of argv sequences")
-    prepared = []
-    for index, argv in enumerate(commands):
-        command_env = env(index) if callable(env) else env
-        prepared.append(_prepare(argv, None, command_env, cwd))
-    output = PIPE if capture else None
-    stdio = (stdin, output, output)
+    many = ManyCommands(commands, jobs=jobs, timeout=timeout, capture=capture,
+                        keep_going=keep_going, grace=grace, env=env, cwd=cwd, stdin=stdin,
+                        new_session=new_session, die_with_parent=die_with_parent,
+                        spawn_retries=spawn_retries, callback=callback)
+    try:
+        for entry in drive(many.scheduler):
+            many.take(entry)
+    finally:
+        many.scheduler.close()
+    return many.results
 
-    def launch(index):
-        return _start(prepared[index], stdio, (), True, new_session, die_with_parent, capture)
 
-    def result_of(entry):
+class ManyCommands:
+    """``spawn_many`` apart from its driver: the validated commands on a Scheduler.
+
+    A driver (``_scheduler.drive``, the asyncio one in ``fastfork.aio``) runs
+    ``scheduler`` and passes each finished entry to ``take``, which stores
+    its CommandResult in ``results`` (input order) and calls the callback.
+    Takes the arguments of ``spawn_many`` and validates them all, before
+    anything starts.
+    """
+
+    def __init__(self, commands, *, jobs, timeout, capture, keep_going, grace, env, cwd,
+                 stdin, new_session, die_with_parent, spawn_retries, callback):
+        jobs, timeout, grace, spawn_retries, _ = check_fan_out(
+            jobs, timeout, grace, spawn_retries, "spawn_retries")
+        self._callback = check_optional_callable(callback, "callback")
+        stdin = check_stdio(stdin, "stdin")
+        if stdin == PIPE:
+            raise ValueError("spawn_many cannot give commands a stdin pipe")
+        if isinstance(commands, (str, bytes)):
+            raise TypeError("commands must be a sequence of argv sequences")
+        prepared = []
+        for index, argv in enumerate(commands):
+            command_env = env(index) if callable(env) else env
+            prepared.append(_prepare(argv, None, command_env, cwd))
+        output = PIPE if capture else None
+        stdio = (stdin, output, output)
+        self._prepared = prepared
+        self.results = [None] * len(prepared)
+
+        def launch(index):
+            return _start(prepared[index], stdio, (), True, new_session, die_with_parent,
+                          capture)
+
+        self.scheduler = Scheduler(launch, range(len(prepared)), jobs=jobs, timeout=timeout,
+                                   grace=grace, retries=spawn_retries,
+                                   stop_on_failure=not keep_going,
+                                   is_failure=lambda entry: not self._result_of(entry).ok)
+
+    def _result_of(self, entry):
         """The CommandResult of a finished entry, made once."""
         if entry.data is None:
-            command = prepared[entry.index]
+            command = self._prepared[entry.index]
             if entry.error is not None:
                 entry.data = _start_failure(command, entry.error)
             else:
@@ -504,18 +611,11 @@ def spawn_many(commands, *, jobs=None, timeout=None, capture=False, keep_going=T
                     entry.finished_at - entry.started_at, entry.timed_out)
         return entry.data
 
-    results = [None] * len(prepared)
-    scheduler = Scheduler(launch, range(len(prepared)), jobs=jobs, timeout=timeout,
-                          grace=grace, retries=spawn_retries, stop_on_failure=not keep_going,
-                          is_failure=lambda entry: not result_of(entry).ok)
-    try:
-        for entry in drive(scheduler):
-            results[entry.index] = result = result_of(entry)
-            if callback is not None:
-                callback(entry.index, result)
-    finally:
-        scheduler.close()
-    return results
+    def take(self, entry):
+        """Store the finished entry's CommandResult; call the callback with it."""
+        self.results[entry.index] = result = self._result_of(entry)
+        if self._callback is not None:
+            self._callback(entry.index, result)
 
 
 def _start_failure(command, exc):

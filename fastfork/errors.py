@@ -11,8 +11,14 @@
 OSErrors from the kernel otherwise pass through unchanged (ChildProcessError
 for ECHILD, BlockingIOError for EAGAIN ...).
 """
+from __future__ import annotations
+
 import signal as _signal
 import subprocess as _subprocess
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["FastforkError", "ChildError", "ChildTimeout", "ForkError", "TimeoutExpired",
            "ServerError", "ServiceError"]
@@ -44,8 +50,10 @@ class ChildError(FastforkError):
 
     __module__ = "fastfork"
 
-    def __init__(self, message, *, pid=None, returncode=None, index=None,
-                 item=None, exc_type=None, remote_traceback=None, timed_out=False):
+    def __init__(self, message: str, *, pid: int | None = None, returncode: int | None = None,
+                 index: int | None = None, item: str | None = None,
+                 exc_type: str | None = None, remote_traceback: str | None = None,
+                 timed_out: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.pid = pid
@@ -57,7 +65,7 @@ class ChildError(FastforkError):
         self.timed_out = timed_out
 
     @property
-    def signal(self):
+    def signal(self) -> int | None:
         """The signal that killed the child, or None."""
         if self.returncode is not None and self.returncode < 0:
             return -self.returncode
@@ -88,7 +96,7 @@ class ChildTimeout(ChildError, TimeoutError):
 
     __module__ = "fastfork"
 
-    def __init__(self, message, **fields):
+    def __init__(self, message: str, **fields: Any) -> None:
         fields["timed_out"] = True
         super().__init__(message, **fields)
 
@@ -103,7 +111,7 @@ class ForkError(FastforkError, OSError):
 
     __module__ = "fastfork"
 
-    def __init__(self, errno, strerror, *, started=0):
+    def __init__(self, errno: int, strerror: str, *, started: int = 0) -> None:
         OSError.__init__(self, errno, strerror)
         self.started = started
 
@@ -125,7 +133,8 @@ class TimeoutExpired(FastforkError, _subprocess.TimeoutExpired):
 
     __module__ = "fastfork"
 
-    def __init__(self, pid, timeout, cmd=None, output=None, stderr=None):
+    def __init__(self, pid: int | None, timeout: float, cmd: Any = None,
+                 output: bytes | None = None, stderr: bytes | None = None) -> None:
         _subprocess.TimeoutExpired.__init__(self, cmd, timeout, output, stderr)
         self.pid = pid
 
@@ -158,8 +167,9 @@ class ServiceError(FastforkError):
 
     __module__ = "fastfork"
 
-    def __init__(self, message, *, name=None, pid=None, returncode=None, timed_out=False,
-                 output=None):
+    def __init__(self, message: str, *, name: str | None = None, pid: int | None = None,
+                 returncode: int | None = None, timed_out: bool = False,
+                 output: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.name = name
@@ -195,3 +205,4 @@ def describe_status(returncode):
     if returncode < 0:
         return f"was killed by {_signal_name(-returncode)}"
     return f"exited with code {returncode}"
+import errno as _e; RETRYABLE_FORK_ERRNOS = (_e.EAGAIN, _e.ENOMEM)

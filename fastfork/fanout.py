@@ -12,11 +12,14 @@ handlers or a test runner's teardown. Return values and tracebacks travel back
 pickled over a close-on-exec pipe that the parent drains while it waits, so
 large results never deadlock.
 """
+from __future__ import annotations
+
 import contextlib
 import functools
 import itertools
 import signal
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Generic, TypeVar, overload
 
 from fastfork import _core
 from fastfork._checks import check_callable, check_fan_out, check_timeout
@@ -26,23 +29,39 @@ from fastfork._scheduler import Scheduler, drive
 from fastfork.child import Child, close_inherited_fds, reap_dropped, stop_all
 from fastfork.errors import ChildError, ForkError
 
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import Any, Literal
+
+    from typing_extensions import ParamSpec
+
+    P = ParamSpec("P")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
-           "fan_out", "in_input_order"]
+           "fan_out", "in_input_order", "FunctionFanOut"]
 
 
-class FunctionChild(Child):
+class FunctionChild(Child, Generic[R]):
     """A child running a Python function; ``result()`` gives what it returned.
 
     Extra attributes: ``index`` and ``item`` (its place in a fan-out, or None)
     and ``timed_out`` (True if a fan-out's timeout stopped it).
     """
 
-    def __init__(self, pid=None, result_fd=-1, *, index=None, item=None, pidfd=None):
+    index: int | None
+    item: Any
+    timed_out: bool
+
+    def __init__(self, pid: int | None = None, result_fd: int = -1, *, index: int | None = None,
+                 item: object = None, pidfd: int | None = None) -> None:
         # pid None: an unstarted handle that _core.fork_with_pipe fills in.
         # The result pipe's read end is the handle's from here on.
         self._adopt_result_fd(result_fd)
         self._frame = FrameReader()
-        self._outcome = None
+        self._outcome: tuple[bool, Any] | None = None
         self.index = index
         self.item = item
         self.timed_out = False
@@ -70,7 +89,7 @@ class FunctionChild(Child):
             stop_all([self], 0)  # no grace: straight to SIGKILL
         self._close_fds()
 
-    def result(self, timeout=None):
+    def result(self, timeout: float | None = None) -> R:
         """Wait for the child and return its function's return value.
 
         A function that ends in SystemExit with exit status 0 (``sys.exit()``,
@@ -98,9 +117,11 @@ class FunctionChild(Child):
                               timed_out=self.timed_out, lost=self.lost)
 
 
-def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
-                print_traceback=False, index=None, item=None, launched=None,
-                stop_signal=None, keep_fds=()):
+def start_child(fn: Callable[..., R], args: Iterable[Any] = (),
+                kwargs: dict[str, Any] | None = None, *, die_with_parent: bool = False,
+                print_traceback: bool = False, index: int | None = None, item: object = None,
+                launched: list[Any] | None = None, stop_signal: int | None = None,
+                keep_fds: Iterable[int] = ()) -> FunctionChild[R]:
     """Fork a child that runs ``fn(*args, **kwargs)``; return its FunctionChild.
 
     ``die_with_parent`` (Linux) has the kernel SIGKILL the child when this
@@ -122,7 +143,7 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
     if not isinstance(kwargs, dict):
         raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
     reap_dropped()
-    child = FunctionChild(index=index, item=item)
+    child: FunctionChild[R] = FunctionChild(index=index, item=item)
 
     def child_main():
         close_inherited_fds(keep={child._write_fd, *keep_fds})
@@ -143,7 +164,7 @@ def start_child(fn, args=(), kwargs=None, *, die_with_parent=False,
         raise
 
 
-def start(fn, /, *args, **kwargs):
+def start(fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> FunctionChild[R]:
     """Fork a child that runs ``fn(*args, **kwargs)``; return its FunctionChild.
 
     For options (die_with_parent, print_traceback) use ``start_child``.
@@ -152,9 +173,34 @@ def start(fn, /, *args, **kwargs):
     return start_child(fn, args, kwargs)
 
 
-def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-                 fork_retries=8, grace=1.0, die_with_parent=True, print_traceback=False,
-                 chunksize=1):
+@overload
+def as_completed(fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+                 timeout: float | None = None, return_exceptions: Literal[False] = False,
+                 fork_retries: int = 8, grace: float = 1.0, die_with_parent: bool = True,
+                 print_traceback: bool = False,
+                 chunksize: int = 1) -> Iterator[tuple[int, R]]: ...
+
+
+@overload
+def as_completed(fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+                 timeout: float | None = None, return_exceptions: Literal[True],
+                 fork_retries: int = 8, grace: float = 1.0, die_with_parent: bool = True,
+                 print_traceback: bool = False,
+                 chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]: ...
+
+
+@overload
+def as_completed(fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+                 timeout: float | None = None, return_exceptions: bool, fork_retries: int = 8,
+                 grace: float = 1.0, die_with_parent: bool = True, print_traceback: bool = False,
+                 chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]: ...
+
+
+def as_completed(fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+                 timeout: float | None = None, return_exceptions: bool = False,
+                 fork_retries: int = 8, grace: float = 1.0, die_with_parent: bool = True,
+                 print_traceback: bool = False,
+                 chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]:
     """Run ``fn(item)`` in forked children; yield (index, result) per item as they finish.
 
     At most ``jobs`` children run at once (default: CPU count): one per item,
@@ -186,8 +232,31 @@ def as_completed(fn, iterable, *, jobs=None, timeout=None, return_exceptions=Fal
                     print_traceback=print_traceback, chunksize=chunksize)
 
 
-def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_retries=8,
-        grace=1.0, die_with_parent=True, print_traceback=False, chunksize=1):
+@overload
+def map(fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+        timeout: float | None = None, return_exceptions: Literal[False] = False,
+        fork_retries: int = 8, grace: float = 1.0, die_with_parent: bool = True,
+        print_traceback: bool = False, chunksize: int = 1) -> list[R]: ...
+
+
+@overload
+def map(fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+        timeout: float | None = None, return_exceptions: Literal[True], fork_retries: int = 8,
+        grace: float = 1.0, die_with_parent: bool = True, print_traceback: bool = False,
+        chunksize: int = 1) -> list[R | BaseException]: ...
+
+
+@overload
+def map(fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+        timeout: float | None = None, return_exceptions: bool, fork_retries: int = 8,
+        grace: float = 1.0, die_with_parent: bool = True, print_traceback: bool = False,
+        chunksize: int = 1) -> list[R | BaseException]: ...
+
+
+def map(fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+        timeout: float | None = None, return_exceptions: bool = False, fork_retries: int = 8,
+        grace: float = 1.0, die_with_parent: bool = True, print_traceback: bool = False,
+        chunksize: int = 1) -> list[R] | list[R | BaseException]:
     """Run ``fn(item)`` in forked children; return the results in input order.
 
     At most ``jobs`` children run at once (default: CPU count); see
@@ -212,7 +281,7 @@ def map(fn, iterable, *, jobs=None, timeout=None, return_exceptions=False, fork_
         chunksize=chunksize))
 
 
-def in_input_order(completed):
+def in_input_order(completed: Iterable[tuple[int, R]]) -> list[R]:
     """Return the results of an ``as_completed``-style iterator as a list in input order."""
     results = dict(completed)
     return [results[i] for i in range(len(results))]
@@ -305,9 +374,11 @@ def _python_may_run_between_forks(items):
     return False
 
 
-def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-            fork_retries=8, grace=1.0, die_with_parent=False, print_traceback=False,
-            chunksize=1):
+def fan_out(starter: Callable[..., FunctionChild[R]], fn: Callable[[T], R],
+            iterable: Iterable[T], *, jobs: int | None = None, timeout: float | None = None,
+            return_exceptions: bool = False, fork_retries: int = 8, grace: float = 1.0,
+            die_with_parent: bool = False, print_traceback: bool = False,
+            chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]:
     """``as_completed`` with the function that starts one child as a parameter.
 
     ``starter`` takes the arguments of ``start_child`` (``launched``
@@ -322,24 +393,56 @@ def fan_out(starter, fn, iterable, *, jobs=None, timeout=None, return_exceptions
                     print_traceback=print_traceback, chunksize=chunksize)
 
 
-def _scheduled(starter, fn, items, return_exceptions, print_traceback, *, jobs, timeout,
-               fork_retries, grace, die_with_parent):
+def _scheduled(starter, fn, items, return_exceptions, print_traceback, **options):
     """as_completed over the iterator ``items``, children started by ``starter``."""
-    launched = []  # the child of the last launch, even one an exception cut short
+    fan = FunctionFanOut(starter, fn, items, return_exceptions, print_traceback, **options)
+    try:
+        for entry in drive(fan.scheduler):
+            reported = fan.take(entry)
+            if reported is not None:
+                yield reported
+        fan.finish()
+    finally:
+        fan.close()
 
-    def launch(task):
-        index, item = task
-        launched.clear()
-        return starter(fn, (item,), None, die_with_parent=die_with_parent,
-                       print_traceback=print_traceback, index=index, item=item,
-                       launched=launched)
 
-    def outcome(entry):
+class FunctionFanOut:
+    """A fan-out of ``fn`` over ``items`` on a Scheduler, apart from its driver.
+
+    A driver (``_scheduler.drive``, the asyncio one in ``fastfork.aio``) runs
+    ``scheduler`` and passes each finished entry to ``take``, which returns
+    the (index, result) to hand out, or None for a failure kept for the end
+    (rule 5); once the scheduler is done, ``finish()`` raises that first
+    failure. ``close()``, whatever happened, closes the scheduler (blocking
+    only if children still run) and stops the child of a launch an exception
+    cut short. ``items`` is an iterator; the other arguments are those of
+    ``as_completed``, validated.
+    """
+
+    def __init__(self, starter, fn, items, return_exceptions, print_traceback, *, jobs,
+                 timeout, fork_retries, grace, die_with_parent):
+        self._return_exceptions = return_exceptions
+        self._first_error = None
+        self._launched = []  # the child of the last launch, even one an exception cut short
+
+        def launch(task):
+            index, item = task
+            self._launched.clear()
+            return starter(fn, (item,), None, die_with_parent=die_with_parent,
+                           print_traceback=print_traceback, index=index, item=item,
+                           launched=self._launched)
+
+        self.scheduler = Scheduler(launch, enumerate(items), jobs=jobs, timeout=timeout,
+                                   grace=grace, retries=fork_retries,
+                                   stop_on_failure=not return_exceptions,
+                                   is_failure=lambda entry: not self._outcome(entry)[0])
+
+    def _outcome(self, entry):
         """(ok, result or error) of a finished entry, decoded once."""
         if entry.data is None:
             if entry.error is not None:
                 entry.data = (False, ForkError(entry.error.errno, entry.error.strerror,
-                                               started=scheduler.started))
+                                               started=self.scheduler.started))
             else:
                 child = entry.handle
                 child.timed_out = entry.timed_out
@@ -349,29 +452,32 @@ def _scheduled(starter, fn, items, return_exceptions, print_traceback, *, jobs, 
                     entry.data = (False, err)
         return entry.data
 
-    scheduler = Scheduler(launch, enumerate(items), jobs=jobs, timeout=timeout, grace=grace,
-                          retries=fork_retries, stop_on_failure=not return_exceptions,
-                          is_failure=lambda entry: not outcome(entry)[0])
-    first_error = None
-    try:
-        for entry in drive(scheduler):
-            ok, value = outcome(entry)
-            if ok or return_exceptions:
-                yield entry.index, value
-            elif first_error is None:
-                first_error = value
-        if first_error is not None:
-            raise first_error
-    finally:
-        scheduler.close()
-        stop_all(launched, 0)  # only a launch cut short leaves its child running here
-        for child in launched:
+    def take(self, entry):
+        """Return (index, result or error) of a finished entry, or None to raise it later."""
+        ok, value = self._outcome(entry)
+        if ok or self._return_exceptions:
+            return entry.index, value
+        if self._first_error is None:
+            self._first_error = value
+        return None
+
+    def finish(self):
+        """Raise the first failure ``take`` kept, if any."""
+        if self._first_error is not None:
+            raise self._first_error
+
+    def close(self):
+        """Close the scheduler; stop and reap the child of a launch cut short."""
+        self.scheduler.close()
+        stop_all(self._launched, 0)  # only a launch cut short leaves its child running here
+        for child in self._launched:
             child._close_fds()
 
 
 @contextlib.contextmanager
-def background(fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0,
-               die_with_parent=True):
+def background(fn: Callable[..., R], /, *args: Any, kwargs: dict[str, Any] | None = None,
+               stop_signal: int = signal.SIGTERM, grace: float = 5.0,
+               die_with_parent: bool = True) -> Iterator[FunctionChild[R]]:
     """Run ``fn(*args, **kwargs)`` in a child for the length of a ``with`` block.
 
     Yields the FunctionChild. On leaving the block, normally or by exception,
@@ -385,7 +491,7 @@ def background(fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0,
     check_callable(fn)
     grace = check_timeout(grace, "grace")
     stop_signal = signal.Signals(stop_signal)
-    launched = []
+    launched: list[FunctionChild[R]] = []
     try:
         yield start_child(fn, args, kwargs, die_with_parent=die_with_parent,
                           stop_signal=stop_signal, launched=launched)

@@ -13,11 +13,21 @@ Entering ``with fastfork.service(..., ready=probe)`` returns once the probe says
 
 ``free_port()`` picks a free TCP port to give the service.
 """
+from __future__ import annotations
+
 import os
 import re
 import socket
 
 from fastfork.child import _fd_lock, close_owned, own_fd
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Union
+
+    from typing_extensions import TypeAlias
+
+    Pattern: TypeAlias = Union[str, bytes, "re.Pattern[str]", "re.Pattern[bytes]"]
 
 __all__ = ["Probe", "port", "line", "notify", "signal_ready", "free_port"]
 
@@ -86,7 +96,7 @@ class _Port(Probe, _Watch):
         return self.address
 
 
-def port(port, host="127.0.0.1"):
+def port(port: int | str | os.PathLike[str], host: str = "127.0.0.1") -> Probe:
     """Ready once a connection to ``host``:``port`` succeeds; ready_result is (host, port).
 
     ``port`` may also be a Unix socket's path (str or os.PathLike; ``host``
@@ -152,7 +162,7 @@ class _LineWatch(_Watch):
                     return match
 
 
-def line(pattern, flags=0):
+def line(pattern: Pattern, flags: int = 0) -> Probe:
     """Ready once a complete line of the service's output matches ``pattern`` (re.search).
 
     ``pattern``: a str (matched against the line decoded as UTF-8) or bytes,
@@ -218,7 +228,7 @@ class _NotifyWatch(_Watch):
         self._close_read_end()
 
 
-def notify():
+def notify() -> Probe:
     """Ready once the service calls ``fastfork.ready.signal_ready()``: for a Python callable.
 
     ready_result is the message given to signal_ready ("" by default).
@@ -226,7 +236,7 @@ def notify():
     return _Notify()
 
 
-def signal_ready(message=""):
+def signal_ready(message: str = "") -> bool:
     """Tell the parent that this service is ready (a service started with ready=notify()).
 
     ``message``, one line of text, becomes the handle's ready_result (a port
@@ -292,7 +302,7 @@ def _probe_of(ready):
 
 # ---------------------------------------------------------------- ports
 
-def free_port(host="127.0.0.1"):
+def free_port(host: str = "127.0.0.1") -> int:
     """Return a TCP port that is free on ``host`` now, for a service to listen on.
 
     The kernel picks it among the ephemeral ports, so parallel test runs

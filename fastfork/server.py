@@ -9,9 +9,10 @@ request -- each fork costs what forking that small process costs.
 The server is exec'd (``sys.executable``), not forked from the caller: it is
 small whenever it is created, and holds none of the caller's memory, threads,
 locks or fds. The price is one interpreter start-up (~50-100 ms) and that
-functions and arguments travel pickled: functions by reference, so they must
-be importable by module and name in the server (not a lambda, not defined in
-the ``__main__`` script). The child does not see the caller's state after the
+functions and arguments travel pickled: functions by reference (those of the
+main script too: the server imports it once, as multiprocessing does), and
+lambdas and closures by value when cloudpickle is installed (``_pickling``).
+The child does not see the caller's state after the
 server started; pass what it needs as arguments. A ``SharedBuffer`` passed as
 an argument is shared for real: its memfd is sent along.
 
@@ -22,27 +23,40 @@ sends each child's pidfd back, so the caller waits on and signals the child
 through the pidfd (never a pid that could be recycled); the server reaps the
 child and reports its exit status and rusage.
 """
+from __future__ import annotations
+
 import contextlib
-import io
 import itertools
 import os
-import pickle
 import select
 import signal
 import socket
 import sys
 import threading
 import weakref
+from typing import TYPE_CHECKING, TypeVar, overload
 
 from fastfork import _core
 from fastfork import _server_proto as proto
 from fastfork import fanout
+from fastfork._pickling import check_not_importing_main, check_pickler, pickle_call
 from fastfork._checks import check_callable, check_timeout, poll_ms
-from fastfork._result import short_repr
 from fastfork.child import (Child, _fd_lock, close_inherited_fds,
                             close_owned, own_fd, stop_all)
 from fastfork.errors import ServerError, describe_status
-from fastfork.shared import SharedBuffer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+    from typing import Any, Literal
+
+    from typing_extensions import ParamSpec, Self
+
+    from fastfork.executor import ForkExecutor
+
+    P = ParamSpec("P")
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 __all__ = ["ForkServer", "ServerChild"]
 
@@ -64,40 +78,6 @@ def _wait_readable(fd, timeout=None):
 def _pidfd_exited(pidfd, timeout=0.0):
     """True if the process behind ``pidfd`` has exited (within ``timeout`` seconds)."""
     return _wait_readable(pidfd, timeout)
-
-
-class _Pickler(pickle.Pickler):
-    """Pickles a call; SharedBuffers become references to their memfds."""
-
-    def __init__(self, file):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.fds = []
-
-    def persistent_id(self, obj):
-        if not isinstance(obj, SharedBuffer):
-            return None
-        fd = obj.fileno()
-        if fd < 0:
-            raise TypeError("an anonymous SharedBuffer (no memfd on this system) "
-                            "cannot reach a fork server's children")
-        self.fds.append(fd)
-        return ("fastfork.SharedBuffer", len(self.fds) - 1, len(obj))
-
-
-def _pickle_call(fn, args, kwargs):
-    """Return (payload bytes, SharedBuffer fds); TypeError if it cannot be pickled."""
-    out = io.BytesIO()
-    pickler = _Pickler(out)
-    try:
-        pickler.dump((fn, args, kwargs))
-    except (pickle.PicklingError, TypeError, AttributeError) as exc:
-        raise TypeError(
-            f"cannot send {short_repr(fn)} and its arguments to the fork server: "
-            f"{exc} (functions travel pickled by reference: define them at module "
-            "level in an importable module)") from exc
-    if len(pickler.fds) > proto.MAX_FDS - 2:
-        raise ValueError(f"at most {proto.MAX_FDS - 2} SharedBuffers per call")
-    return out.getvalue(), pickler.fds
 
 
 class _Connection:
@@ -222,8 +202,10 @@ class _Connection:
 
     # ------------------------------------------------------------ requests
 
-    def request_start(self, payload, buffer_fds, print_traceback):
+    def request_start(self, payload, buffer_fds, setup, print_traceback):
         """Ask the server to fork a child; return (req_id, pid, pidfd, result read fd).
+
+        ``setup``: what the server prepares first (see ``_pickling``).
 
         Raises ServerError if the server is gone, OSError if its fork failed.
         """
@@ -246,7 +228,7 @@ class _Connection:
                 req_id = next(self.ids)
                 self.replies[req_id] = None
                 try:
-                    self.send(("start", req_id, inline, print_traceback), fds)
+                    self.send(("start", req_id, inline, setup, print_traceback), fds)
                     # The fds are in flight now; our copies can go.
                     close_owned(write_fd)
                     write_fd = -1
@@ -283,7 +265,7 @@ class _Connection:
             self.process.stop(0)
 
 
-class ServerChild(fanout.FunctionChild):
+class ServerChild(fanout.FunctionChild[R]):
     """A child forked by a ForkServer: the same interface as FunctionChild.
 
     It is not this process's child: its pidfd came from the server (which
@@ -292,7 +274,10 @@ class ServerChild(fanout.FunctionChild):
     reporting; ``result()`` then raises ServerError.
     """
 
-    def __init__(self, connection, req_id, pid, pidfd, result_fd, *, index=None, item=None):
+    server_died: bool
+
+    def __init__(self, connection: _Connection, req_id: int, pid: int, pidfd: int,
+                 result_fd: int, *, index: int | None = None, item: object = None) -> None:
         self._conn = connection
         self._req_id = req_id
         self._status = None
@@ -326,7 +311,7 @@ class ServerChild(fanout.FunctionChild):
         self._finished = True
         return True
 
-    def send_signal(self, sig):
+    def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the child (through its pidfd, or through the server)."""
         self._check_owner()
         if self._finished:
@@ -349,21 +334,27 @@ class ServerChild(fanout.FunctionChild):
 class ForkServer:
     """A small preloaded process that forks the children for ``start``/``map``.
 
-    ``ForkServer(preload=(), *, start_timeout=60.0)``: ``preload`` names
-    modules the server imports once, before ``gc.freeze()``; every child finds
-    them imported. The server starts on ``open()``, on entering ``with``, or
+    ``ForkServer(preload=(), *, start_timeout=60.0, pickler=None)``:
+    ``preload`` names modules the server imports once, before ``gc.freeze()``;
+    every child finds them imported. ``pickler``: None pickles calls with the
+    standard pickle (functions by reference; those of the main script are
+    found by importing it in the server) and, when cloudpickle is installed,
+    sends what that refuses (lambdas, closures) by value; "pickle" never uses
+    cloudpickle; "cloudpickle" always does. The server starts on ``open()``, on entering ``with``, or
     lazily on first use; create it early (its start-up takes one interpreter
     launch). ``close()`` (or leaving ``with``) stops every child it made and
     the server; the object cannot be used after that. If this process dies,
     the server and its children die too. If the server dies, calls in flight
     fail with ServerError and the next call starts a new server.
 
-    Raises TypeError for a bad ``preload``.
+    Raises TypeError for a bad ``preload`` or ``pickler``, ValueError for an
+    unknown ``pickler``, ImportError for "cloudpickle" when it is not installed.
     """
 
     __module__ = "fastfork"
 
-    def __init__(self, preload=(), *, start_timeout=60.0):
+    def __init__(self, preload: Iterable[str] = (), *, start_timeout: float = 60.0,
+                 pickler: str | None = None) -> None:
         if isinstance(preload, (str, bytes)):
             raise TypeError("preload must be a sequence of module names, not a single string")
         preload = tuple(preload)
@@ -372,13 +363,14 @@ class ForkServer:
                 raise TypeError(f"preload names must be str, not {type(name).__name__}")
         self._preload = preload
         self._start_timeout = check_timeout(start_timeout, "start_timeout", allow_zero=False)
+        self._pickler = check_pickler(pickler)
         self._lock = threading.Lock()
         self._conn = None
         self._closed = False
         self._owner = os.getpid()
-        self._children = weakref.WeakSet()
+        self._children: weakref.WeakSet[ServerChild[Any]] = weakref.WeakSet()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if self._closed:
             state = "closed"
         elif self._conn is None or self._conn.dead:
@@ -388,7 +380,7 @@ class ForkServer:
         return f"<fastfork.ForkServer {state} preload={self._preload!r}>"
 
     @property
-    def pid(self):
+    def pid(self) -> int | None:
         """The server's pid, or None when it is not running."""
         conn = self._conn
         return None if conn is None or conn.dead else conn.pid
@@ -402,6 +394,7 @@ class ForkServer:
     def _connection(self):
         """The running server, started (or restarted after it died) if need be."""
         self._check_usable()
+        check_not_importing_main("a ForkServer")
         with self._lock:
             conn = self._conn
             if conn is not None and not conn.dead:
@@ -412,7 +405,7 @@ class ForkServer:
                 self._conn = conn = _Connection(self._preload, self._start_timeout)
             return conn
 
-    def open(self):
+    def open(self) -> Self:
         """Start the server now (if it is not running); return self.
 
         Raises ServerError if it cannot start (e.g. a preload import fails;
@@ -421,7 +414,7 @@ class ForkServer:
         self._connection()
         return self
 
-    def close(self, grace=1.0):
+    def close(self, grace: float = 1.0) -> None:
         """Stop every child this server made (SIGTERM, ``grace`` s, SIGKILL) and the server.
 
         Closing twice is harmless.
@@ -441,34 +434,50 @@ class ForkServer:
         for child in children:
             child._try_reap()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.open()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     # ------------------------------------------------------------ the fan-out API
 
-    def start_child(self, fn, args=(), kwargs=None, *, die_with_parent=True,
-                    print_traceback=False, index=None, item=None, launched=None):
+    def start_child(self, fn: Callable[..., R], args: Iterable[Any] = (),
+                    kwargs: dict[str, Any] | None = None, *, die_with_parent: bool = True,
+                    print_traceback: bool = False, index: int | None = None,
+                    item: object = None, launched: list[Any] | None = None) -> ServerChild[R]:
         """Have the server fork a child that runs ``fn(*args, **kwargs)``; return its ServerChild.
 
         Like ``fastfork.start_child``; the child always dies with the server
         and the server with this process (``die_with_parent`` is accepted for
         the same signature). Raises TypeError for a non-callable or what
-        cannot be pickled, before anything is sent; ServerError if the server
-        dies; OSError if its fork fails.
+        cannot be pickled (see ``pickler``), before anything is sent or
+        forked; ServerError if the server dies; OSError if its fork fails.
         """
         check_callable(fn)
         kwargs = {} if kwargs is None else kwargs
         if not isinstance(kwargs, dict):
             raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
-        payload, buffer_fds = _pickle_call(fn, tuple(args), kwargs)
+        return self._start_pickled(self._pickle(fn, tuple(args), kwargs), print_traceback,
+                                   index, item, launched)
+
+    def _pickle(self, fn, args, kwargs):
+        """Pickle a call for this server: (payload, SharedBuffer fds, setup steps).
+
+        Raises TypeError if it cannot travel (see ``pickler``).
+        """
+        return pickle_call(fn, args, kwargs, self._pickler)
+
+    def _start_pickled(self, pickled, print_traceback=False, index=None, item=None,
+                       launched=None):
+        """start_child for a call pickled by ``_pickle``."""
+        payload, buffer_fds, setup = pickled
         conn = self._connection()
-        req_id, pid, pidfd, result_fd = conn.request_start(payload, buffer_fds,
+        req_id, pid, pidfd, result_fd = conn.request_start(payload, buffer_fds, setup,
                                                            print_traceback)
         try:
-            child = ServerChild(conn, req_id, pid, pidfd, result_fd, index=index, item=item)
+            child: ServerChild[R] = ServerChild(conn, req_id, pid, pidfd, result_fd,
+                                                index=index, item=item)
         except BaseException:
             conn._kill_orphan(req_id, [pidfd] if pidfd >= 0 else [])
             close_owned(result_fd)
@@ -480,12 +489,37 @@ class ForkServer:
         self._children.add(child)
         return child
 
-    def start(self, fn, /, *args, **kwargs):
+    def start(self, fn: Callable[P, R], /, *args: P.args,
+              **kwargs: P.kwargs) -> ServerChild[R]:
         """Run ``fn(*args, **kwargs)`` in a child of the server; return its ServerChild."""
         return self.start_child(fn, args, kwargs)
 
-    def as_completed(self, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-                     fork_retries=8, grace=1.0, print_traceback=False, chunksize=1):
+    @overload
+    def as_completed(self, fn: Callable[[T], R], iterable: Iterable[T], *,
+                     jobs: int | None = None, timeout: float | None = None,
+                     return_exceptions: Literal[False] = False, fork_retries: int = 8,
+                     grace: float = 1.0, print_traceback: bool = False,
+                     chunksize: int = 1) -> Iterator[tuple[int, R]]: ...
+
+    @overload
+    def as_completed(self, fn: Callable[[T], R], iterable: Iterable[T], *,
+                     jobs: int | None = None, timeout: float | None = None,
+                     return_exceptions: Literal[True], fork_retries: int = 8, grace: float = 1.0,
+                     print_traceback: bool = False,
+                     chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]: ...
+
+    @overload
+    def as_completed(self, fn: Callable[[T], R], iterable: Iterable[T], *,
+                     jobs: int | None = None, timeout: float | None = None,
+                     return_exceptions: bool, fork_retries: int = 8, grace: float = 1.0,
+                     print_traceback: bool = False,
+                     chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]: ...
+
+    def as_completed(self, fn: Callable[[T], R], iterable: Iterable[T], *,
+                     jobs: int | None = None, timeout: float | None = None,
+                     return_exceptions: bool = False, fork_retries: int = 8, grace: float = 1.0,
+                     print_traceback: bool = False,
+                     chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]:
         """``fastfork.as_completed`` with the children forked by the server.
 
         Yields (index, result) as children finish; ``chunksize``, ``timeout``
@@ -496,14 +530,34 @@ class ForkServer:
         (every running child is stopped first).
         """
         self._check_usable()
-        _pickle_call(fn, (), {})
+        self._pickle(fn, (), {})  # TypeError now if fn cannot travel
         return fanout.fan_out(self.start_child, fn, iterable, jobs=jobs, timeout=timeout,
                               return_exceptions=return_exceptions,
                               fork_retries=fork_retries, grace=grace,
                               print_traceback=print_traceback, chunksize=chunksize)
 
-    def map(self, fn, iterable, *, jobs=None, timeout=None, return_exceptions=False,
-            fork_retries=8, grace=1.0, print_traceback=False, chunksize=1):
+    @overload
+    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+            timeout: float | None = None, return_exceptions: Literal[False] = False,
+            fork_retries: int = 8, grace: float = 1.0, print_traceback: bool = False,
+            chunksize: int = 1) -> list[R]: ...
+
+    @overload
+    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+            timeout: float | None = None, return_exceptions: Literal[True], fork_retries: int = 8,
+            grace: float = 1.0, print_traceback: bool = False,
+            chunksize: int = 1) -> list[R | BaseException]: ...
+
+    @overload
+    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+            timeout: float | None = None, return_exceptions: bool, fork_retries: int = 8,
+            grace: float = 1.0, print_traceback: bool = False,
+            chunksize: int = 1) -> list[R | BaseException]: ...
+
+    def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
+            timeout: float | None = None, return_exceptions: bool = False, fork_retries: int = 8,
+            grace: float = 1.0, print_traceback: bool = False,
+            chunksize: int = 1) -> list[R] | list[R | BaseException]:
         """``fastfork.map`` with the children forked by the server.
 
         Returns the results in input order; ChildError on a failed item (or,
@@ -515,8 +569,21 @@ class ForkServer:
             fork_retries=fork_retries, grace=grace, print_traceback=print_traceback,
             chunksize=chunksize))
 
+    def executor(self, max_workers: int | None = None, **options: Any) -> ForkExecutor:
+        """Return a ``fastfork.ForkExecutor`` whose tasks this server forks.
+
+        ``options``: ``timeout`` and ``grace`` as for ForkExecutor. Shutting
+        the executor down leaves the server running; several executors may
+        share it. Raises TypeError/ValueError for bad arguments.
+        """
+        from fastfork.executor import ForkExecutor
+        self._check_usable()
+        return ForkExecutor(max_workers, server=self, **options)
+
     @contextlib.contextmanager
-    def background(self, fn, /, *args, kwargs=None, stop_signal=signal.SIGTERM, grace=5.0):
+    def background(self, fn: Callable[..., R], /, *args: Any,
+                   kwargs: dict[str, Any] | None = None, stop_signal: int = signal.SIGTERM,
+                   grace: float = 5.0) -> Iterator[ServerChild[R]]:
         """``fastfork.background`` with the child forked by the server."""
         check_callable(fn)
         grace = check_timeout(grace, "grace")

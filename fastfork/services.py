@@ -9,6 +9,8 @@ full pipe that nobody reads.
 The group is signalled only while its leader is unreaped: until then no other
 process can be given its pid, so no stranger's group can carry that id.
 """
+from __future__ import annotations
+
 import contextlib
 import os
 import select
@@ -27,14 +29,30 @@ from fastfork.commands import DEVNULL, STDOUT, _prepare, spawn
 from fastfork.errors import ServiceError, describe_status
 from fastfork.fanout import start_child
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, Union
+
+    from typing_extensions import Self, TypeAlias
+
+    from fastfork.child import Child
+    from fastfork.commands import Arg, ArgSequence, Env
+
+    Ready: TypeAlias = Union[_ready.Probe, Callable[[], object], None]
+    """None (ready at once), a fastfork.ready probe, or a callable polled until truthy."""
+
 __all__ = ["Service", "service"]
 
 # How much of the output errors and tail() look at, at most.
 _TAIL_BYTES = 64 * 1024
 
 
-def service(target, /, *args, kwargs=None, ready=None, ready_timeout=30.0,
-            stop_signal=signal.SIGTERM, grace=5.0, die_with_parent=True, env=None, cwd=None):
+def service(target: Callable[..., object] | ArgSequence, /, *args: Any,
+            kwargs: dict[str, Any] | None = None, ready: Ready = None,
+            ready_timeout: float | None = 30.0, stop_signal: int = signal.SIGTERM,
+            grace: float = 5.0, die_with_parent: bool = True, env: Env | None = None,
+            cwd: Arg | None = None) -> Service:
     """Run a service for the length of a ``with`` block; entering it returns once it is ready.
 
     ``target``: a Python callable, forked and called as ``target(*args,
@@ -76,9 +94,15 @@ class Service:
     without being stopped). Without ``with``: ``start()``, then ``stop()``.
     """
 
-    def __init__(self, target, args=(), kwargs=None, *, ready=None, ready_timeout=30.0,
-                 stop_signal=signal.SIGTERM, grace=5.0, die_with_parent=True, env=None,
-                 cwd=None):
+    name: str
+    ready_result: Any
+
+    def __init__(self, target: Callable[..., object] | ArgSequence,
+                 args: Iterable[Any] = (), kwargs: dict[str, Any] | None = None, *,
+                 ready: Ready = None, ready_timeout: float | None = 30.0,
+                 stop_signal: int = signal.SIGTERM, grace: float = 5.0,
+                 die_with_parent: bool = True, env: Env | None = None,
+                 cwd: Arg | None = None) -> None:
         """Validate the arguments (see ``service``); nothing starts before ``start()``."""
         self._probe = _ready._probe_of(ready)
         if callable(target):
@@ -110,7 +134,7 @@ class Service:
         self._stop_signal = _check_signal(stop_signal)
         self._grace = check_timeout(grace, "grace")
         self._die_with_parent = bool(die_with_parent)
-        self._launched = []       # the leader's handle once it exists
+        self._launched: list[Child] = []  # the leader's handle once it exists
         self._output_fd = -1      # the temporary file, while the service may write to it
         self._output = None       # its whole content once the service is stopped
         self._stop_requested = False
@@ -118,7 +142,7 @@ class Service:
         self._owner = os.getpid()
         self.ready_result = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         if self._child is None:
             state = "not started"
         elif self.returncode is None:
@@ -134,16 +158,16 @@ class Service:
         return self._launched[0] if self._launched else None
 
     @property
-    def pid(self):
+    def pid(self) -> int | None:
         """The leader's pid (None before the start)."""
         return None if self._child is None else self._child.pid
 
     @property
-    def returncode(self):
+    def returncode(self) -> int | None:
         """The leader's exit status once reaped, else None."""
         return None if self._child is None else self._child.returncode
 
-    def poll(self):
+    def poll(self) -> int | None:
         """Return ``returncode``: None while the leader runs.
 
         A leader found exited is reaped, and what is left of its group killed.
@@ -157,17 +181,17 @@ class Service:
         return self.returncode
 
     @property
-    def alive(self):
+    def alive(self) -> bool:
         """True while the service runs (started, and its leader has not exited)."""
         return self._child is not None and self.poll() is None
 
     @property
-    def died(self):
+    def died(self) -> bool:
         """True if the service ended without being stopped (it crashed or exited)."""
         self.poll()
         return self._died
 
-    def send_signal(self, sig):
+    def send_signal(self, sig: int) -> None:
         """Send ``sig`` to the leader (not its group); nothing once it is reaped."""
         if self._child is not None:
             self._child.send_signal(sig)
@@ -175,16 +199,16 @@ class Service:
     # ------------------------------------------------------------ output
 
     @property
-    def output_bytes(self):
+    def output_bytes(self) -> bytes:
         """Everything the service wrote to stdout and stderr so far (bytes)."""
         return self._output_from(0)
 
     @property
-    def output(self):
+    def output(self) -> str:
         """``output_bytes`` decoded as UTF-8 (undecodable bytes replaced)."""
         return self.output_bytes.decode("utf-8", "replace")
 
-    def tail(self, lines=20):
+    def tail(self, lines: int = 20) -> str:
         """Return the last ``lines`` lines of the output (at most 64 KiB of it) as text."""
         size = self._output_size()
         data = self._output_from(max(0, size - _TAIL_BYTES))
@@ -219,7 +243,7 @@ class Service:
 
     # ------------------------------------------------------------ start
 
-    def start(self):
+    def start(self) -> Self:
         """Start the service and return once it is ready; return self.
 
         Raises ServiceError if it exits or its ready timeout passes first (it
@@ -306,7 +330,7 @@ class Service:
 
     # ------------------------------------------------------------ stop
 
-    def stop(self):
+    def stop(self) -> int | None:
         """Stop the service and its process group; reap the leader. Returns ``returncode``.
 
         ``stop_signal`` to the group, up to ``grace`` seconds for the leader
@@ -394,10 +418,10 @@ class Service:
 
     # ------------------------------------------------------------ context manager
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         if os.getpid() == self._owner:
             self.stop()
 

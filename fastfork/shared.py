@@ -24,12 +24,18 @@ Both are ``mmap.mmap`` objects: they support the buffer protocol
 ``with``. ``close()`` unmaps them; it raises BufferError while a memoryview
 or array still refers to the memory.
 """
+from __future__ import annotations
+
 import mmap
 import operator
 import os
 import sys
 
 __all__ = ["SharedBuffer", "PrivateBuffer"]
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 def _check_size(size):
@@ -65,6 +71,9 @@ def _advise_hugepages(buf):
 class _MappedBuffer(mmap.mmap):
     """Base of the buffer types: an mmap with chunking and a clear closed error."""
 
+    hugepages: bool
+    _fd: int
+
     def __init__(self, *args, **kwargs):
         # mmap.mmap does all its work in __new__.
         pass
@@ -78,7 +87,7 @@ class _MappedBuffer(mmap.mmap):
         if self.closed:
             raise ValueError(f"operation on a closed {type(self).__name__}")
 
-    def bounds(self, i, n, *, itemsize=1):
+    def bounds(self, i: int, n: int, *, itemsize: int = 1) -> tuple[int, int]:
         """Return the (start, stop) byte offsets of part ``i`` of ``n`` equal parts.
 
         Parts hold whole items of ``itemsize`` bytes; the first
@@ -102,7 +111,7 @@ class _MappedBuffer(mmap.mmap):
         stop = start + q + (1 if i < r else 0)
         return start * itemsize, stop * itemsize
 
-    def chunk(self, i, n, *, itemsize=1):
+    def chunk(self, i: int, n: int, *, itemsize: int = 1) -> memoryview:
         """Return a writable memoryview of part ``i`` of ``n`` (see ``bounds``).
 
         Release the view (``view.release()`` or ``with``) before closing the
@@ -113,11 +122,11 @@ class _MappedBuffer(mmap.mmap):
         with memoryview(self) as whole:
             return whole[start:stop]
 
-    def chunks(self, n, *, itemsize=1):
+    def chunks(self, n: int, *, itemsize: int = 1) -> list[memoryview]:
         """Return a list of ``n`` writable memoryviews that tile the buffer."""
         return [self.chunk(i, n, itemsize=itemsize) for i in range(n)]
 
-    def view(self):
+    def view(self) -> memoryview:
         """Return a writable memoryview of the whole buffer.
 
         Raises ValueError if the buffer is closed.
@@ -146,7 +155,7 @@ class SharedBuffer(_MappedBuffer):
 
     __module__ = "fastfork"
 
-    def __new__(cls, size, *, hugepages=False):
+    def __new__(cls, size: int, *, hugepages: bool = False) -> Self:
         size = _check_size(size)
         _check_bool("hugepages", hugepages)
         memfd = getattr(os, "memfd_create", None)
@@ -176,7 +185,7 @@ class SharedBuffer(_MappedBuffer):
         self.hugepages = False
         return self
 
-    def fileno(self):
+    def fileno(self) -> int:
         """Return the memfd behind the buffer, or -1 if it is anonymous.
 
         Raises ValueError if the buffer is closed.
@@ -184,7 +193,7 @@ class SharedBuffer(_MappedBuffer):
         self._check_open()
         return self._fd
 
-    def close(self):
+    def close(self) -> None:
         """Unmap the buffer and close its memfd; closing twice is harmless.
 
         Raises BufferError (and stays open) while a memoryview or array
@@ -195,7 +204,7 @@ class SharedBuffer(_MappedBuffer):
         if fd >= 0:
             os.close(fd)
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info: object) -> None:
         # mmap.__exit__ would skip the memfd.
         self.close()
 
@@ -222,7 +231,7 @@ class PrivateBuffer(_MappedBuffer):
 
     __module__ = "fastfork"
 
-    def __new__(cls, size, *, hugepages=True):
+    def __new__(cls, size: int, *, hugepages: bool = True) -> Self:
         size = _check_size(size)
         _check_bool("hugepages", hugepages)
         self = super().__new__(cls, -1, size,

@@ -75,6 +75,31 @@ cdef long _count_threads() except -1:
     return len(threading_module._active) + len(threading_module._limbo)
 
 
+# Threads fastfork runs itself (a ForkExecutor's), by native id. Each blocks
+# every signal, and no lock it may hold is one a forked child needs (only the
+# process that made an executor may use it): the threads warning does not
+# count them, and signals are not held back for them.
+cdef set _library_threads = set()
+os.register_at_fork(after_in_child=_library_threads.clear)
+
+
+def _library_thread(bint running):
+    """Count the calling thread as one of fastfork's own (``running``), or no longer.
+
+    For threads that block every signal and hold no lock a forked child
+    could need (stdio's, the import lock, a logging handler's).
+    """
+    if running:
+        _library_threads.add(threading.get_native_id())
+    else:
+        _library_threads.discard(threading.get_native_id())
+
+
+cdef long _count_other_threads() except -1:
+    """The threads a fork must care about: all but fastfork's own."""
+    return _count_threads() - len(_library_threads)
+
+
 cdef bint _only_thread() noexcept:
     """True if this interpreter has no Python thread but ours."""
     cdef PyThreadState *head = PyInterpreterState_ThreadHead(PyInterpreterState_Get())
@@ -114,7 +139,7 @@ cdef void _warn_if_threaded(bint library) noexcept:
     (``library``), the user's line that called into fastfork.
     """
     try:
-        if _count_threads() > 1:
+        if _count_other_threads() > 1:
             message = (f"This process (pid={getpid()}) is multi-threaded, use of fork() "
                        f"may lead to deadlocks in the child.").encode()
             PyErr_WarnEx(DeprecationWarning, message, _callers_stacklevel() if library else 1)
@@ -167,7 +192,7 @@ cdef bint _hold_python_signals() except -1:
     Returns True if held (ff_release_signals must follow).
     """
     cdef PyOS_sighandler_t handler
-    if PyThread_get_thread_ident() != _main_thread_ident or _count_threads() <= 1:
+    if PyThread_get_thread_ident() != _main_thread_ident or _count_other_threads() <= 1:
         return False
     handler = _python_signal_handler()
     if handler == NULL:

@@ -1,8 +1,10 @@
 """The fan-out contract (fastfork/_scheduler.py), checked against every front end.
 
 Each rule is written once and runs against every front end in FRONT_ENDS:
-``map``, ``as_completed``, ``ForkServer.map``, ``ForkServer.as_completed``
-and ``spawn_many``. A new front end joins by adding its adapter to that list.
+``map``, ``as_completed``, ``ForkServer.map``, ``ForkServer.as_completed``,
+``spawn_many``, ``ForkExecutor`` (from the caller and from a server) and the
+asyncio ones (``aio.map``, ``aio.as_completed``, ``aio.spawn_many``, each run in
+``asyncio.run``). A new front end joins by adding its adapter to that list.
 
 A task is Python source run in the child -- by a function for the function
 front ends, as ``sys.executable -c`` for ``spawn_many`` -- with ``x`` (the
@@ -11,6 +13,8 @@ PRELUDE; it sets ``result``. Children synchronise through the log (lines
 appended atomically), never by sleeping a fixed time.
 """
 import ast
+import asyncio
+import concurrent.futures
 import dataclasses
 import errno
 import math
@@ -25,6 +29,7 @@ import pytest
 import faultlib
 import fastfork
 import procutil
+from fastfork import aio
 
 PRELUDE = '''
 import os, signal, sys, time
@@ -101,13 +106,16 @@ class FrontEnd:
 
     ``completion_order``: outcomes arrive as children finish (``on_result``
     is called then); ``chunks``: takes ``chunksize``; ``server``: children
-    are forked by a ForkServer, ``fork_server`` once ``open()`` started it.
+    are forked by a ForkServer, ``fork_server`` once ``open()`` started it;
+    ``one_call``: one call over all the items, which the first failure
+    stops and whose fork retries can be set (an executor runs what it is given).
     """
 
     name = None
     completion_order = False
     chunks = False
     server = False
+    one_call = True
 
     def open(self):
         pass
@@ -217,8 +225,82 @@ class SpawnMany(FrontEnd):
         return Outcome(False, timed_out=result.timed_out, error=result)
 
 
+class Executor(FrontEnd):
+    """ForkExecutor: a future per item, collected with concurrent.futures.as_completed."""
+
+    name = "ForkExecutor"
+    completion_order = True
+    chunks = False
+    one_call = False
+
+    def executor(self, jobs, **options):
+        return fastfork.ForkExecutor(jobs, **options)
+
+    def call(self, source, items, log, record, *, jobs, timeout, grace, keep_going, retries,
+             chunksize):
+        assert chunksize == 1, "a ForkExecutor's chunks are map's, not per item"
+        with self.executor(jobs, timeout=timeout, grace=grace) as ex:
+            futures = {ex.submit(contract_task, (source, x, log)): i
+                       for i, x in enumerate(items)}
+            for future in concurrent.futures.as_completed(futures):
+                error = future.exception()
+                if error is None:
+                    record(futures[future], Outcome(True, future.result()))
+                else:
+                    # What the task raised comes back as itself, the ChildError as its cause.
+                    if not isinstance(error, fastfork.FastforkError):
+                        error = error.__cause__
+                    record(futures[future], function_outcome(error))
+
+
+class ServerExecutor(Executor, ServerFrontEnd):
+    name = "ForkServer.executor"
+
+    def executor(self, jobs, **options):
+        return self.fork_server.executor(jobs, **options)
+
+
+class AioMap(FrontEnd):
+    name = "aio.map"
+
+    def call(self, source, items, log, record, *, keep_going, retries, chunksize, **options):
+        assert chunksize == 1, "aio.map takes no chunksize"
+        values = asyncio.run(aio.map(contract_task, [(source, x, log) for x in items],
+                                     return_exceptions=keep_going, fork_retries=retries,
+                                     **options))
+        for index, value in enumerate(values):
+            record(index, function_outcome(value))
+
+
+class AioAsCompleted(FrontEnd):
+    name = "aio.as_completed"
+    completion_order = True
+
+    def call(self, source, items, log, record, *, keep_going, retries, chunksize, **options):
+        assert chunksize == 1, "aio.as_completed takes no chunksize"
+
+        async def consume():
+            async for index, value in aio.as_completed(
+                    contract_task, [(source, x, log) for x in items],
+                    return_exceptions=keep_going, fork_retries=retries, **options):
+                record(index, function_outcome(value))
+        asyncio.run(consume())
+
+
+class AioSpawnMany(SpawnMany):
+    name = "aio.spawn_many"
+
+    def call(self, source, items, log, record, *, keep_going, retries, chunksize, **options):
+        assert chunksize == 1, "aio.spawn_many takes no chunksize"
+        asyncio.run(aio.spawn_many(
+            [command_for(source, x, log) for x in items], keep_going=keep_going,
+            spawn_retries=retries, capture=True,
+            callback=lambda index, result: record(index, self.outcome(result)), **options))
+
+
 # Every front end of the contract. A new one joins here.
-FRONT_ENDS = [Map(), AsCompleted(), ServerMap(), ServerAsCompleted(), SpawnMany()]
+FRONT_ENDS = [Map(), AsCompleted(), ServerMap(), ServerAsCompleted(), SpawnMany(), Executor(),
+              ServerExecutor(), AioMap(), AioAsCompleted(), AioSpawnMany()]
 BY_NAME = {fe.name: fe for fe in FRONT_ENDS}
 
 
@@ -383,6 +465,8 @@ def test_a_timeout_is_reported_however_the_child_then_exits(any_front_end, log):
 
 @pytest.mark.parametrize("keep_going", [False, True], ids=["stop", "keep_going"])
 def test_first_failure_stops_new_launches(any_front_end, log, keep_going):
+    if not keep_going and not any_front_end.one_call:
+        pytest.skip("an executor runs every task it was given: its caller cancels the rest")
     # Item 0 fails while item 1 runs; item 1 ends only once item 0 has exited.
     run = any_front_end.run("""
         note("start", x, os.getpid())
@@ -456,6 +540,8 @@ faultlib.report(out, FDS)
 
 
 def test_eagain_is_retried_with_back_off(any_front_end, tmp_path):
+    if not any_front_end.one_call:
+        pytest.skip("an executor's fork retries are fixed (tests/test_executor.py)")
     with faultlib.pids_cgroup("max") as group:
         out = faultlib.contained(
             "import faultlib\n" + EAGAIN_CODE.format(
@@ -499,7 +585,14 @@ def test_ctrl_c_stops_and_reaps_everything(any_front_end, log, sigusr1_interrupt
     assert isinstance(run.raised, KeyboardInterrupt), run.raised
     assert procutil.children() == before
     if any_front_end.server:
-        assert procutil.children(any_front_end.fork_server.pid) == set()
+        # The server is its children's parent and reaps them on its own thread of
+        # control: the caller's stop ends them at once, their reaping follows.
+        server_pid = any_front_end.fork_server.pid
+        assert procutil.wait_ended(procutil.children(server_pid)) == []
+        deadline = time.monotonic() + 30
+        while procutil.children(server_pid) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert procutil.children(server_pid) == set()
     assert len(read_log(log)) <= jobs
 
 

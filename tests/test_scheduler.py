@@ -273,3 +273,39 @@ def test_an_asyncio_driver_runs_the_same_scheduler():
     by_index = {e.index: e for e in done}
     assert [by_index[i].handle.result() for i in range(6)] == list(range(6))
     assert by_index[6].timed_out and by_index[6].handle.returncode == -signal.SIGTERM
+
+
+# ---------------------------------------------------------------- for fastfork run
+
+def test_set_timeout_gives_a_running_child_a_deadline():
+    r, w = os.pipe()
+    try:
+        scheduler = Scheduler(Launcher(), jobs=1, grace=1.0)
+        entry = scheduler.add((wait_for_fd, (r,)))
+        scheduler.close_input()
+        assert not scheduler.set_timeout(entry, 0.0)  # not launched yet
+        assert scheduler.fill() == [entry]
+        assert scheduler.set_timeout(entry, 0.0)      # due at once
+        done = list(drive(scheduler))
+    finally:
+        os.close(r)
+        os.close(w)
+    assert done == [entry]
+    assert entry.timed_out and entry.handle.returncode == -signal.SIGTERM
+    assert not scheduler.set_timeout(entry, 5.0)      # finished
+
+
+def test_drive_every_yields_none_while_children_run():
+    r, w = os.pipe()
+    try:
+        scheduler = Scheduler(Launcher(), [(wait_for_fd, (r,))], jobs=1)
+        seen = []
+        for item in drive(scheduler, every=0.01):
+            seen.append(item)
+            if item is None and len(seen) == 2:
+                os.write(w, b"x")  # the child can end only now
+    finally:
+        os.close(r)
+        os.close(w)
+    assert seen[:2] == [None, None]
+    assert [e.handle.result() for e in seen if e is not None] == ["released"]

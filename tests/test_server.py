@@ -186,7 +186,7 @@ def test_bad_arguments_start_nothing():
         ForkServer(preload=[1])
     with pytest.raises(ValueError):
         ForkServer(start_timeout=-1)
-    srv = ForkServer()
+    srv = ForkServer(pickler="pickle")  # a lambda is refused without cloudpickle
     try:
         with pytest.raises(TypeError):
             srv.start(42)

@@ -124,15 +124,15 @@ def test_two_waves_of_200_concurrent_children():
     budget.check()
 
 
-def test_map_wave_of_300_concurrent_children():
+def test_map_wave_of_200_concurrent_children():
     budget = _Budget()
-    _map_wave(300)
+    _map_wave(200)
     budget.check()
 
 
-def test_1000_fork_reap_cycles_from_4_threads():
+def test_400_fork_reap_cycles_from_4_threads():
     budget = _Budget()
-    _cycles(4, 250)
+    _cycles(4, 100)
     budget.check()
 
 

@@ -1,0 +1,358 @@
+"""``fastfork run``'s output: where each job's stdout and stderr go, and when they are printed.
+
+Modes:
+
+- grouped (default): a job writes to two unlinked temporary files, in
+  memory (memfd) or in ``tmpdir`` (no pipe, so a job can never stall on a
+  full pipe, and a grandchild holding them open cannot keep the runner
+  waiting); when it ends they are copied whole to this process's stdout
+  and stderr, so jobs' output is never interleaved;
+- line-buffered: the same files are read while the jobs run and every
+  complete line is printed as it comes (never half a line);
+- ungrouped: jobs inherit this process's stdout and stderr.
+
+``keep_order`` prints jobs in input order (output of a job that ends before
+its turn is moved to one spool file in ``tmpdir``, or the system's
+temporary directory, until then); ``tag`` puts a label and a
+TAB before every line; ``results`` keeps each job's output in
+DIR/<seq>/stdout and DIR/<seq>/stderr (with DIR/<seq>/cmd and, once it
+ended, DIR/<seq>/exitval).
+"""
+import collections
+import errno
+import os
+import select
+import tempfile
+
+__all__ = ["Output", "write_all"]
+
+_CHUNK = 1 << 20
+_OUT, _ERR = 1, 2  # the fds this process prints jobs' output to
+
+
+def _wait_writable(fd):
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    poller.poll()
+
+
+def write_all(fd, data):
+    """Write all of ``data`` to ``fd``, waiting if it is non-blocking and full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except BlockingIOError:
+            _wait_writable(fd)
+
+
+def _temp_file(directory=None):
+    """Return a new unlinked temporary file (read-write, close-on-exec).
+
+    In ``directory``, or, with None, in memory (memfd): creating one costs a
+    tenth of a file on a disk's filesystem, which matters at thousands of jobs.
+    """
+    if directory is None and hasattr(os, "memfd_create"):
+        return os.memfd_create("fastfork-run", os.MFD_CLOEXEC)
+    if directory is None:
+        directory = tempfile.gettempdir()
+    flags = os.O_RDWR | os.O_CLOEXEC
+    if hasattr(os, "O_TMPFILE"):
+        try:
+            return os.open(directory, flags | os.O_TMPFILE, 0o600)
+        except OSError as exc:
+            # Filesystems without O_TMPFILE; EMFILE and others are the caller's.
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                raise
+    fd, path = tempfile.mkstemp(dir=directory)
+    os.unlink(path)
+    return fd
+
+
+class _Copier:
+    """Copies byte ranges of files to a destination fd (sendfile when the kernel can)."""
+
+    def __init__(self):
+        self._sendfile = {}   # dst fd -> whether sendfile works to it
+
+    def copy(self, dst, src, offset, count):
+        """Copy ``count`` bytes of ``src`` from ``offset`` to ``dst``; return the bytes copied."""
+        done = 0
+        while done < count:
+            if self._sendfile.get(dst, True):
+                try:
+                    n = os.sendfile(dst, src, offset + done, count - done)
+                except BlockingIOError:
+                    _wait_writable(dst)
+                    continue
+                except OSError as exc:
+                    # EINVAL: dst opened with O_APPEND (or a kind sendfile refuses).
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    self._sendfile[dst] = False
+                    continue
+            else:
+                data = os.pread(src, min(_CHUNK, count - done), offset + done)
+                write_all(dst, data)
+                n = len(data)
+            if n == 0:
+                break  # the file is shorter than expected
+            done += n
+        return done
+
+
+def _tagged(chunk, tag, at_line_start):
+    """``chunk`` with ``tag`` before each line; returns (bytes, whether it ended a line)."""
+    ends_line = chunk.endswith(b"\n")
+    body = chunk[:-1] if ends_line else chunk
+    out = (tag if at_line_start else b"") + body.replace(b"\n", b"\n" + tag)
+    return (out + b"\n" if ends_line else out), ends_line
+
+
+class _Captured:
+    """The output files of one running or finished job, and how much was printed."""
+
+    __slots__ = ("job", "fds", "sent", "line_start", "held")
+
+    def __init__(self, job, fds):
+        self.job = job
+        self.fds = fds                 # [stdout fd, stderr fd]
+        self.sent = [0, 0]             # bytes of each already printed (or spooled)
+        self.line_start = [True, True]  # for --tag: the next byte printed starts a line
+        self.held = None               # keep-order: [(stream, spool offset, length)]
+
+    def close(self):
+        for i, fd in enumerate(self.fds):
+            if fd >= 0:
+                self.fds[i] = -1
+                os.close(fd)
+
+
+class Output:
+    """Routes jobs' output in one of the modes (see the module's docstring).
+
+    ``mode`` is "group", "line" or "ungroup"; ``order`` the job numbers in
+    the order they are to be printed with ``keep_order``; ``before_write`` a
+    callable run before anything is printed (clears a progress bar).
+    ``tmpdir`` holds running jobs' output (None: memory). Raises OSError if
+    the results directory cannot be made.
+    """
+
+    def __init__(self, mode="group", keep_order=False, tag=False, results=None,
+                 order=(), before_write=None, tmpdir=None):
+        self.mode = mode
+        self.captures = mode != "ungroup"
+        self.keep_order = keep_order
+        self.tag = tag
+        self.results = results
+        self._before_write = before_write
+        self._tmpdir = tmpdir
+        self._copier = _Copier()
+        self._running = {}        # seq -> _Captured
+        self._held = {}           # keep-order: seq -> _Captured (ended before its turn)
+        self._order = collections.deque(order)
+        self._skipped = set()
+        self._spool = -1
+        self._spool_end = 0
+        if results is not None:
+            os.makedirs(results, exist_ok=True)
+
+    # ------------------------------------------------------------ per job
+
+    def open(self, job):
+        """Return (stdout, stderr) for the command of ``job``: fds, or None to inherit.
+
+        Raises OSError (EMFILE when out of fds) with nothing left open.
+        """
+        if not self.captures:
+            return None, None
+        fds = []
+        try:
+            if self.results is not None:
+                fds = self._open_results(job)
+            else:
+                for _ in range(2):
+                    fds.append(_temp_file(self._tmpdir))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._running[job.seq] = _Captured(job, fds)
+        return fds[0], fds[1]
+
+    def _open_results(self, job):
+        directory = os.path.join(self.results, str(job.seq))
+        os.makedirs(directory, exist_ok=True)
+        for name in ("exitval", "exitval.tmp"):
+            try:
+                os.unlink(os.path.join(directory, name))
+            except FileNotFoundError:
+                pass
+        with open(os.path.join(directory, "cmd"), "wb") as f:
+            f.write(job.describe() + b"\n")
+        fds = []
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            for name in ("stdout", "stderr"):
+                fds.append(os.open(os.path.join(directory, name), flags, 0o666))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def finish(self, job, returncode=None):
+        """``job`` ended: print (or hold) its output; return the bytes it wrote.
+
+        With ``returncode`` None the attempt is discarded (to be retried, or
+        stopped): nothing is printed and the job keeps its place in the order.
+        Returns 0 when output is not captured.
+        """
+        captured = self._running.pop(job.seq, None)
+        if captured is None:
+            return 0
+        try:
+            if returncode is None:
+                return 0
+            sizes = [os.fstat(fd).st_size for fd in captured.fds]
+            if self.results is not None:
+                self._write_exitval(job, returncode)
+            if not self.keep_order or self._order and self._order[0] == job.seq:
+                self._forward(captured, sizes)
+                if self.keep_order:
+                    self._order.popleft()
+                    self._advance()
+            else:
+                self._hold(captured, sizes)
+            return sum(sizes)
+        finally:
+            captured.close()
+
+    def skip(self, seq):
+        """Job ``seq`` will not run (halted, or done by an earlier run): free its turn."""
+        if self.keep_order:
+            self._skipped.add(seq)
+            self._advance()
+
+    def _write_exitval(self, job, returncode):
+        directory = os.path.join(self.results, str(job.seq))
+        temp = os.path.join(directory, "exitval.tmp")
+        with open(temp, "w") as f:
+            f.write(f"{returncode}\n")
+        os.replace(temp, os.path.join(directory, "exitval"))  # atomic: present means ended
+
+    # ------------------------------------------------------------ printing
+
+    def poll(self):
+        """Line-buffered mode: print the complete lines written since the last call."""
+        if self.mode != "line":
+            return
+        if self.keep_order:
+            head = self._running.get(self._order[0]) if self._order else None
+            if head is not None:
+                self._forward(head)
+            return
+        for captured in list(self._running.values()):
+            self._forward(captured)
+
+    def _forward(self, captured, sizes=None):
+        """Print what ``captured`` has not printed yet.
+
+        With ``sizes`` (the job has ended) all of it, up to those sizes;
+        without, only up to each file's last newline.
+        """
+        for stream, fd in enumerate(captured.fds):
+            start = captured.sent[stream]
+            end = os.fstat(fd).st_size if sizes is None else sizes[stream]
+            if end <= start:
+                continue
+            if sizes is None:
+                last = self._last_newline(fd, start, end)
+                if last < 0:
+                    continue
+                end = last + 1
+            self._print(stream, fd, start, end - start, captured)
+            captured.sent[stream] = end
+
+    @staticmethod
+    def _last_newline(fd, start, end):
+        """Offset of the last b"\\n" in ``fd`` between ``start`` and ``end``, or -1."""
+        pos = end
+        while pos > start:
+            begin = max(start, pos - _CHUNK)
+            found = os.pread(fd, pos - begin, begin).rfind(b"\n")
+            if found >= 0:
+                return begin + found
+            pos = begin
+        return -1
+
+    def _print(self, stream, fd, offset, count, captured):
+        dst = _OUT if stream == 0 else _ERR
+        if self._before_write is not None:
+            self._before_write()
+        if not self.tag:
+            self._copier.copy(dst, fd, offset, count)
+            return
+        tag = captured.job.label + b"\t"
+        end = offset + count
+        while offset < end:
+            chunk = os.pread(fd, min(_CHUNK, end - offset), offset)
+            if not chunk:
+                break
+            data, captured.line_start[stream] = _tagged(chunk, tag, captured.line_start[stream])
+            write_all(dst, data)
+            offset += len(chunk)
+
+    # ------------------------------------------------------------ keep-order
+
+    def _hold(self, captured, sizes):
+        """Move the output of a job that ended before its turn into the spool."""
+        if self._spool < 0:
+            # On disk unless asked otherwise: held output can grow to the whole run's.
+            self._spool = _temp_file(self._tmpdir or tempfile.gettempdir())
+        regions = []
+        for stream, (fd, size) in enumerate(zip(captured.fds, sizes)):
+            if size > captured.sent[stream]:
+                os.lseek(self._spool, self._spool_end, os.SEEK_SET)
+                length = self._copier.copy(self._spool, fd, captured.sent[stream],
+                                           size - captured.sent[stream])
+                regions.append((stream, self._spool_end, length))
+                self._spool_end += length
+        captured.held = regions
+        captured.close()
+        self._held[captured.job.seq] = captured
+
+    def _advance(self):
+        """Print held output whose turn has come."""
+        while self._order:
+            seq = self._order[0]
+            if seq in self._skipped:
+                self._skipped.discard(seq)
+            elif seq in self._held:
+                captured = self._held.pop(seq)
+                for stream, offset, length in captured.held:
+                    self._print(stream, self._spool, offset, length, captured)
+            else:
+                break
+            self._order.popleft()
+        if not self._held and self._spool_end:
+            os.ftruncate(self._spool, 0)
+            self._spool_end = 0
+        if self.mode == "line":
+            self.poll()  # the new head may have lines waiting
+
+    def close(self):
+        """Print what is still held (in order), discard running jobs' output, close files."""
+        try:
+            for seq in sorted(self._held):
+                captured = self._held.pop(seq)
+                for stream, offset, length in captured.held:
+                    self._print(stream, self._spool, offset, length, captured)
+        finally:
+            for captured in self._running.values():
+                captured.close()
+            self._running.clear()
+            self._held.clear()
+            if self._spool >= 0:
+                os.close(self._spool)
+                self._spool = -1
