@@ -606,7 +606,7 @@ WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY,
 
 # ---------------------------------------------------------------- scaling: N children at once
 
-SCALING_SLEEP = 0.5  # seconds each child sleeps; the figure is what the run takes beyond it
+SCALING_SLEEP = 1.0  # seconds each child sleeps; the figure is what the run takes beyond it
 
 
 def _sleep_child(i):
@@ -696,6 +696,8 @@ TARGETS = (
            "fastfork.SharedBuffer", "small", "bytearray", "small", 30.0, ">= 30x"),
     Target("import fastfork vs import subprocess", "import", "import fastfork", "small",
            "import subprocess", "small", 1 / 1.5, ">= 0.67x"),
+    Target("map vs os.fork loop, N children at once", "scaling", "fastfork.map", "small",
+           "os.fork loop + waitpid", "small", 1 / 1.3, ">= 0.77x"),
 )
 
 

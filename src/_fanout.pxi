@@ -27,6 +27,8 @@
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_Occurred
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from libc.errno cimport ENFILE
+from libc.math cimport ldexp
 from libc.string cimport memcpy
 from posix.uio cimport iovec, writev
 
@@ -186,6 +188,20 @@ def write_frame(int fd, kind, bytes payload):
 
 # ---------------------------------------------------------------- the engine
 
+cdef inline double _backoff(int failures) noexcept nogil:
+    return min(ldexp(0.005, failures), 0.5)
+
+
+def backoff(int failures):
+    """Seconds to wait before relaunching after ``failures`` EAGAIN/ENOMEM in a row.
+
+    Returns min(5 ms * 2**failures, 0.5 s): the one back-off of every
+    fastfork fan-out (this engine and fastfork._scheduler).
+    Raises TypeError for a non-integer.
+    """
+    return _backoff(failures)
+
+
 cdef struct _Slot:
     pid_t pid               # 0: the slot is free
     int pidfd               # -1: none; the child is polled by pid
@@ -232,7 +248,11 @@ cdef class FanOut:
     fork failing with EAGAIN or ENOMEM is retried ``fork_retries`` times with
     back-off; after that ``fork_error`` holds the OSError, ``pending`` the
     (index, item) that could not start, and no more children are started
-    (the rest of ``items`` is left unread).
+    (the rest of ``items`` is left unread). A launch that finds no free fd
+    (EMFILE, ENFILE) waits until a running child has finished and freed its
+    own, with a RuntimeWarning the first time; with none running, step()
+    raises that OSError. The soft RLIMIT_NOFILE is raised as far as ``jobs``
+    children need, up to the hard limit.
     With ``stop_on_failure`` the first failed child also stops new starts.
     sys.stdout and sys.stderr are flushed before the first fork and, with
     ``flush_each_fork`` or while other threads exist, before every fork:
@@ -269,6 +289,8 @@ cdef class FanOut:
     cdef int fork_retries, fork_failures
     cdef double timeout, grace
     cdef double backoff_until   # no fork before this (fork retry back-off)
+    cdef bint fd_wait           # out of fds: no fork until a running child finishes
+    cdef bint fd_warned
     cdef double poll_interval   # for children without a pidfd
     cdef bint print_traceback, stop_on_failure, launching, flush_each_fork
     cdef pid_t parent
@@ -442,7 +464,7 @@ cdef class FanOut:
 
     cdef int _launch_while_room(self) except -1:
         cdef PyObject *drawn
-        while self.launching and self.running < self.jobs:
+        while self.launching and self.running < self.jobs and not self.fd_wait:
             if self.backoff_until:
                 if _monotonic() < self.backoff_until:
                     return 0
@@ -461,6 +483,13 @@ cdef class FanOut:
             try:
                 self._launch(self.next_index - 1, self.pending_item)
             except OSError as exc:
+                if (exc.errno == EMFILE or exc.errno == ENFILE) and self.running:
+                    # Out of fds: the next launch waits until a running child
+                    # has finished and freed its own (as fastfork._scheduler).
+                    self.fd_wait = True
+                    self.fd_room = self.running  # look at the limit again then
+                    self._warn_fd_wait()
+                    return 0
                 if exc.errno != EAGAIN and exc.errno != ENOMEM:
                     raise
                 self.fork_failures += 1
@@ -469,7 +498,7 @@ cdef class FanOut:
                     self.launching = False
                     return 0
                 # Back off while the running children finish and free resources.
-                self.backoff_until = _monotonic() + min(0.005 * 2 ** self.fork_failures, 0.5)
+                self.backoff_until = _monotonic() + _backoff(self.fork_failures)
                 continue
             self.has_pending = False
             self.pending_item = None
@@ -541,7 +570,7 @@ cdef class FanOut:
         """Raise the soft fd limit, if need be, so that ``jobs`` children fit at once.
 
         Only as far as needed, and at most to the hard limit. Raises OSError
-        (EMFILE) if not even one more child fits.
+        (EMFILE) if not even one more child fits now.
         """
         soft, hard = _fd_limit()
         in_use = _fds_in_use(soft)
@@ -552,10 +581,24 @@ cdef class FanOut:
         self.fd_room = self.running + max(soft - in_use - 1, 0) // _FDS_PER_CHILD
         if self.fd_room <= self.running:
             raise OSError(EMFILE, (
-                f"too many open files to start another child: {self.running} children "
-                f"running, {in_use} files open, and the hard limit RLIMIT_NOFILE is {hard} "
-                f"({_FDS_PER_CHILD} files per child); lower jobs (now {self.jobs}) or "
-                f"raise the hard limit"))
+                f"too many open files to start a child: {in_use} files open, "
+                f"{self.running} children running, and the hard limit RLIMIT_NOFILE is "
+                f"{hard}; each child needs {_FDS_PER_CHILD}: close files or raise the "
+                f"hard limit"))
+        return 0
+
+    cdef int _warn_fd_wait(self) except -1:
+        """Warn, once per fan-out, that the fd limit holds children back."""
+        if self.fd_warned:
+            return 0
+        self.fd_warned = True
+        soft, hard = _fd_limit()
+        message = (f"only {self.running} children fit at once in the open-file limit "
+                   f"(RLIMIT_NOFILE {soft}, hard limit {hard}; each child needs "
+                   f"{_FDS_PER_CHILD} files), not jobs={self.jobs}: the others start as "
+                   f"running ones finish. Raise the hard limit (ulimit -Hn) to run them "
+                   f"all at once").encode()
+        PyErr_WarnEx(RuntimeWarning, message, _callers_stacklevel())
         return 0
 
     cdef int _child_work(self, int fd, int token, item) except -1:
@@ -760,7 +803,8 @@ cdef class FanOut:
                 o.kind = slot.buf[0]  # last: the outcome is complete only now
         self.outcome_items.append(<object>slot.item)
         self.n_outcomes += 1
-        if o.kind != _RESULT and self.stop_on_failure:
+        # A child stopped for its timeout fails whatever it sent (ChildTimeout).
+        if (o.kind != _RESULT or o.timed_out) and self.stop_on_failure:
             self.launching = False
         self._free_slot(slot)
         return 0
@@ -802,6 +846,7 @@ cdef class FanOut:
         slot.item = NULL
         slot.pid = 0
         self.running -= 1
+        self.fd_wait = False  # its fds are free: launches may go on
         self.free_slots[self.n_free] = slot - self.slots
         self.n_free += 1
 

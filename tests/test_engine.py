@@ -20,6 +20,7 @@ import pickle
 import re
 import select
 import signal
+import sys
 import textwrap
 import threading
 import time
@@ -339,6 +340,9 @@ def record_then_maybe_fail(item):
             os._exit(3)
         if how == "timeout":
             time.sleep(30)
+        if how == "timeout, then a result":
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit())  # sends None, exits 0
+            time.sleep(30)
     return i
 
 
@@ -347,21 +351,23 @@ def _started(log):
         return [int(line) for line in f]
 
 
-@pytest.mark.parametrize("how", ["raise", "exit", "timeout"])
+@pytest.mark.parametrize("how", ["raise", "exit", "timeout", "timeout, then a result"])
 def test_map_first_failure_stops_new_starts(tmp_path, how):
     log = str(tmp_path / "started")
     items = [(log, i, how) for i in range(6)]
     with pytest.raises(fastfork.ChildError) as info:
         fastfork.map(record_then_maybe_fail, items, jobs=1,
-                     timeout=3 if how == "timeout" else None)
+                     timeout=3 if how.startswith("timeout") else None)
     err = info.value
     assert err.index == 2
     if how == "raise":
         assert err.exc_type == "ValueError" and err.returncode == 1
     elif how == "exit":
         assert err.returncode == 3 and "without a result" in str(err)
-    else:
+    elif how == "timeout":
         assert "timed out" in str(err) and err.returncode == -signal.SIGTERM
+    else:
+        assert "timed out" in str(err) and err.returncode == 0
     assert _started(log) == [0, 1, 2]  # items 3..5 were never started
 
 
@@ -770,7 +776,52 @@ def test_fd_limit_is_raised_as_far_as_the_children_need():
         assert report["soft"] < 1000  # only as far as needed, not to the hard limit
 
 
-def test_fd_limit_too_low_is_a_clear_error():
-    report = _run_all_at_once(64)
+# A fan-out of 100 quick children, jobs=100, under a hard fd limit of 64;
+# with FREE set, the parent first opens files until only FREE fds are left.
+_UNDER_64_FDS = textwrap.dedent("""
+    import json, os, resource, warnings
+    import fastfork
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    held = []
+    if FREE is not None:
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            pass
+        for _ in range(FREE):
+            os.close(held.pop())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = {"results": fastfork.map(abs, range(100), jobs=100)}
+        except OSError as exc:
+            report = {"errno": exc.errno, "message": str(exc)}
+    report["warnings"] = [(w.category.__name__, str(w.message), w.filename) for w in caught]
+    print(json.dumps(report))
+""")
+
+
+def _run_under_64_fds(free):
+    proc = procutil.run_python(_UNDER_64_FDS.replace("FREE", repr(free)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_fd_limit_too_low_holds_children_back_with_one_warning():
+    # About 28 children fit in 64 fds: the rest start as running ones finish.
+    report = _run_under_64_fds(None)
+    assert report["results"] == list(range(100))
+    [(category, message, filename)] = report["warnings"]
+    assert category == "RuntimeWarning"
+    assert "RLIMIT_NOFILE" in message and "jobs=100" in message
+    assert filename == "<string>"  # the user's line, not fastfork's
+
+
+def test_no_fd_left_for_a_child_is_a_clear_error():
+    # The fan-out's own three fds fit, and one more: not the two a child needs.
+    report = _run_under_64_fds(4)
     assert report["errno"] == errno.EMFILE
-    assert "RLIMIT_NOFILE" in report["message"] and "jobs" in report["message"]
+    assert "RLIMIT_NOFILE" in report["message"] and "raise the" in report["message"]
+    assert report["warnings"] == []
