@@ -24,7 +24,6 @@ import sys
 import textwrap
 import threading
 import time
-import warnings
 
 import pytest
 
@@ -672,20 +671,32 @@ def test_big_results_with_sigchld_ignored():
 # --------------------------------------------- 9. another thread starting children
 
 
-def pipes_held(_):
-    time.sleep(0.05)  # siblings and the other thread's children are alive meanwhile
-    return procutil.pipe_inodes()
+# Run in a fresh interpreter: a library loaded by an earlier test can make
+# pipes in every forked child (libuv, under uvloop, makes its signal pipe anew
+# in each child from a pthread_atfork handler), which no check here could tell
+# from an inherited one.
+_THREADS_AND_MAP = textwrap.dedent("""
+    import json, os, stat, threading, time, warnings
+    import fastfork
 
+    def pipe_inodes():
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                st = os.fstat(int(fd))
+            except OSError:
+                continue
+            if stat.S_ISFIFO(st.st_mode):
+                found.add(st.st_ino)
+        return found
 
-# Known open bug: under load a map child sometimes holds one pipe more than its
-# own and the doorbell (seen on every Python in a loaded run, never alone). Which
-# pipe, and which thread made it, is not found yet: kept running, not hidden.
-@pytest.mark.xfail(reason="a map child forked while another thread starts children "
-                          "can hold one extra pipe (open bug)", strict=False)
-def test_fan_out_children_hold_no_pipe_of_another_threads_children():
-    baseline = procutil.pipe_inodes()  # the test runner's own pipes, inherited by every child
+    def pipes_held(_):
+        time.sleep(0.05)  # siblings and the other thread's children are alive meanwhile
+        return sorted(pipe_inodes())
+
+    baseline = pipe_inodes()  # the interpreter's own pipes, inherited by every child
     stop = threading.Event()
-    theirs = []    # (inode of a start() child's result pipe, the pipes that child held)
+    theirs = []  # (inode of a start() child's result pipe, the pipes that child held)
     errors = []
 
     def other_thread():
@@ -693,9 +704,9 @@ def test_fan_out_children_hold_no_pipe_of_another_threads_children():
             while not stop.is_set():
                 kids = [fastfork.start(pipes_held, None) for _ in range(3)]
                 inodes = [os.fstat(k._result_fd).st_ino for k in kids]
-                theirs.extend(zip(inodes, [k.result(timeout=NO_DEADLOCK) for k in kids]))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+                theirs.extend(zip(inodes, [k.result(timeout=30) for k in kids]))
+        except BaseException as exc:
+            errors.append(repr(exc))
 
     thread = threading.Thread(target=other_thread)
     with warnings.catch_warnings():
@@ -704,13 +715,23 @@ def test_fan_out_children_hold_no_pipe_of_another_threads_children():
         try:
             while len(theirs) < 3 and thread.is_alive():  # the other thread forks by now
                 time.sleep(0.01)
-            in_map = fastfork.map(pipes_held, range(16), jobs=4, timeout=NO_DEADLOCK)
+            in_map = fastfork.map(pipes_held, range(16), jobs=4, timeout=30)
         finally:
             stop.set()
             thread.join()
-    assert not errors, errors
-    their_pipes = {inode for inode, _ in theirs}
-    mine = [held - baseline for held in in_map]
+    print(json.dumps({"baseline": sorted(baseline), "theirs": theirs, "mine": in_map,
+                      "errors": errors}))
+""")
+
+
+def test_fan_out_children_hold_no_pipe_of_another_threads_children():
+    proc = procutil.run_python(_THREADS_AND_MAP, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert not report["errors"], report["errors"]
+    baseline = set(report["baseline"])
+    their_pipes = {inode for inode, _ in report["theirs"]}
+    mine = [set(held) - baseline for held in report["mine"]]
     # Each map child holds two pipes: its own result pipe and the doorbell,
     # which all of them share; none of the other thread's result pipes.
     assert all(len(held) == 2 for held in mine), mine
@@ -719,8 +740,8 @@ def test_fan_out_children_hold_no_pipe_of_another_threads_children():
     assert len({(held - doorbell).pop() for held in mine}) == 16, mine
     assert not set.union(*mine) & their_pipes
     # And the other thread's children hold only their own result pipe.
-    for inode, held in theirs:
-        assert held - baseline == {inode}, (inode, held - baseline, doorbell)
+    for inode, held in report["theirs"]:
+        assert set(held) - baseline == {inode}, (inode, set(held) - baseline, doorbell)
 
 
 # ---------------------------------------------------------------- the fd limit
