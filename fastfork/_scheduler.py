@@ -39,10 +39,11 @@ child low; see src/_fanout.pxi).
 7. Outcomes are reported as children finish, each with its input
    ``index``; front ends that promise input order put them back in order.
 
-The C engine departs from two of these rules today: it raises on EMFILE or
-ENFILE instead of waiting for a running child (rule 2), and a child stopped
-for its timeout that still sends a result does not stop new launches (rule
-5; it is reported as a ChildTimeout all the same).
+The C engine keeps these rules too, with two differences of its own: it
+raises the soft fd limit as far as ``jobs`` children need, and warns
+(RuntimeWarning) the first time a launch waits for fds anyway; and a launch
+out of fds with no child running raises that OSError from the call instead
+of failing the one task.
 
 The ``Scheduler`` is a state machine that never waits by itself (sans-IO):
 a driver watches the fds it names and calls it back. ``drive()`` is the
@@ -62,6 +63,7 @@ import signal
 import time
 
 from fastfork._checks import poll_ms
+from fastfork._core import backoff  # shared with the C engine: min(5 ms * 2**n, 0.5 s)
 from fastfork.child import stop_all
 
 __all__ = ["RETRYABLE_ERRNOS", "FD_ERRNOS", "backoff", "Entry", "Scheduler", "drive"]
@@ -73,11 +75,6 @@ FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 # Children without a pidfd are polled (WNOHANG) this often, doubling up to the cap.
 _POLL_MIN, _POLL_MAX = 0.0005, 0.05
-
-
-def backoff(failures):
-    """Seconds to wait before relaunching after ``failures`` EAGAIN/ENOMEM in a row."""
-    return min(0.005 * 2 ** failures, 0.5)
 
 
 class Entry:

@@ -604,6 +604,52 @@ IMPORT = Workload(
 WORKLOADS = {w.key: w for w in (FORK, REAP, FANOUT, EXEC, STARTUP, TINY, MEMORY, IMPORT)}
 
 
+# ---------------------------------------------------------------- scaling: N children at once
+
+SCALING_SLEEP = 1.0  # seconds each child sleeps; the figure is what the run takes beyond it
+
+
+def _sleep_child(i):
+    time.sleep(SCALING_SLEEP)
+
+
+def _scaling_os(n):
+    t0 = time.perf_counter()
+    pids = []
+    try:
+        for i in range(n):
+            pids.append(_fork_run(_sleep_child, i))
+    finally:
+        for pid in pids:
+            os.waitpid(pid, 0)
+    return time.perf_counter() - t0 - SCALING_SLEEP
+
+
+def _scaling_map(n):
+    t0 = time.perf_counter()
+    fastfork.map(_sleep_child, range(n), jobs=n)
+    return time.perf_counter() - t0 - SCALING_SLEEP
+
+
+SCALING = Workload(
+    key="scaling",
+    title=f"N children alive at once, each sleeping {SCALING_SLEEP} s (rate: N / (wall time "
+          f"- {SCALING_SLEEP} s), so 1/rate is the time each child costs beyond its sleep)",
+    baseline="os.fork loop + waitpid",
+    methods=(
+        Method("os.fork loop + waitpid", "stdlib", _scaling_os, reports_time=True),
+        Method("fastfork.map", "fastfork", _scaling_map, reports_time=True),
+    ),
+    sizes={"quick": (100,), "default": (100, 1000), "full": (100, 1000, 5000)},
+    # Every child of a 1 GiB parent pays its fork: thousands of them take minutes.
+    big_sizes={"quick": (), "default": (), "full": ()},
+    headline="fastfork.map",
+    expect="about 1x at small N; at large N every fork also copies the parent's table of "
+           "open files, where fastfork keeps 2 per running child (its pipe and pidfd)",
+)
+WORKLOADS[SCALING.key] = SCALING
+
+
 # ---------------------------------------------------------------- targets
 
 @dataclasses.dataclass(frozen=True)
@@ -651,6 +697,8 @@ TARGETS = (
            "fastfork.SharedBuffer", "small", "bytearray", "small", 30.0, ">= 30x"),
     Target("import fastfork vs import subprocess", "import", "import fastfork", "small",
            "import subprocess", "small", 1 / 1.5, ">= 0.67x"),
+    Target("map vs os.fork loop, N children at once", "scaling", "fastfork.map", "small",
+           "os.fork loop + waitpid", "small", 1 / 1.3, ">= 0.77x"),
 )
 
 

@@ -25,11 +25,11 @@ errno (so EAGAIN is ``BlockingIOError`` and ECHILD ``ChildProcessError``, as in
 from cpython.exc cimport PyErr_CheckSignals, PyErr_WarnEx
 from cpython.number cimport PyNumber_Index
 from cpython.object cimport PyObject
-from libc.errno cimport EAGAIN, ECHILD, EINTR, EINVAL, ENOMEM, ESRCH, errno
+from libc.errno cimport EAGAIN, ECHILD, EINTR, EINVAL, EMFILE, ENOMEM, ESRCH, errno
 from libc.signal cimport SIGCONT, SIGKILL, SIGTERM
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memset, strerror
-from posix.fcntl cimport F_DUPFD_CLOEXEC, F_GETFL, F_SETFL, O_CLOEXEC, O_NONBLOCK, O_RDONLY
+from posix.fcntl cimport F_DUPFD_CLOEXEC, F_GETFD, F_GETFL, F_SETFL, O_CLOEXEC, O_NONBLOCK, O_RDONLY
 from posix.fcntl cimport fcntl, open as c_open
 from posix.resource cimport rusage
 from posix.signal cimport SIG_BLOCK, SIG_SETMASK, kill as c_kill, sigfillset, siginfo_t
@@ -41,10 +41,12 @@ from posix.wait cimport WEXITED, WNOHANG, wait as c_wait, wait3 as c_wait3, wait
 from posix.wait cimport waitpid as c_waitpid
 
 from _decls cimport (
-    CLD_DUMPED, CLD_EXITED, NSIG, P_PIDFD, POLLIN, PR_SET_PDEATHSIG, PyOS_AfterFork_Child,
-    PyOS_AfterFork_Parent, PyOS_BeforeFork, PySys_Audit, PySys_GetObject, SYS_pidfd_open,
-    SYS_pidfd_send_signal, SYS_waitid, ff_is_finalizing, pipe2, poll, pollfd, prctl,
-    pthread_sigmask, syscall,
+    CLD_DUMPED, CLD_EXITED, EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLLIN, NSIG, P_PIDFD,
+    POLLIN, PR_SET_PDEATHSIG, PyOS_AfterFork_Child, PyOS_AfterFork_Parent, PyOS_BeforeFork,
+    PySys_Audit, PySys_GetObject, SYS_close_range, SYS_pidfd_open, SYS_pidfd_send_signal,
+    SYS_waitid,
+    epoll_create1, epoll_ctl, epoll_event, epoll_wait, ff_is_finalizing, pipe2, poll, pollfd,
+    prctl, pthread_sigmask, syscall,
 )
 
 import os

@@ -2,7 +2,7 @@
 #
 # What Cython bundles (libc.*, posix.*, cpython.*) is cimported from there where
 # it is used; this file holds only the rest: CPython's fork hooks, Linux's
-# pidfd and prctl calls, poll(2), pipe2(2), and the project's own C helpers
+# pidfd and prctl calls, poll(2), epoll(7), pipe2(2), and the project's own C helpers
 # (spawn.h: the exec path's plan; sighold.h: signals held during at-fork hooks).
 # Each function states its exception contract: none of these raise (they
 # report through their return value and errno), except PySys_Audit.
@@ -54,9 +54,14 @@ cdef extern from *:
     #ifndef P_PIDFD
     #define P_PIDFD 3  /* Linux 5.4+, uapi value; older glibc headers lack it */
     #endif
+    #include <sys/syscall.h>
+    #ifndef SYS_close_range
+    #define SYS_close_range 436  /* Linux 5.9+, the same number on every architecture */
+    #endif
     """
     bint ff_is_finalizing() noexcept
     int P_PIDFD
+    long SYS_close_range
 
 
 cdef extern from "<signal.h>" nogil:
@@ -81,6 +86,24 @@ cdef extern from "<poll.h>" nogil:
     ctypedef unsigned long nfds_t
     int poll(pollfd *fds, nfds_t nfds, int timeout) noexcept
     short POLLIN
+
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void *ptr
+        int fd
+        unsigned int u32
+        unsigned long long u64
+    struct epoll_event:
+        unsigned int events
+        epoll_data_t data
+    int epoll_create1(int flags) noexcept
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event) noexcept
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout) noexcept
+    int EPOLL_CLOEXEC
+    int EPOLL_CTL_ADD
+    int EPOLL_CTL_DEL
+    unsigned int EPOLLIN
 
 
 cdef extern from "<sys/syscall.h>" nogil:

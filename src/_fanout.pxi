@@ -8,6 +8,12 @@
 # Python, with a handle object per child, wrote some 160 pages per child here;
 # this loop writes about 36, fewer than the 40 of a bare os.fork loop.
 #
+# Why epoll: with thousands of children at once, building a poll set of every
+# child's pidfd on each wake-up costs O(children) per event. Each child's pidfd
+# (and its pipe, once it rings) is registered once, with its slot number as the
+# event's data, so a wake-up costs only the children that are ready; free slots
+# are a stack and finished ones a list, for the same reason.
+#
 # Why a doorbell: polling every result pipe would wake the parent twice per
 # child, once for the data and once for the exit. Instead a child writes its
 # frame without blocking; only if the pipe fills (a result larger than the
@@ -21,6 +27,8 @@
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.exc cimport PyErr_Occurred
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from libc.errno cimport ENFILE
+from libc.math cimport ldexp
 from libc.string cimport memcpy
 from posix.uio cimport iovec, writev
 
@@ -41,6 +49,12 @@ cdef enum:
     _FIRST_BUFFER = 1 << 16     # a slot's read buffer to begin with
     _KEEP_BUFFER = 1 << 20      # a slot's buffer grown past this is freed after use
     _ARENA_PAYLOAD = 1 << 10    # payloads up to this wait in the arena, as bytes
+    _MAX_EVENTS = 256           # epoll events taken per wake-up
+    _FDS_PER_CHILD = 2          # its pidfd and the read end of its pipe
+    _FD_SLACK = 1024            # a soft fd limit this far above the need is not checked
+
+# The epoll data of the doorbell; a slot's is (slot << 1) | (1 for its pipe, 0 for its pidfd).
+cdef unsigned long long _BELL_EVENT = <unsigned long long>-1
 
 
 # ---------------------------------------------------------------- the child's side
@@ -174,6 +188,20 @@ def write_frame(int fd, kind, bytes payload):
 
 # ---------------------------------------------------------------- the engine
 
+cdef inline double _backoff(int failures) noexcept nogil:
+    return min(ldexp(0.005, failures), 0.5)
+
+
+def backoff(int failures):
+    """Seconds to wait before relaunching after ``failures`` EAGAIN/ENOMEM in a row.
+
+    Returns min(5 ms * 2**failures, 0.5 s): the one back-off of every
+    fastfork fan-out (this engine and fastfork._scheduler).
+    Raises TypeError for a non-integer.
+    """
+    return _backoff(failures)
+
+
 cdef struct _Slot:
     pid_t pid               # 0: the slot is free
     int pidfd               # -1: none; the child is polled by pid
@@ -220,7 +248,11 @@ cdef class FanOut:
     fork failing with EAGAIN or ENOMEM is retried ``fork_retries`` times with
     back-off; after that ``fork_error`` holds the OSError, ``pending`` the
     (index, item) that could not start, and no more children are started
-    (the rest of ``items`` is left unread).
+    (the rest of ``items`` is left unread). A launch that finds no free fd
+    (EMFILE, ENFILE) waits until a running child has finished and freed its
+    own, with a RuntimeWarning the first time; with none running, step()
+    raises that OSError. The soft RLIMIT_NOFILE is raised as far as ``jobs``
+    children need, up to the hard limit.
     With ``stop_on_failure`` the first failed child also stops new starts.
     sys.stdout and sys.stderr are flushed before the first fork and, with
     ``flush_each_fork`` or while other threads exist, before every fork:
@@ -241,8 +273,15 @@ cdef class FanOut:
     cdef object pending_item    # drawn but not started (its fork is being retried)
     cdef bint has_pending
     cdef _Slot *slots
-    cdef pollfd *pollfds        # room for the doorbell, a pidfd and a pipe per slot
-    cdef int *poll_owner        # the slot of each pollfds entry
+    cdef int *free_slots        # a stack of the free slots' numbers
+    cdef int n_free
+    cdef int *reaped_slots      # slots whose child was reaped but not yet finished
+    cdef int n_reaped
+    cdef int n_without_pidfd    # running children polled by pid, on a timer
+    cdef epoll_event *events
+    cdef int epfd
+    cdef int fd_room            # children the fd limit was last found to leave room for
+    cdef double next_timer      # the earliest timeout or SIGKILL that may be due (0: none)
     cdef int jobs
     cdef int running
     cdef int bell_r, bell_w
@@ -250,6 +289,8 @@ cdef class FanOut:
     cdef int fork_retries, fork_failures
     cdef double timeout, grace
     cdef double backoff_until   # no fork before this (fork retry back-off)
+    cdef bint fd_wait           # out of fds: no fork until a running child finishes
+    cdef bint fd_warned
     cdef double poll_interval   # for children without a pidfd
     cdef bint print_traceback, stop_on_failure, launching, flush_each_fork
     cdef pid_t parent
@@ -261,7 +302,8 @@ cdef class FanOut:
                   bint flush_each_fork=True):
         cdef int fds[2]
         cdef int s
-        self.bell_r = self.bell_w = -1
+        cdef epoll_event event
+        self.bell_r = self.bell_w = self.epfd = -1
         if not callable(fn):
             raise TypeError(f"fn must be callable, not {type(fn).__name__}")
         if jobs < 1:
@@ -285,12 +327,20 @@ cdef class FanOut:
         self.outcome_items = []
         self.big_payloads = []
         self.slots = <_Slot *>calloc(jobs, sizeof(_Slot))
-        self.pollfds = <pollfd *>malloc((1 + 2 * jobs) * (sizeof(pollfd) + sizeof(int)))
-        if self.slots == NULL or self.pollfds == NULL:
+        self.free_slots = <int *>malloc(2 * jobs * sizeof(int))
+        self.events = <epoll_event *>malloc(_MAX_EVENTS * sizeof(epoll_event))
+        if self.slots == NULL or self.free_slots == NULL or self.events == NULL:
             raise MemoryError()
-        self.poll_owner = <int *>&self.pollfds[1 + 2 * jobs]
+        self.reaped_slots = &self.free_slots[jobs]
         for s in range(jobs):
             self.slots[s].pidfd = self.slots[s].rfd = self.slots[s].wfd = -1
+            self.free_slots[s] = jobs - 1 - s  # slot 0 on top
+        self.n_free = jobs
+        self.fd_room = jobs if _fd_limit()[0] >= _FDS_PER_CHILD * jobs + _FD_SLACK else 0
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            _raise_errno(errno)
+        _own(self.epfd)
         if pipe2(fds, O_CLOEXEC) < 0:
             _raise_errno(errno)
         self.bell_r, self.bell_w = fds[0], fds[1]
@@ -299,6 +349,8 @@ cdef class FanOut:
         # Read without blocking; children write their tokens blocking, so
         # that none is lost when the doorbell is full.
         _set_blocking(self.bell_r, False)
+        if self._watch(self.bell_r, _BELL_EVENT) < 0:
+            _raise_errno(errno)
 
     def __dealloc__(self):
         # Normally close() has run; this is the safety net (no Python code
@@ -307,7 +359,8 @@ cdef class FanOut:
         if getpid() == self.parent:
             self._kill_and_reap_all()
             self._close_fds()
-        free(self.pollfds)
+        free(self.free_slots)
+        free(self.events)
         free(self.outcomes)
         free(self.arena)
 
@@ -411,7 +464,7 @@ cdef class FanOut:
 
     cdef int _launch_while_room(self) except -1:
         cdef PyObject *drawn
-        while self.launching and self.running < self.jobs:
+        while self.launching and self.running < self.jobs and not self.fd_wait:
             if self.backoff_until:
                 if _monotonic() < self.backoff_until:
                     return 0
@@ -430,6 +483,13 @@ cdef class FanOut:
             try:
                 self._launch(self.next_index - 1, self.pending_item)
             except OSError as exc:
+                if (exc.errno == EMFILE or exc.errno == ENFILE) and self.running:
+                    # Out of fds: the next launch waits until a running child
+                    # has finished and freed its own (as fastfork._scheduler).
+                    self.fd_wait = True
+                    self.fd_room = self.running  # look at the limit again then
+                    self._warn_fd_wait()
+                    return 0
                 if exc.errno != EAGAIN and exc.errno != ENOMEM:
                     raise
                 self.fork_failures += 1
@@ -438,7 +498,7 @@ cdef class FanOut:
                     self.launching = False
                     return 0
                 # Back off while the running children finish and free resources.
-                self.backoff_until = _monotonic() + min(0.005 * 2 ** self.fork_failures, 0.5)
+                self.backoff_until = _monotonic() + _backoff(self.fork_failures)
                 continue
             self.has_pending = False
             self.pending_item = None
@@ -448,16 +508,15 @@ cdef class FanOut:
 
     cdef int _launch(self, Py_ssize_t index, item) except -1:
         """Fork the child for item number ``index`` into a free slot."""
-        cdef int s = 0
+        cdef int s = self.free_slots[self.n_free - 1]
         cdef int fds[2]
         cdef pid_t pid
         cdef bint alone
-        cdef _Slot *slot
-        while self.slots[s].pid:
-            s += 1
-        slot = &self.slots[s]
+        cdef _Slot *slot = &self.slots[s]
         if ff_is_finalizing():
             raise _FinalizationError("can't fork at interpreter shutdown")
+        if self.running >= self.fd_room:
+            self._make_fd_room()
         # Both ends non-blocking: the child writes its frame without blocking
         # first (see _write_all).
         if pipe2(fds, O_CLOEXEC | O_NONBLOCK) < 0:
@@ -487,16 +546,59 @@ cdef class FanOut:
         Py_INCREF(item)
         slot.item = <PyObject *>item
         self.running += 1
+        self.n_free -= 1
         slot.index = index
-        _close_fd(&slot.wfd)
-        slot.pidfd = _open_pidfd(pid)
-        if slot.pidfd >= 0:
-            _own(slot.pidfd)
         slot.deadline = _monotonic() + self.timeout if self.timeout > 0 else 0.0
         slot.kill_at = 0.0
         slot.size = 0
         slot.returncode = 0
         slot.draining = slot.reaped = slot.lost = slot.timed_out = False
+        _close_fd(&slot.wfd)
+        slot.pidfd = _open_pidfd(pid)
+        if slot.pidfd >= 0:
+            _own(slot.pidfd)
+            if self._watch(slot.pidfd, <unsigned long long>s << 1) < 0:
+                _close_fd(&slot.pidfd)  # polled by pid instead
+        if slot.pidfd < 0:
+            self.n_without_pidfd += 1
+        # Every deadline is later than those before it (one timeout for all).
+        if slot.deadline and not self.next_timer:
+            self.next_timer = slot.deadline
+        return 0
+
+    cdef int _make_fd_room(self) except -1:
+        """Raise the soft fd limit, if need be, so that ``jobs`` children fit at once.
+
+        Only as far as needed, and at most to the hard limit. Raises OSError
+        (EMFILE) if not even one more child fits now.
+        """
+        soft, hard = _fd_limit()
+        in_use = _fds_in_use(soft)
+        needed = in_use + _FDS_PER_CHILD * (self.jobs - self.running) + 1
+        if needed > soft and soft < hard:
+            soft = min(needed, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        self.fd_room = self.running + max(soft - in_use - 1, 0) // _FDS_PER_CHILD
+        if self.fd_room <= self.running:
+            raise OSError(EMFILE, (
+                f"too many open files to start a child: {in_use} files open, "
+                f"{self.running} children running, and the hard limit RLIMIT_NOFILE is "
+                f"{hard}; each child needs {_FDS_PER_CHILD}: close files or raise the "
+                f"hard limit"))
+        return 0
+
+    cdef int _warn_fd_wait(self) except -1:
+        """Warn, once per fan-out, that the fd limit holds children back."""
+        if self.fd_warned:
+            return 0
+        self.fd_warned = True
+        soft, hard = _fd_limit()
+        message = (f"only {self.running} children fit at once in the open-file limit "
+                   f"(RLIMIT_NOFILE {soft}, hard limit {hard}; each child needs "
+                   f"{_FDS_PER_CHILD} files), not jobs={self.jobs}: the others start as "
+                   f"running ones finish. Raise the hard limit (ulimit -Hn) to run them "
+                   f"all at once").encode()
+        PyErr_WarnEx(RuntimeWarning, message, _callers_stacklevel())
         return 0
 
     cdef int _child_work(self, int fd, int token, item) except -1:
@@ -513,95 +615,80 @@ cdef class FanOut:
         ``stopping`` (close): no timeouts to enforce; ``until`` caps the sleep.
         """
         cdef double wake = until
-        cdef bint by_pid = False
-        cdef int n = self._fill_pollfds(stopping, &wake, &by_pid)
-        if self._poll(n, wake):
-            return 0  # a signal interrupted the poll; its handlers have run
+        cdef int n
+        if not stopping and self.next_timer:
+            wake = _earliest(wake, self.next_timer)
+        if self.launching and self.backoff_until:
+            wake = _earliest(wake, self.backoff_until)
+        if self.n_without_pidfd:
+            # Children without a pidfd are polled on a timer, with capped back-off.
+            wake = _earliest(wake, _monotonic() + self.poll_interval)
+            self.poll_interval = min(self.poll_interval * 2, 0.05)
+        n = self._epoll_wait(wake)
+        if n < 0:
+            return 0  # a signal interrupted the wait; its handlers have run
         self._handle_events(n)
-        if by_pid:
+        if self.n_without_pidfd:
             self._reap_children_without_pidfd()
-        if not stopping:
+        if not stopping and self.next_timer and _monotonic() >= self.next_timer:
             self._enforce_timeouts(_monotonic())
         self._finish_reaped()
         return 0
 
-    cdef int _fill_pollfds(self, bint stopping, double *wake, bint *by_pid) noexcept:
-        """Fill the poll set; return its size.
+    cdef int _epoll_wait(self, double wake) except -2:
+        """Wait for events until ``wake`` (0: no limit); how many arrived.
 
-        It holds the doorbell, each running child's pidfd and, once the child
-        rang, its pipe. ``wake`` is lowered to the next timeout or fork retry
-        due (unless ``stopping``); ``by_pid`` is set if a child has no pidfd,
-        and then children are polled on a timer with capped back-off.
-        """
-        cdef pollfd *fds = self.pollfds
-        cdef int *owner = self.poll_owner
-        cdef int n = 1, s
-        cdef _Slot *slot
-        fds[0].fd = self.bell_r
-        fds[0].events = POLLIN
-        owner[0] = -1
-        for s in range(self.jobs):
-            slot = &self.slots[s]
-            if not slot.pid or slot.reaped:
-                continue
-            if slot.pidfd >= 0:
-                fds[n].fd = slot.pidfd
-                fds[n].events = POLLIN
-                owner[n] = s
-                n += 1
-            else:
-                by_pid[0] = True
-            if slot.draining and slot.rfd >= 0:
-                fds[n].fd = slot.rfd
-                fds[n].events = POLLIN
-                owner[n] = s
-                n += 1
-            if not stopping:
-                if slot.deadline and not slot.timed_out:
-                    wake[0] = _earliest(wake[0], slot.deadline)
-                if slot.kill_at:
-                    wake[0] = _earliest(wake[0], slot.kill_at)
-        if self.launching and self.backoff_until:
-            wake[0] = _earliest(wake[0], self.backoff_until)
-        if by_pid[0]:
-            wake[0] = _earliest(wake[0], _monotonic() + self.poll_interval)
-            self.poll_interval = min(self.poll_interval * 2, 0.05)
-        return n
-
-    cdef int _poll(self, int n, double wake) except -1:
-        """poll() the first ``n`` entries until ``wake`` (0: no limit).
-
-        Returns 1 if a signal interrupted it (its handlers have run), else 0.
+        Returns -1 if a signal interrupted the wait (its handlers have run).
         """
         cdef int rc, ms
         # A handler that became due while we were busy (during a fork, say)
-        # runs now: poll() would not be interrupted for it.
+        # runs now: epoll_wait() would not be interrupted for it.
         PyErr_CheckSignals()
         ms = -1 if wake == 0 else <int>(min(max(wake - _monotonic(), 0.0), 60.0) * 1000.0 + 0.999)
         with nogil:
-            rc = poll(self.pollfds, n, ms)
+            rc = epoll_wait(self.epfd, self.events, _MAX_EVENTS, ms)
         if rc >= 0:
-            return 0
+            return rc
         if errno != EINTR:
             _raise_errno(errno)
         PyErr_CheckSignals()
-        return 1
+        return -1
 
     cdef int _handle_events(self, int n) except -1:
         """Answer the doorbell, drain the pipes with data, reap those whose pidfd is readable."""
-        cdef pollfd *fds = self.pollfds
         cdef int k, s
+        cdef unsigned long long data
         for k in range(n):
-            if fds[k].revents == 0:
-                continue
-            s = self.poll_owner[k]
-            if k == 0:
+            data = self.events[k].data.u64
+            if data == _BELL_EVENT:
                 self._answer_bell()
-            elif fds[k].fd == self.slots[s].rfd:
+                continue
+            s = <int>(data >> 1)
+            if not self.slots[s].pid:
+                continue
+            if data & 1:
                 self._drain(&self.slots[s])
-            else:
+            elif not self.slots[s].reaped:
                 self._try_reap(s)
         return 0
+
+    cdef int _watch(self, int fd, unsigned long long data) noexcept:
+        """Register ``fd`` for reading with the epoll set; epoll_ctl's result."""
+        cdef epoll_event event
+        event.events = EPOLLIN
+        event.data.u64 = data
+        return epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event)
+
+    cdef void _unwatch_and_close(self, int *fd) noexcept:
+        """Take ``*fd`` out of the epoll set, then close it (see _close_fd).
+
+        Explicitly: a child forked a moment ago may still hold a copy, which
+        would keep the registration (and its slot number) alive.
+        """
+        cdef epoll_event event
+        if fd[0] >= 0 and self.epfd >= 0:
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd[0], &event)
+        _close_fd(fd)
 
     cdef int _reap_children_without_pidfd(self) except -1:
         cdef int s
@@ -612,7 +699,11 @@ cdef class FanOut:
 
     cdef int _finish_reaped(self) except -1:
         cdef int s
-        for s in range(self.jobs):
+        while self.n_reaped:
+            # Taken off first: should _finish raise, the list stays exact.
+            self.n_reaped -= 1
+            s = self.reaped_slots[self.n_reaped]
+            # A slot close() freed already has no pid.
             if self.slots[s].pid and self.slots[s].reaped:
                 self._finish(s)
                 self.poll_interval = 0.0005
@@ -621,6 +712,7 @@ cdef class FanOut:
     cdef int _answer_bell(self) except -1:
         """Read the slot numbers children rang with; drain those pipes from now on."""
         cdef int tokens[64]
+        cdef int s
         cdef Py_ssize_t n, i
         while True:
             n = c_read(self.bell_r, tokens, sizeof(tokens))
@@ -631,9 +723,13 @@ cdef class FanOut:
             for i in range(n // <Py_ssize_t>sizeof(int)):
                 # A token can outlive its child (it exited before we read it):
                 # draining the slot's next child too is harmless.
-                if 0 <= tokens[i] < self.jobs and self.slots[tokens[i]].pid:
-                    self.slots[tokens[i]].draining = True
-                    self._drain(&self.slots[tokens[i]])
+                s = tokens[i]
+                if 0 <= s < self.jobs and self.slots[s].pid and not self.slots[s].draining:
+                    self.slots[s].draining = True
+                    if self.slots[s].rfd >= 0 and self._watch(
+                            self.slots[s].rfd, (<unsigned long long>s << 1) | 1) < 0:
+                        _raise_errno(errno)
+                    self._drain(&self.slots[s])
 
     cdef int _drain(self, _Slot *slot) except -1:
         """Read what the slot's pipe holds now; close it at end of file."""
@@ -650,7 +746,7 @@ cdef class FanOut:
             if n > 0:
                 slot.size += n
             elif n == 0:
-                _close_fd(&slot.rfd)
+                self._unwatch_and_close(&slot.rfd)
             elif errno == EINTR:
                 continue
             elif errno == EAGAIN:
@@ -666,12 +762,15 @@ cdef class FanOut:
         cdef pid_t rc = _wait_child(slot.pid, slot.pidfd, WNOHANG, &status, NULL)
         if rc > 0:
             slot.returncode = _exitcode_of_status(status)
-            slot.reaped = True
-        elif rc < 0:
-            if errno == ECHILD:
-                slot.lost = slot.reaped = True  # reaped by someone else
-            elif errno != EINTR:
-                _raise_errno(errno)
+        elif rc < 0 and errno == ECHILD:
+            slot.lost = True  # reaped by someone else
+        elif rc < 0 and errno != EINTR:
+            _raise_errno(errno)
+        else:
+            return 0
+        slot.reaped = True
+        self.reaped_slots[self.n_reaped] = s
+        self.n_reaped += 1
         return 0
 
     cdef int _finish(self, int s) except -1:
@@ -704,7 +803,8 @@ cdef class FanOut:
                 o.kind = slot.buf[0]  # last: the outcome is complete only now
         self.outcome_items.append(<object>slot.item)
         self.n_outcomes += 1
-        if o.kind != _RESULT and self.stop_on_failure:
+        # A child stopped for its timeout fails whatever it sent (ChildTimeout).
+        if (o.kind != _RESULT or o.timed_out) and self.stop_on_failure:
             self.launching = False
         self._free_slot(slot)
         return 0
@@ -746,6 +846,9 @@ cdef class FanOut:
         slot.item = NULL
         slot.pid = 0
         self.running -= 1
+        self.fd_wait = False  # its fds are free: launches may go on
+        self.free_slots[self.n_free] = slot - self.slots
+        self.n_free += 1
 
     # ------------------------------------------------------------ stopping
 
@@ -754,8 +857,13 @@ cdef class FanOut:
         _signal_child(self.slots[s].pid, self.slots[s].pidfd, sig)
 
     cdef int _enforce_timeouts(self, double now) except -1:
+        """Signal the children whose time is up; find when the next one is due.
+
+        Scans every slot, but only when ``next_timer`` is due.
+        """
         cdef int s
         cdef _Slot *slot
+        self.next_timer = 0.0
         for s in range(self.jobs):
             slot = &self.slots[s]
             if not slot.pid or slot.reaped:
@@ -771,6 +879,10 @@ cdef class FanOut:
             elif slot.kill_at and now >= slot.kill_at:
                 self._signal(s, SIGKILL)
                 slot.kill_at = 0.0
+            if slot.deadline and not slot.timed_out:
+                self.next_timer = _earliest(self.next_timer, slot.deadline)
+            if slot.kill_at:
+                self.next_timer = _earliest(self.next_timer, slot.kill_at)
         return 0
 
     cdef void _kill_and_reap_all(self) noexcept:
@@ -795,9 +907,13 @@ cdef class FanOut:
     # ------------------------------------------------------------ fds
 
     cdef void _close_slot_fds(self, _Slot *slot) noexcept:
+        if slot.draining:
+            self._unwatch_and_close(&slot.rfd)
         _close_fd(&slot.rfd)
         _close_fd(&slot.wfd)
-        _close_fd(&slot.pidfd)
+        if slot.pid and slot.pidfd < 0:
+            self.n_without_pidfd -= 1
+        self._unwatch_and_close(&slot.pidfd)
 
     cdef void _close_fds(self) noexcept:
         cdef int s
@@ -809,6 +925,7 @@ cdef class FanOut:
             self.slots = NULL
         _close_fd(&self.bell_r)
         _close_fd(&self.bell_w)
+        _close_fd(&self.epfd)
 
 
 cdef int _engine_child_body(object work) except -1:
@@ -822,3 +939,21 @@ cdef inline double _earliest(double a, double b) noexcept nogil:
     if a == 0:
         return b
     return a if a < b else b
+
+
+cdef tuple _fd_limit():
+    """(soft, hard) RLIMIT_NOFILE."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+cdef Py_ssize_t _fds_in_use(Py_ssize_t soft) except -1:
+    """How many fds this process has open (all below ``soft``, the soft limit)."""
+    cdef int fd
+    cdef Py_ssize_t n = 0
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+    except OSError:  # no /proc
+        for fd in range(soft):
+            if fcntl(fd, F_GETFD) >= 0:
+                n += 1
+        return n

@@ -14,15 +14,16 @@ import errno
 import fcntl
 import gc
 import itertools
+import json
 import os
 import pickle
 import re
 import select
 import signal
+import sys
 import textwrap
 import threading
 import time
-import warnings
 
 import pytest
 
@@ -338,6 +339,9 @@ def record_then_maybe_fail(item):
             os._exit(3)
         if how == "timeout":
             time.sleep(30)
+        if how == "timeout, then a result":
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit())  # sends None, exits 0
+            time.sleep(30)
     return i
 
 
@@ -346,21 +350,23 @@ def _started(log):
         return [int(line) for line in f]
 
 
-@pytest.mark.parametrize("how", ["raise", "exit", "timeout"])
+@pytest.mark.parametrize("how", ["raise", "exit", "timeout", "timeout, then a result"])
 def test_map_first_failure_stops_new_starts(tmp_path, how):
     log = str(tmp_path / "started")
     items = [(log, i, how) for i in range(6)]
     with pytest.raises(fastfork.ChildError) as info:
         fastfork.map(record_then_maybe_fail, items, jobs=1,
-                     timeout=3 if how == "timeout" else None)
+                     timeout=3 if how.startswith("timeout") else None)
     err = info.value
     assert err.index == 2
     if how == "raise":
         assert err.exc_type == "ValueError" and err.returncode == 1
     elif how == "exit":
         assert err.returncode == 3 and "without a result" in str(err)
-    else:
+    elif how == "timeout":
         assert "timed out" in str(err) and err.returncode == -signal.SIGTERM
+    else:
+        assert "timed out" in str(err) and err.returncode == 0
     assert _started(log) == [0, 1, 2]  # items 3..5 were never started
 
 
@@ -665,20 +671,32 @@ def test_big_results_with_sigchld_ignored():
 # --------------------------------------------- 9. another thread starting children
 
 
-def pipes_held(_):
-    time.sleep(0.05)  # siblings and the other thread's children are alive meanwhile
-    return procutil.pipe_inodes()
+# Run in a fresh interpreter: a library loaded by an earlier test can make
+# pipes in every forked child (libuv, under uvloop, makes its signal pipe anew
+# in each child from a pthread_atfork handler), which no check here could tell
+# from an inherited one.
+_THREADS_AND_MAP = textwrap.dedent("""
+    import json, os, stat, threading, time, warnings
+    import fastfork
 
+    def pipe_inodes():
+        found = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                st = os.fstat(int(fd))
+            except OSError:
+                continue
+            if stat.S_ISFIFO(st.st_mode):
+                found.add(st.st_ino)
+        return found
 
-# Known open bug: under load a map child sometimes holds one pipe more than its
-# own and the doorbell (seen on every Python in a loaded run, never alone). Which
-# pipe, and which thread made it, is not found yet: kept running, not hidden.
-@pytest.mark.xfail(reason="a map child forked while another thread starts children "
-                          "can hold one extra pipe (open bug)", strict=False)
-def test_fan_out_children_hold_no_pipe_of_another_threads_children():
-    baseline = procutil.pipe_inodes()  # the test runner's own pipes, inherited by every child
+    def pipes_held(_):
+        time.sleep(0.05)  # siblings and the other thread's children are alive meanwhile
+        return sorted(pipe_inodes())
+
+    baseline = pipe_inodes()  # the interpreter's own pipes, inherited by every child
     stop = threading.Event()
-    theirs = []    # (inode of a start() child's result pipe, the pipes that child held)
+    theirs = []  # (inode of a start() child's result pipe, the pipes that child held)
     errors = []
 
     def other_thread():
@@ -686,9 +704,9 @@ def test_fan_out_children_hold_no_pipe_of_another_threads_children():
             while not stop.is_set():
                 kids = [fastfork.start(pipes_held, None) for _ in range(3)]
                 inodes = [os.fstat(k._result_fd).st_ino for k in kids]
-                theirs.extend(zip(inodes, [k.result(timeout=NO_DEADLOCK) for k in kids]))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+                theirs.extend(zip(inodes, [k.result(timeout=30) for k in kids]))
+        except BaseException as exc:
+            errors.append(repr(exc))
 
     thread = threading.Thread(target=other_thread)
     with warnings.catch_warnings():
@@ -697,13 +715,23 @@ def test_fan_out_children_hold_no_pipe_of_another_threads_children():
         try:
             while len(theirs) < 3 and thread.is_alive():  # the other thread forks by now
                 time.sleep(0.01)
-            in_map = fastfork.map(pipes_held, range(16), jobs=4, timeout=NO_DEADLOCK)
+            in_map = fastfork.map(pipes_held, range(16), jobs=4, timeout=30)
         finally:
             stop.set()
             thread.join()
-    assert not errors, errors
-    their_pipes = {inode for inode, _ in theirs}
-    mine = [held - baseline for held in in_map]
+    print(json.dumps({"baseline": sorted(baseline), "theirs": theirs, "mine": in_map,
+                      "errors": errors}))
+""")
+
+
+def test_fan_out_children_hold_no_pipe_of_another_threads_children():
+    proc = procutil.run_python(_THREADS_AND_MAP, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert not report["errors"], report["errors"]
+    baseline = set(report["baseline"])
+    their_pipes = {inode for inode, _ in report["theirs"]}
+    mine = [set(held) - baseline for held in report["mine"]]
     # Each map child holds two pipes: its own result pipe and the doorbell,
     # which all of them share; none of the other thread's result pipes.
     assert all(len(held) == 2 for held in mine), mine
@@ -712,5 +740,109 @@ def test_fan_out_children_hold_no_pipe_of_another_threads_children():
     assert len({(held - doorbell).pop() for held in mine}) == 16, mine
     assert not set.union(*mine) & their_pipes
     # And the other thread's children hold only their own result pipe.
-    for inode, held in theirs:
-        assert held - baseline == {inode}, (inode, held - baseline, doorbell)
+    for inode, held in report["theirs"]:
+        assert set(held) - baseline == {inode}, (inode, set(held) - baseline, doorbell)
+
+
+# ---------------------------------------------------------------- the fd limit
+
+# Each child's body: say it runs, then wait until the parent lets all go at once.
+_ALL_AT_ONCE = textwrap.dedent("""
+    import json, os, resource, sys, threading
+    import fastfork
+
+    N = 100
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def child(i):
+        os.close(go_w)
+        os.write(ready_w, b"x")
+        os.read(go_r, 1)  # end of file once every child holds no go_w
+        return i
+
+    def release():
+        got = 0
+        while got < N:
+            got += len(os.read(ready_r, N - got))
+        os.close(go_w)
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, HARD if HARD else hard))
+    if not HARD:
+        threading.Thread(target=release, daemon=True).start()
+    try:
+        results = fastfork.map(child, range(N), jobs=N)
+    except OSError as exc:
+        print(json.dumps({"errno": exc.errno, "message": str(exc)}))
+    else:
+        print(json.dumps({"results": results,
+                          "soft": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+                          "hard": hard}))
+""")
+
+
+def _run_all_at_once(hard):
+    proc = procutil.run_python(_ALL_AT_ONCE.replace("HARD", repr(hard)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_fd_limit_is_raised_as_far_as_the_children_need():
+    # 100 children at once hold 200 fds in the parent; the soft limit starts at 64.
+    report = _run_all_at_once(None)
+    assert report["results"] == list(range(100))
+    assert 200 < report["soft"] <= report["hard"]
+    if report["hard"] > 1000:
+        assert report["soft"] < 1000  # only as far as needed, not to the hard limit
+
+
+# A fan-out of 100 quick children, jobs=100, under a hard fd limit of 64;
+# with FREE set, the parent first opens files until only FREE fds are left.
+_UNDER_64_FDS = textwrap.dedent("""
+    import json, os, resource, warnings
+    import fastfork
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    held = []
+    if FREE is not None:
+        try:
+            while True:
+                held.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            pass
+        for _ in range(FREE):
+            os.close(held.pop())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            report = {"results": fastfork.map(abs, range(100), jobs=100)}
+        except OSError as exc:
+            report = {"errno": exc.errno, "message": str(exc)}
+    report["warnings"] = [(w.category.__name__, str(w.message), w.filename) for w in caught]
+    print(json.dumps(report))
+""")
+
+
+def _run_under_64_fds(free):
+    proc = procutil.run_python(_UNDER_64_FDS.replace("FREE", repr(free)), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_fd_limit_too_low_holds_children_back_with_one_warning():
+    # About 28 children fit in 64 fds: the rest start as running ones finish.
+    report = _run_under_64_fds(None)
+    assert report["results"] == list(range(100))
+    [(category, message, filename)] = report["warnings"]
+    assert category == "RuntimeWarning"
+    assert "RLIMIT_NOFILE" in message and "jobs=100" in message
+    assert filename == "<string>"  # the user's line, not fastfork's
+
+
+def test_no_fd_left_for_a_child_is_a_clear_error():
+    # The fan-out's own three fds fit, and one more: not the two a child needs.
+    report = _run_under_64_fds(4)
+    assert report["errno"] == errno.EMFILE
+    assert "RLIMIT_NOFILE" in report["message"] and "raise the" in report["message"]
+    assert report["warnings"] == []

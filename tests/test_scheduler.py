@@ -63,6 +63,11 @@ def test_backoff_doubles_up_to_half_a_second():
     assert backoff(7) == backoff(30) == 0.5
 
 
+def test_the_c_engine_backs_off_by_the_same_function():
+    # One formula for every fan-out: the scheduler's is the C engine's.
+    assert backoff is fastfork._core.backoff
+
+
 def test_eagain_is_retried_after_a_back_off():
     task = (abs, (-3,))
     launch = Launcher({task: [errno.EAGAIN, errno.ENOMEM]})
