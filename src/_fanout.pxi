@@ -50,6 +50,7 @@ cdef enum:
     _KEEP_BUFFER = 1 << 20      # a slot's buffer grown past this is freed after use
     _ARENA_PAYLOAD = 1 << 10    # payloads up to this wait in the arena, as bytes
     _MAX_EVENTS = 256           # epoll events taken per wake-up
+    _FIRST_SLOTS = 64           # slots allocated up front; more as children start
     _FDS_PER_CHILD = 2          # its pidfd and the read end of its pipe
     _FD_SLACK = 1024            # a soft fd limit this far above the need is not checked
 
@@ -273,6 +274,7 @@ cdef class FanOut:
     cdef object pending_item    # drawn but not started (its fork is being retried)
     cdef bint has_pending
     cdef _Slot *slots
+    cdef int n_slots            # allocated: grown towards ``jobs`` as children start
     cdef int *free_slots        # a stack of the free slots' numbers
     cdef int n_free
     cdef int *reaped_slots      # slots whose child was reaped but not yet finished
@@ -326,16 +328,11 @@ cdef class FanOut:
         self.parent = getpid()
         self.outcome_items = []
         self.big_payloads = []
-        self.slots = <_Slot *>calloc(jobs, sizeof(_Slot))
-        self.free_slots = <int *>malloc(2 * jobs * sizeof(int))
         self.events = <epoll_event *>malloc(_MAX_EVENTS * sizeof(epoll_event))
-        if self.slots == NULL or self.free_slots == NULL or self.events == NULL:
+        if self.events == NULL:
             raise MemoryError()
-        self.reaped_slots = &self.free_slots[jobs]
-        for s in range(jobs):
-            self.slots[s].pidfd = self.slots[s].rfd = self.slots[s].wfd = -1
-            self.free_slots[s] = jobs - 1 - s  # slot 0 on top
-        self.n_free = jobs
+        # A huge ``jobs`` (no limit) costs nothing until that many children run.
+        self._grow_slots(min(jobs, _FIRST_SLOTS))
         self.fd_room = jobs if _fd_limit()[0] >= _FDS_PER_CHILD * jobs + _FD_SLACK else 0
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
@@ -360,6 +357,7 @@ cdef class FanOut:
             self._kill_and_reap_all()
             self._close_fds()
         free(self.free_slots)
+        free(self.reaped_slots)
         free(self.events)
         free(self.outcomes)
         free(self.arena)
@@ -438,7 +436,7 @@ cdef class FanOut:
         if self.slots == NULL:
             return  # closed already
         self.launching = False
-        for s in range(self.jobs):
+        for s in range(self.n_slots):
             if self.slots[s].pid and not self.slots[s].reaped:
                 self._try_reap(s)
                 if not self.slots[s].reaped:
@@ -506,8 +504,37 @@ cdef class FanOut:
             self.started += 1
         return 0
 
+    cdef int _grow_slots(self, int n) except -1:
+        """Make ``n`` slots (more than now); the new ones go on the free stack.
+
+        Called only with every slot in use (none free). Slots are referred
+        to by number between calls, so moving the array is safe.
+        """
+        cdef _Slot *slots = <_Slot *>realloc(self.slots, n * sizeof(_Slot))
+        if slots == NULL:
+            raise MemoryError()
+        self.slots = slots
+        cdef int *free_slots = <int *>realloc(self.free_slots, n * sizeof(int))
+        if free_slots == NULL:
+            raise MemoryError()
+        self.free_slots = free_slots
+        cdef int *reaped_slots = <int *>realloc(self.reaped_slots, n * sizeof(int))
+        if reaped_slots == NULL:
+            raise MemoryError()
+        self.reaped_slots = reaped_slots
+        memset(&self.slots[self.n_slots], 0, (n - self.n_slots) * sizeof(_Slot))
+        cdef int s
+        for s in range(self.n_slots, n):
+            self.slots[s].pidfd = self.slots[s].rfd = self.slots[s].wfd = -1
+            self.free_slots[self.n_free] = n - 1 - (s - self.n_slots)  # lowest on top
+            self.n_free += 1
+        self.n_slots = n
+        return 0
+
     cdef int _launch(self, Py_ssize_t index, item) except -1:
         """Fork the child for item number ``index`` into a free slot."""
+        if self.n_free == 0:
+            self._grow_slots(min(self.jobs, 2 * self.n_slots))
         cdef int s = self.free_slots[self.n_free - 1]
         cdef int fds[2]
         cdef pid_t pid
@@ -692,7 +719,7 @@ cdef class FanOut:
 
     cdef int _reap_children_without_pidfd(self) except -1:
         cdef int s
-        for s in range(self.jobs):
+        for s in range(self.n_slots):
             if self.slots[s].pid and not self.slots[s].reaped and self.slots[s].pidfd < 0:
                 self._try_reap(s)
         return 0
@@ -724,7 +751,7 @@ cdef class FanOut:
                 # A token can outlive its child (it exited before we read it):
                 # draining the slot's next child too is harmless.
                 s = tokens[i]
-                if 0 <= s < self.jobs and self.slots[s].pid and not self.slots[s].draining:
+                if 0 <= s < self.n_slots and self.slots[s].pid and not self.slots[s].draining:
                     self.slots[s].draining = True
                     if self.slots[s].rfd >= 0 and self._watch(
                             self.slots[s].rfd, (<unsigned long long>s << 1) | 1) < 0:
@@ -864,7 +891,7 @@ cdef class FanOut:
         cdef int s
         cdef _Slot *slot
         self.next_timer = 0.0
-        for s in range(self.jobs):
+        for s in range(self.n_slots):
             slot = &self.slots[s]
             if not slot.pid or slot.reaped:
                 continue
@@ -891,7 +918,7 @@ cdef class FanOut:
         cdef _Slot *slot
         if self.slots == NULL:
             return
-        for s in range(self.jobs):
+        for s in range(self.n_slots):
             slot = &self.slots[s]
             if not slot.pid or slot.reaped:
                 continue
@@ -900,7 +927,7 @@ cdef class FanOut:
                 # SIGKILL cannot be caught: only a child stuck in the kernel waits here.
                 _reap_quietly(slot.pid, slot.pidfd)
             slot.reaped = True
-        for s in range(self.jobs):
+        for s in range(self.n_slots):
             if self.slots[s].pid:
                 self._free_slot(&self.slots[s])
 
@@ -918,7 +945,7 @@ cdef class FanOut:
     cdef void _close_fds(self) noexcept:
         cdef int s
         if self.slots != NULL:
-            for s in range(self.jobs):
+            for s in range(self.n_slots):
                 self._close_slot_fds(&self.slots[s])
                 free(self.slots[s].buf)
             free(self.slots)

@@ -124,6 +124,8 @@ def test_spawn_many_callback_must_be_callable():
 
 
 def test_jobs_beyond_a_c_int_means_no_limit():
+    assert fastfork.map(abs, [-1, -2], jobs=2**100) == [1, 2]
+    assert sorted(fastfork.as_completed(abs, [-1, -2], jobs=2**100)) == [(0, 1), (1, 2)]
     [result] = fastfork.spawn_many([["true"]], jobs=2**100)
     assert result.ok
     with fastfork.ForkExecutor(2**100) as executor:

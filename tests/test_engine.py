@@ -173,6 +173,28 @@ def test_many_children_overfilling_their_pipes_at_once():
     assert got == dict(enumerate(expected))
 
 
+def _ring_once_all_run(spec):
+    """Wait until every child of the fan-out runs, then send a result over the pipe's size."""
+    log, count, seed = spec
+    with open(log, "a") as f:
+        f.write("x")
+    deadline = time.monotonic() + NO_DEADLOCK
+    while os.path.getsize(log) < count and time.monotonic() < deadline:
+        time.sleep(0.001)
+    return os.path.getsize(log) >= count, blob(PIPE_CAPACITY + 1 + seed, seed)
+
+
+@pytest.mark.parametrize("jobs", [150, 2**40], ids=["150", "no limit"])
+def test_slots_beyond_the_first_allocation_ring_and_report(tmp_path, jobs):
+    # 150 children at once: the engine's slots grow past their first
+    # allocation while children run, and children in the new slots ring the
+    # doorbell (a result over the pipe's size) with their slot numbers.
+    log = str(tmp_path / "started")
+    specs = [(log, 150, seed) for seed in range(150)]
+    assert fastfork.map(_ring_once_all_run, specs, jobs=jobs, timeout=NO_DEADLOCK) == [
+        (True, blob(PIPE_CAPACITY + 1 + seed, seed)) for seed in range(150)]
+
+
 def test_slow_consumer_of_as_completed_gets_every_big_result():
     # While the consumer holds a result, nobody drains the pipes: children that
     # rang meanwhile block in write until as_completed is resumed.
