@@ -4,7 +4,7 @@ One message per packet, fds riding along with SCM_RIGHTS. Both ends run the
 same fastfork as the same user, so control messages are pickles.
 
 Caller -> server:
-    ("init", sys_path, preload)                 once, first
+    ("init", sys_path, preload)                 once, first; fds: the Board's memfd
     ("start", req_id, inline, setup, print_traceback)
                                                 fds: result pipe write end,
                                                 [payload memfd if inline is None],
@@ -12,18 +12,48 @@ Caller -> server:
                                                 the server prepares once before it
                                                 forks (see ``_pickling``)
     ("signal", req_id, signum)                  for a child without a pidfd
+    ("step", fan_id, until_done, items, ended, options)
+                                                run a fan-out's engine one step (see
+                                                below); fds: the items' SharedBuffer memfds
+    ("stop", fan_id)                            the fan-out launches nothing more
+    ("close", fan_id, grace)                    stop its children, reap them, forget it
 Server -> caller:
     ("ready", server_pid) | ("error", traceback_text)
     ("started", req_id, pid)                    fds: the child's pidfd (if any)
     ("failed", req_id, errno, strerror)         fork (or fd passing) failed
     ("exited", req_id, returncode, rusage)
+    ("stepped", fan_id, outcomes, need_items, drawn, started, done_running,
+     fork_error, pending_index)                 what one step of the engine gave
+    ("raised", fan_id, errno, text)             the step raised OSError (errno) or
+                                                something else (errno None)
+    ("closed", fan_id)
+
+A fan-out (ForkServer.map, as_completed) runs the C engine (_core.FanOut) in
+the server, so its children are forked and reaped there without a message
+per child. The caller drives it step by step as it drives the local engine:
+each "step" carries the next items, each pickled on its own as for "start"
+(payload, number of memfds, setup), and the first one the options (jobs,
+timeout, grace, fork_retries, print_traceback, stop_on_failure). A step that
+runs out of items before the input has ended answers ``need_items``.
+``outcomes`` are (index, pid, returncode, kind, payload, timed_out, lost) as
+the engine gives them. A caller interrupted while the server may be inside
+a step posts the fan-out's id on the ``Board`` (a page both share), sends
+"close" and then INTERRUPT_SIGNAL: the server leaves the step, then reads
+the "close". Posting ``-fan_id`` as well (a second interrupt) cuts the
+close's grace short. The board says which fan-out a signal is for, so a
+signal that arrives late never stops another one.
+
+A message larger than a packet travels in a memfd: the packet is SPILLED
+and the memfd comes last among its fds.
 
 The caller closing its end (EOF) tells the server to kill its children and exit.
 """
 import array
 import errno
+import mmap
 import os
 import pickle
+import signal
 import socket
 
 # Payloads up to this size travel inside the packet; larger ones in a memfd,
@@ -32,12 +62,24 @@ INLINE_MAX = 32 * 1024
 RECV_MAX = INLINE_MAX + 4096
 # SCM_MAX_FD in the kernel (include/net/scm.h).
 MAX_FDS = 253
+# The packet of a message that travels in a memfd (a pickle never starts with it).
+SPILLED = b"M"
+# What interrupts a server inside a fan-out's step (see the module docstring).
+INTERRUPT_SIGNAL = signal.SIGUSR1
 
 
 def send(sock, message, fds=()):
     """Send one pickled message with ``fds`` attached."""
     data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    if fds:
+    if len(data) > INLINE_MAX:
+        spill = os.memfd_create("fastfork-message", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(spill, "wb", closefd=False) as f:
+                f.write(data)
+            socket.send_fds(sock, [SPILLED], [*fds, spill])
+        finally:
+            os.close(spill)
+    elif fds:
         socket.send_fds(sock, [data], list(fds))
     else:
         sock.sendall(data)
@@ -69,4 +111,56 @@ def recv(sock, *, block=True):
         raise OSError(errno.EMSGSIZE, "fork server message truncated")
     if not data:
         return None, [], False
+    if data == SPILLED:
+        if not fds:
+            raise OSError(errno.EMFILE, "fork server message lost: out of file descriptors")
+        spill = fds.pop()
+        try:
+            # The sender's write left the shared file offset at the end.
+            data = os.pread(spill, os.fstat(spill).st_size, 0)
+        finally:
+            os.close(spill)
     return pickle.loads(data), fds, lost
+
+
+class Board:
+    """The fan-out ids a caller is interrupting, on a page shared with its server.
+
+    ``Board()`` makes one (``fd`` is its memfd, to send); ``Board(fd)`` maps
+    the one received. The caller posts and clears ids (under its connection's
+    lock); the server only reads.
+    """
+
+    SLOTS = 64
+
+    def __init__(self, fd=None):
+        self.fd = fd
+        if fd is None:
+            self.fd = os.memfd_create("fastfork-board", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.SLOTS * 8)
+        self._map = mmap.mmap(self.fd, self.SLOTS * 8)
+        self._slots = memoryview(self._map).cast("q")
+
+    def post(self, value):
+        """Put ``value`` on the board; False if it is full."""
+        slots = self._slots
+        for i in range(self.SLOTS):
+            if slots[i] == 0:
+                slots[i] = value
+                return True
+        return False
+
+    def clear(self, fan_id):
+        """Take ``fan_id`` and ``-fan_id`` off the board."""
+        slots = self._slots
+        for i in range(self.SLOTS):
+            if slots[i] in (fan_id, -fan_id):
+                slots[i] = 0
+
+    def __contains__(self, value):
+        return value in self._slots.tolist()
+
+    def close(self):
+        """Unmap the board (the mapping holds an fd of its own)."""
+        self._slots.release()
+        self._map.close()

@@ -318,6 +318,15 @@ def _fan_out_locally(fn, items, return_exceptions, print_traceback, *, jobs, tim
     engine = _core.FanOut(fn, items, jobs, timeout, grace, fork_retries,
                           signal.SIGKILL if die_with_parent else 0, print_traceback,
                           not return_exceptions, _python_may_run_between_forks(items))
+    yield from drive_engine(engine, items, return_exceptions, until_done, grace)
+
+
+def drive_engine(engine, items, return_exceptions, until_done, grace):
+    """as_completed over ``engine``: a _core.FanOut, or an object with its interface.
+
+    ``items`` yields, after the engine's ``pending`` item, the items it never
+    drew. Closes the engine (``grace``) however it ends.
+    """
     first_error = None
     fork_error_seen = False
     try:

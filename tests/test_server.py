@@ -285,7 +285,7 @@ import functools, os, signal, sys, threading, time
 sys.path.insert(0, {here!r})
 import fastfork, procutil
 import test_server
-from fastfork._scheduler import drive
+from fastfork.server import _wait_readable
 # SIGINT raises KeyboardInterrupt, even if this test run was started with SIGINT ignored.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 main = threading.get_ident()
@@ -293,8 +293,8 @@ ready = procutil.Ready()
 
 def ctrl_c_once_the_map_waits():
     ready.wait(3)   # three children run
-    while sys._current_frames()[main].f_code is not drive.__code__:
-        time.sleep(0.001)   # the map is still starting them
+    while sys._current_frames()[main].f_code is not _wait_readable.__code__:
+        time.sleep(0.001)   # the map has not sent its step to the server yet
     os.kill(os.getpid(), signal.SIGINT)
 
 with ready, fastfork.ForkServer(preload=["test_server"]) as srv:
