@@ -512,8 +512,6 @@ def main(fd):
         return 0
     _, path, preload = message
     board = proto.Board(fds[0])
-    for fd in fds:
-        os.close(fd)
     sys.path[:] = path
     try:
         for name in preload:

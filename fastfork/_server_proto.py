@@ -50,11 +50,13 @@ The caller closing its end (EOF) tells the server to kill its children and exit.
 """
 import array
 import errno
-import mmap
 import os
 import pickle
 import signal
 import socket
+import struct
+
+from fastfork import _core
 
 # Payloads up to this size travel inside the packet; larger ones in a memfd,
 # since a SEQPACKET message must fit the socket buffer (EMSGSIZE otherwise).
@@ -124,43 +126,50 @@ def recv(sock, *, block=True):
 
 
 class Board:
-    """The fan-out ids a caller is interrupting, on a page shared with its server.
+    """The fan-out ids a caller is interrupting, in a memfd both ends read and write.
 
-    ``Board()`` makes one (``fd`` is its memfd, to send); ``Board(fd)`` maps
-    the one received. The caller posts and clears ids (under its connection's
-    lock); the server only reads.
+    ``Board()`` makes one; ``Board(fd)`` uses the memfd received. ``fd`` is
+    owned (see fastfork.child.own_fd): no child forked by either end keeps it.
+    The caller posts and clears ids (under its connection's lock); the server
+    only reads. Closed by ``close()``.
     """
 
     SLOTS = 64
+    _SLOT = struct.Struct("q")
 
     def __init__(self, fd=None):
-        self.fd = fd
         if fd is None:
-            self.fd = os.memfd_create("fastfork-board", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, self.SLOTS * 8)
-        self._map = mmap.mmap(self.fd, self.SLOTS * 8)
-        self._slots = memoryview(self._map).cast("q")
+            fd = os.memfd_create("fastfork-board", os.MFD_CLOEXEC)
+            try:
+                os.ftruncate(fd, self.SLOTS * self._SLOT.size)
+            except BaseException:
+                os.close(fd)
+                raise
+        self.fd = _core.own_fd(fd)
+
+    def _slots(self):
+        data = os.pread(self.fd, self.SLOTS * self._SLOT.size, 0)
+        return [value for (value,) in self._SLOT.iter_unpack(data)]
 
     def post(self, value):
         """Put ``value`` on the board; False if it is full."""
-        slots = self._slots
-        for i in range(self.SLOTS):
-            if slots[i] == 0:
-                slots[i] = value
+        for i, slot in enumerate(self._slots()):
+            if slot == 0:
+                os.pwrite(self.fd, self._SLOT.pack(value), i * self._SLOT.size)
                 return True
         return False
 
     def clear(self, fan_id):
         """Take ``fan_id`` and ``-fan_id`` off the board."""
-        slots = self._slots
-        for i in range(self.SLOTS):
-            if slots[i] in (fan_id, -fan_id):
-                slots[i] = 0
+        for i, slot in enumerate(self._slots()):
+            if slot in (fan_id, -fan_id):
+                os.pwrite(self.fd, self._SLOT.pack(0), i * self._SLOT.size)
 
     def __contains__(self, value):
-        return value in self._slots.tolist()
+        return value in self._slots()
 
     def close(self):
-        """Unmap the board (the mapping holds an fd of its own)."""
-        self._slots.release()
-        self._map.close()
+        """Close the memfd."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            _core.close_owned(fd)

@@ -94,7 +94,6 @@ class _Connection:
         self.process = None
         self.sock = None
         self.board = proto.Board()
-        board_fd = self.board.fd  # sent to the server, then closed: the mapping stays
         try:
             self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
@@ -102,15 +101,9 @@ class _Connection:
                 self._launch(theirs)
             finally:
                 theirs.close()
-            try:
-                proto.send(self.sock, ("init", list(sys.path), tuple(preload)), [board_fd])
-            finally:
-                os.close(board_fd)
-                board_fd = -1
+            proto.send(self.sock, ("init", list(sys.path), tuple(preload)), [self.board.fd])
             message = self._first_message(start_timeout)
         except BaseException:
-            if board_fd >= 0:
-                os.close(board_fd)
             if self.sock is None:
                 self.board.close()
             self.close(grace=0)

@@ -445,6 +445,41 @@ def test_child_holds_no_server_fds(server):
     assert not [t for t in targets if t.startswith("socket:") or "pidfd" in t], targets
 
 
+def test_fan_out_child_holds_no_server_fds(server):
+    # The engine in the server forks these: no socket, pidfd or board of the server's.
+    for targets in server.map(my_fds, range(3), jobs=2):
+        assert not [t for t in targets if t.startswith("socket:") or "pidfd" in t
+                    or "fastfork-board" in t], targets
+
+
+def test_map_with_large_items_and_results(server):
+    # Items and results larger than a packet travel in a memfd.
+    big = bytes(range(256)) * 1024
+    assert server.map(identity, [big, b"small", big * 3], jobs=2) == [big, b"small", big * 3]
+    got = dict(server.as_completed(identity, [big] * 5, jobs=2))
+    assert got == {i: big for i in range(5)}
+
+
+def test_map_over_many_items_in_order(server):
+    # More items than the first steps send: the rest follow as the server asks.
+    assert server.map(square, range(600), jobs=2) == [x * x for x in range(600)]
+    assert server.map(square, (x for x in range(50)), jobs=4) == [x * x for x in range(50)]
+
+
+def test_map_unpickling_failure_is_the_items_child_error(server):
+    out = server.map(identity, [1, Unloadable(), 3], return_exceptions=True)
+    assert out[0] == 1 and out[2] == 3
+    assert isinstance(out[1], ChildError) and out[1].index == 1
+    assert "could not unpickle" in str(out[1]) and "while unpickling" in str(out[1])
+
+
+def test_map_item_that_cannot_be_pickled_raises_type_error(server):
+    with pytest.raises(TypeError, match="cannot send"):
+        server.map(identity, [1, __import__("threading").Lock()])
+    assert procutil.children(server.pid) == set()
+    assert server.map(square, [2]) == [4]  # the server goes on
+
+
 # ---------------------------------------------------------------- map / as_completed / background
 
 def test_map_results_in_order(server):
