@@ -2,9 +2,11 @@
 
 Run by ``ForkServer`` as a fresh interpreter (``python -c`` calling ``main(fd)``)
 with one end of a SOCK_SEQPACKET socketpair; see ``_server_proto`` for the
-messages. Single-threaded: one poll loop over the socket and the children's
-pidfds. The server is the only one that reaps its children; it reports each
-outcome to the caller, and kills them all when the caller goes away.
+messages. Single-threaded: one poll loop over the socket and the pidfds of
+the children started one by one; a fan-out's children are the C engine's
+(``_core.FanOut``), which runs one step per "step" message. The server is the
+only one that reaps its children; it reports each outcome to the caller, and
+kills them all when the caller goes away.
 """
 import collections
 import contextlib

@@ -16,12 +16,21 @@ The child does not see the caller's state after the
 server started; pass what it needs as arguments. A ``SharedBuffer`` passed as
 an argument is shared for real: its memfd is sent along.
 
-The caller and the server talk over a SOCK_SEQPACKET socketpair. Each child's
-result pipe is made by the caller, its write end passed to the server with
-SCM_RIGHTS, so results go straight from the child to the caller. The server
-sends each child's pidfd back, so the caller waits on and signals the child
-through the pidfd (never a pid that could be recycled); the server reaps the
-child and reports its exit status and rusage.
+The caller and the server talk over a SOCK_SEQPACKET socketpair.
+
+``map`` and ``as_completed`` run fastfork's C fan-out engine inside the
+server (``_RemoteFanOut``): the server forks, reaps, times out and retries
+the children itself, and the caller drives the engine one step per message
+each way, sending the next items and receiving the finished outcomes -- no
+message, fd or Python object per child, so a task costs about what it costs
+``fastfork.map`` in a process of the server's size.
+
+A single child (``start``, ``background``, the executor's tasks) has its
+result pipe made by the caller, its write end passed to the server with
+SCM_RIGHTS, so its result goes straight from the child to the caller. The
+server sends the child's pidfd back, so the caller waits on and signals the
+child through the pidfd (never a pid that could be recycled); the server
+reaps the child and reports its exit status and rusage.
 """
 from __future__ import annotations
 
@@ -429,7 +438,10 @@ class _RemoteFanOut:
                 return  # its children died with it
             # A step still out may be blocked in the engine: post, then signal.
             interrupt = self._in_step and conn.board.post(self._id)
-            conn.send(("close", self._id, grace))
+            try:
+                conn.send(("close", self._id, grace))
+            except ServerError:
+                return  # it died just now: its children die with it
         if interrupt:
             conn.interrupt()
         error = None
