@@ -199,8 +199,10 @@ class _Items:
                 raise StopIteration
             raise _NeedItems
         payload, fds, setup = self.queue[0]
-        with self.server.uninterrupted():
-            failure = self.server.prepare(setup)
+        failure = None
+        if setup:
+            with self.server.uninterrupted():
+                failure = self.server.prepare(setup)
         self.queue.popleft()
         self.fds[self.drawn] = fds
         self.drawn += 1
@@ -262,24 +264,28 @@ class _Server:
         # interrupt signal may cut short; None outside those.
         self.current = None
         self.closing = False
+        self.signalled = False  # the interrupt signal came since the current block began
         # Every child fastfork forks here closes the socket first thing.
         own_fd(sock.fileno())
 
     def on_interrupt(self, signum, frame):
+        self.signalled = True
         if self.current is not None and self.interrupt_posted():
             raise _Interrupted
 
     def interrupt_posted(self):
         """True if the caller asks to cut the current step (or close) short."""
         fan_id = self.current
-        return -fan_id in self.board or (not self.closing and fan_id in self.board)
+        posted = self.board.posted()
+        return -fan_id in posted or (not self.closing and fan_id in posted)
 
     @contextlib.contextmanager
     def interruptible(self, fan_id, closing=False):
         """Let the interrupt signal raise _Interrupted in the block, if posted for ``fan_id``."""
         self.current, self.closing = fan_id, closing
+        self.signalled = False
         try:
-            if self.interrupt_posted():
+            if self.interrupt_posted():  # the signal may have come already
                 raise _Interrupted
             yield
         finally:
@@ -293,7 +299,7 @@ class _Server:
             yield
         finally:
             self.current = fan_id
-        if fan_id is not None and self.interrupt_posted():
+        if fan_id is not None and self.signalled and self.interrupt_posted():
             raise _Interrupted
 
     def serve(self):

@@ -165,8 +165,9 @@ class Board:
             if slot in (fan_id, -fan_id):
                 os.pwrite(self.fd, self._SLOT.pack(0), i * self._SLOT.size)
 
-    def __contains__(self, value):
-        return value in self._slots()
+    def posted(self):
+        """The values on the board now (a set)."""
+        return set(self._slots())
 
     def close(self):
         """Close the memfd."""

@@ -473,6 +473,20 @@ def test_map_unpickling_failure_is_the_items_child_error(server):
     assert "could not unpickle" in str(out[1]) and "while unpickling" in str(out[1])
 
 
+def test_an_interrupt_for_another_fan_out_is_ignored(server):
+    # A late interrupt signal (its fan-out's step had ended) stops nothing else.
+    conn = server._connection()
+    with conn.lock:
+        assert conn.board.post(10**9)
+    try:
+        conn.interrupt()
+        assert server.map(square, range(8), jobs=2) == [x * x for x in range(8)]
+        assert dict(server.as_completed(square, range(3))) == {0: 0, 1: 1, 2: 4}
+    finally:
+        with conn.lock:
+            conn.board.clear(10**9)
+
+
 def test_map_item_that_cannot_be_pickled_raises_type_error(server):
     with pytest.raises(TypeError, match="cannot send"):
         server.map(identity, [1, __import__("threading").Lock()])
