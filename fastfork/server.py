@@ -718,8 +718,10 @@ class ForkServer:
         """``fastfork.as_completed`` with the children forked by the server.
 
         Yields (index, result) as children finish; ``chunksize``, ``timeout``
-        (ChildTimeout) and the rest as in ``fastfork.as_completed``. The
-        children always die with the server, and the server with this
+        (ChildTimeout) and the rest as in ``fastfork.as_completed``. Items
+        travel to the server in batches, so they are drawn from ``iterable``
+        a little ahead of the children that run them (at most a few hundred).
+        The children always die with the server, and the server with this
         process. Raises TypeError if ``fn`` cannot be sent to the server,
         before anything starts; ServerError if the server dies meanwhile
         (every running child is stopped first).
