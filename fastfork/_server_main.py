@@ -86,6 +86,9 @@ def _returning_by_value(fn):
 class _LoadFailed(Exception):
     """The child could not set up or unpickle its call; args[0] is the error frame's payload."""
 
+    def __str__(self):
+        return "the fork server's child could not load its call"
+
 
 def _load_call(inline, payload_fd, buffer_fds, setup, setup_failure):
     """In the child: return the call (fn, args, kwargs) to run, ready to return by value.
