@@ -174,8 +174,8 @@ class _Interrupted(BaseException):
 class _Items:
     """A fan-out's items as its engine draws them: those the caller sent so far.
 
-    Each is (payload, buffer fds, setup); the engine gets (payload, buffer
-    fds, setup, setup failure), the server having carried out the setup first.
+    The engine gets each as (payload, buffer fds, setup, setup failure), the
+    server having carried out the setup first.
     """
 
     def __init__(self, server):
@@ -189,7 +189,7 @@ class _Items:
         """Queue the items of a "step" message; ``fds`` are their memfds, in order."""
         at = 0
         for payload, n_fds, setup in items:
-            self.queue.append((payload, fds[at:at + n_fds], setup))
+            self.queue.append((payload, fds[at:at + n_fds], setup, None))
             at += n_fds
         self.ended = ended
 
@@ -197,19 +197,21 @@ class _Items:
         return self
 
     def __next__(self):
+        # Runs between two forks, while earlier children share the server's
+        # pages: the less it writes, the fewer pages they copy.
         if not self.queue:
             if self.ended:
                 raise StopIteration
             raise _NeedItems
-        payload, fds, setup = self.queue[0]
-        failure = None
-        if setup:
+        item = self.queue[0]
+        if item[2]:
             with self.server.uninterrupted():
-                failure = self.server.prepare(setup)
+                item = (*item[:3], self.server.prepare(item[2]))
         self.queue.popleft()
-        self.fds[self.drawn] = fds
+        if item[1]:
+            self.fds[self.drawn] = item[1]
         self.drawn += 1
-        return payload, fds, setup, failure
+        return item
 
     def release(self, index):
         """Close the memfds of item ``index`` (its child has been reported)."""
@@ -220,7 +222,7 @@ class _Items:
         """Close every memfd still held."""
         for index in list(self.fds):
             self.release(index)
-        for _, fds, _ in self.queue:
+        for _, fds, _, _ in self.queue:
             for fd in fds:
                 os.close(fd)
         self.queue.clear()
