@@ -1,11 +1,11 @@
 """The fan-out contract, written once, and the scheduler that keeps it.
 
-Every fastfork fan-out keeps one contract. ``ForkServer.map`` and
-``ForkServer.as_completed`` (through ``fanout.fan_out``), ``spawn_many`` and
-``fastfork run`` run on the ``Scheduler`` below; ``fastfork.map`` and
+Every fastfork fan-out keeps one contract. ``spawn_many``, ``fastfork run``
+and the executors run on the ``Scheduler`` below; ``fastfork.map`` and
 ``fastfork.as_completed`` run on the C engine ``_core.FanOut``, the fast path
-of the same contract for local forks (it keeps the parent's page writes per
-child low; see src/_fanout.pxi).
+of the same contract for forks of Python functions (it keeps the parent's
+page writes per child low; see src/_fanout.pxi), and so do ``ForkServer.map``
+and ``ForkServer.as_completed``, whose engine runs inside the server.
 
 1. Launch while there is room: at most ``jobs`` children run at once, and a
    new one is launched as soon as one finishes. Tasks are drawn lazily, in

@@ -433,6 +433,45 @@ def _server_close(server):
     server.close()
 
 
+# A fresh interpreter as small as a fork server (it imports what the server
+# preloads) that runs fastfork.map on each line "N" and answers "done": the
+# fastest a fork server's children can start, whatever the caller's size.
+_SMALL_MAP = """
+import sys
+import fastfork
+from fastfork import _workloads as W
+print("ready", flush=True)
+for line in sys.stdin:
+    fastfork.map(W._task, range(int(line)), jobs=W.JOBS)
+    print("done", flush=True)
+"""
+
+
+def _small_map_prepare(n):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastfork.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen([sys.executable, "-c", _SMALL_MAP], env=env, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    if proc.stdout.readline().strip() != "ready":
+        _small_map_close(proc)
+        raise RuntimeError("the small process running fastfork.map did not start")
+    return (proc,)
+
+
+def _small_map(n, proc):
+    proc.stdin.write(f"{n}\n")
+    proc.stdin.flush()
+    if proc.stdout.readline().strip() != "done":
+        raise RuntimeError("the small process running fastfork.map failed")
+
+
+def _small_map_close(proc):
+    proc.stdin.close()
+    proc.stdout.close()
+    proc.wait(60)
+
+
 STARTUP = Workload(
     key="startup", title=f"per-task start-up of a short Python task (jobs={JOBS})",
     baseline="python -c (subprocess)",
@@ -442,6 +481,9 @@ STARTUP = Workload(
         Method("fastfork.map", "fastfork", _startup_map),
         Method("fastfork.ForkServer.map", "fastfork", _startup_server, _server_prepare,
                _server_close),
+        # What a fork server cannot beat: the same map run by a process of its size.
+        Method("fastfork.map in a small process", "limit", _small_map, _small_map_prepare,
+               _small_map_close),
         Method("multiprocessing forkserver", "stdlib", _startup_forkserver, _forkserver_ready),
         Method("multiprocessing spawn", "stdlib", _startup_spawn),
     ),
@@ -687,8 +729,13 @@ TARGETS = (
            "fastfork.spawn", "small", 0.9, ">= 0.9x"),
     Target("spawn vs os.fork+execv, big parent", "exec", "fastfork.spawn", "big",
            "os.fork+execv+waitpid", "big", 30.0, ">= 30x"),
+    Target("ForkServer.map vs fastfork.map, small parent", "startup",
+           "fastfork.ForkServer.map", "small", "fastfork.map", "small", 1 / 1.2, ">= 0.83x"),
     Target("ForkServer.map vs fastfork.map, big parent", "startup",
            "fastfork.ForkServer.map", "big", "fastfork.map", "big", 20.0, ">= 20x"),
+    Target("ForkServer.map vs its limit, big parent", "startup",
+           "fastfork.ForkServer.map", "big", "fastfork.map in a small process", "big",
+           0.8, ">= 0.8x"),
     Target("ForkServer.map vs mp forkserver, big parent", "startup",
            "fastfork.ForkServer.map", "big", "multiprocessing forkserver", "big", 3.0, ">= 3x"),
     Target("ForkServer.map vs python -c, big parent", "startup",

@@ -25,7 +25,7 @@ from fastfork import _core
 from fastfork._checks import check_callable, check_fan_out, check_timeout
 from fastfork._chunks import chunked
 from fastfork._result import FrameReader, decode_outcome
-from fastfork._scheduler import Scheduler, drive
+from fastfork._scheduler import Scheduler
 from fastfork.child import Child, close_inherited_fds, reap_dropped, stop_all
 from fastfork.errors import ChildError, ForkError
 
@@ -41,7 +41,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
-           "fan_out", "in_input_order", "FunctionFanOut"]
+           "in_input_order", "FunctionFanOut"]
 
 
 class FunctionChild(Child, Generic[R]):
@@ -318,6 +318,15 @@ def _fan_out_locally(fn, items, return_exceptions, print_traceback, *, jobs, tim
     engine = _core.FanOut(fn, items, jobs, timeout, grace, fork_retries,
                           signal.SIGKILL if die_with_parent else 0, print_traceback,
                           not return_exceptions, _python_may_run_between_forks(items))
+    yield from drive_engine(engine, items, return_exceptions, until_done, grace)
+
+
+def drive_engine(engine, items, return_exceptions, until_done, grace):
+    """as_completed over ``engine``: a _core.FanOut, or an object with its interface.
+
+    ``items`` yields, after the engine's ``pending`` item, the items it never
+    drew. Closes the engine (``grace``) however it ends.
+    """
     first_error = None
     fork_error_seen = False
     try:
@@ -372,38 +381,6 @@ def _python_may_run_between_forks(items):
         if callable(handler) and handler is not signal.default_int_handler:
             return True
     return False
-
-
-def fan_out(starter: Callable[..., FunctionChild[R]], fn: Callable[[T], R],
-            iterable: Iterable[T], *, jobs: int | None = None, timeout: float | None = None,
-            return_exceptions: bool = False, fork_retries: int = 8, grace: float = 1.0,
-            die_with_parent: bool = False, print_traceback: bool = False,
-            chunksize: int = 1) -> Iterator[tuple[int, R | BaseException]]:
-    """``as_completed`` with the function that starts one child as a parameter.
-
-    ``starter`` takes the arguments of ``start_child`` (``launched``
-    included) and returns a FunctionChild; a fork server passes its own.
-    The children are scheduled by fastfork._scheduler, which keeps the same
-    contract as the C engine behind fastfork's own ``as_completed``.
-    Validates like as_completed.
-    """
-    return _fan_out(functools.partial(_scheduled, starter), fn, iterable, jobs=jobs,
-                    timeout=timeout, return_exceptions=return_exceptions,
-                    fork_retries=fork_retries, grace=grace, die_with_parent=die_with_parent,
-                    print_traceback=print_traceback, chunksize=chunksize)
-
-
-def _scheduled(starter, fn, items, return_exceptions, print_traceback, **options):
-    """as_completed over the iterator ``items``, children started by ``starter``."""
-    fan = FunctionFanOut(starter, fn, items, return_exceptions, print_traceback, **options)
-    try:
-        for entry in drive(fan.scheduler):
-            reported = fan.take(entry)
-            if reported is not None:
-                yield reported
-        fan.finish()
-    finally:
-        fan.close()
 
 
 class FunctionFanOut:

@@ -16,16 +16,26 @@ The child does not see the caller's state after the
 server started; pass what it needs as arguments. A ``SharedBuffer`` passed as
 an argument is shared for real: its memfd is sent along.
 
-The caller and the server talk over a SOCK_SEQPACKET socketpair. Each child's
-result pipe is made by the caller, its write end passed to the server with
-SCM_RIGHTS, so results go straight from the child to the caller. The server
-sends each child's pidfd back, so the caller waits on and signals the child
-through the pidfd (never a pid that could be recycled); the server reaps the
-child and reports its exit status and rusage.
+The caller and the server talk over a SOCK_SEQPACKET socketpair.
+
+``map`` and ``as_completed`` run fastfork's C fan-out engine inside the
+server (``_RemoteFanOut``): the server forks, reaps, times out and retries
+the children itself, and the caller drives the engine one step per message
+each way, sending the next items and receiving the finished outcomes -- no
+message, fd or Python object per child, so a task costs about what it costs
+``fastfork.map`` in a process of the server's size.
+
+A single child (``start``, ``background``, the executor's tasks) has its
+result pipe made by the caller, its write end passed to the server with
+SCM_RIGHTS, so its result goes straight from the child to the caller. The
+server sends the child's pidfd back, so the caller waits on and signals the
+child through the pidfd (never a pid that could be recycled); the server
+reaps the child and reports its exit status and rusage.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import select
@@ -88,18 +98,23 @@ class _Connection:
         self.dead = False
         self.replies = {}                            # req_id -> None (waiting) or reply
         self.children = weakref.WeakValueDictionary()  # req_id -> ServerChild
+        self.fan_outs = {}                           # fan_id -> _RemoteFanOut
         self.ids = itertools.count(1)
         self.process = None
-        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = None
+        self.board = proto.Board()
         try:
-            own_fd(self.sock.fileno())
-            self._launch(theirs)
-        finally:
-            theirs.close()
-        try:
-            proto.send(self.sock, ("init", list(sys.path), tuple(preload)))
+            self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                own_fd(self.sock.fileno())
+                self._launch(theirs)
+            finally:
+                theirs.close()
+            proto.send(self.sock, ("init", list(sys.path), tuple(preload)), [self.board.fd])
             message = self._first_message(start_timeout)
         except BaseException:
+            if self.sock is None:
+                self.board.close()
             self.close(grace=0)
             raise
         if message[0] != "ready":
@@ -186,6 +201,10 @@ class _Connection:
             child = self.children.get(req_id)
             if child is not None:
                 child._status = (message[2], message[3])
+        elif kind in ("stepped", "raised", "closed"):
+            fan = self.fan_outs.get(req_id)
+            if fan is not None:
+                fan._deliver(message)
 
     def _kill_orphan(self, req_id, fds):
         if fds:
@@ -199,6 +218,11 @@ class _Connection:
 
     def _mark_dead(self):
         self.dead = True
+
+    def interrupt(self):
+        """Send the server the signal that cuts a fan-out's step short (see _server_proto)."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(proto.INTERRUPT_SIGNAL)
 
     # ------------------------------------------------------------ requests
 
@@ -259,10 +283,181 @@ class _Connection:
             if self.sock is not None:
                 sock, self.sock = self.sock, None
                 close_owned(sock.detach())
+                self.board.close()
         if self.process is not None and not self.process.finished:
             with contextlib.suppress(Exception):
                 self.process.wait(grace)
             self.process.stop(0)
+
+
+# Items sent to the server beyond those it has drawn: a fan-out starts with
+# ``jobs`` and doubles this, up to here, whenever the server runs out.
+_MAX_AHEAD = 256
+
+
+class _RemoteFanOut:
+    """A fan-out run by the C engine inside the server, seen from here.
+
+    It has the interface of ``_core.FanOut`` that ``fanout.drive_engine``
+    drives, so the server's fan-outs keep the engine's contract: the
+    children are forked, reaped, timed out and retried in the server, and
+    each ``step`` is one message each way with the next items and the
+    finished outcomes. Items are drawn from ``items`` a few ahead of the
+    server's launches (see _MAX_AHEAD), each pickled as for ``start``.
+    Raises from ``step`` what pickling an item raises (TypeError), OSError
+    if the server's engine failed with one, ServerError if the server died.
+    """
+
+    def __init__(self, server, fn, items, jobs, timeout, grace, fork_retries, print_traceback,
+                 stop_on_failure):
+        self._server = server
+        self._conn = None
+        self._id = None
+        self._fn = fn
+        self._source = items
+        self._options = (jobs, timeout, grace, fork_retries, print_traceback, stop_on_failure)
+        self._ahead = jobs
+        self._items = {}        # index -> item, from its sending until its outcome
+        self._held = None       # an item drawn and pickled, left for the next message
+        self._sent = 0
+        self._drawn = 0         # how many the server's engine has drawn
+        self._ended = False     # ``items`` is exhausted
+        self._launching = True
+        self._reply = None
+        self._in_step = False   # a step was sent and not answered yet
+        self._closed = False
+        self._closed_by_server = False
+        self._pending = None
+        self.started = 0
+        self.fork_error = None
+        self.done_running = False
+
+    @property
+    def pending(self):
+        """(index, item) of the item whose fork failed for good, or None."""
+        return None if self._pending is None else (self._pending, self._items[self._pending])
+
+    def unstarted(self):
+        """Yield the items sent that the server never drew, then the rest of the input."""
+        while self._drawn < self._sent:
+            self._drawn += 1
+            yield self._items.pop(self._drawn - 1)
+        if self._held is not None:
+            yield self._held[0]
+        yield from self._source
+
+    def stop_launching(self):
+        """Start no more children; the running ones go on."""
+        self._launching = False
+        if self._conn is not None and not self._closed:
+            self._conn.send(("stop", self._id))
+
+    def step(self, until_done=False):
+        """Run the server's engine one step; return its outcomes as _core.FanOut.step does."""
+        options = None
+        if self._conn is None:
+            self._conn = self._server._connection()
+            self._id = next(self._conn.ids)
+            self._conn.fan_outs[self._id] = self
+            options = self._options
+        conn = self._conn
+        batch, fds = self._next_items()
+        self._reply = None
+        self._in_step = True
+        conn.send(("step", self._id, until_done, batch, self._ended, options), fds)
+        if not conn.pump(lambda: self._reply is not None):
+            raise ServerError(f"the fork server {conn.pid} died")
+        self._in_step = False
+        kind, _, *rest = self._reply
+        if kind == "raised":
+            code, text = rest
+            if code is None:
+                raise ServerError(f"the fork server's fan-out failed:\n{text}")
+            raise OSError(code, text)
+        (outcomes, need_items, self._drawn, self.started, self.done_running, fork_error,
+         self._pending) = rest
+        if fork_error is not None:
+            self.fork_error = OSError(*fork_error)
+        if need_items:
+            self._ahead = min(2 * self._ahead, _MAX_AHEAD)
+        items = self._items
+        return [(index, items.pop(index), pid, returncode, kind, payload, timed_out, lost)
+                for index, pid, returncode, kind, payload, timed_out, lost in outcomes]
+
+    def _next_items(self):
+        """Draw and pickle the items to send with the next step: (batch, their memfds)."""
+        batch, fds = [], []
+        while (self._launching and not self._ended
+               and self._sent < self._drawn + self._ahead):
+            if self._held is None:
+                try:
+                    item = next(self._source)
+                except StopIteration:
+                    self._ended = True
+                    break
+                self._held = (item, self._server._pickle(self._fn, (item,), {}))
+            item, (payload, buffer_fds, setup) = self._held
+            if batch and len(fds) + len(buffer_fds) >= proto.MAX_FDS:
+                break  # one fd is left for a message too large for a packet
+            self._held = None
+            self._items[self._sent] = item
+            self._sent += 1
+            batch.append((payload, len(buffer_fds), setup))
+            fds.extend(buffer_fds)
+        return batch, fds
+
+    def _deliver(self, message):
+        """Take the server's message about this fan-out (under the connection's lock)."""
+        if message[0] == "closed":
+            self._closed_by_server = True
+        elif not self._closed:
+            self._reply = message
+
+    def close(self, grace):
+        """Stop every running child (``grace`` as in _core.FanOut.close) and forget the fan-out.
+
+        Blocks until the server has reaped them; an exception meanwhile
+        (a second Ctrl-C) cuts the grace short, and is raised at the end.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        conn = self._conn
+        if conn is None:
+            return  # nothing reached the server
+        try:
+            self._close_remote(conn, grace)
+        finally:
+            with conn.lock:
+                conn.board.clear(self._id)
+                conn.fan_outs.pop(self._id, None)
+
+    def _close_remote(self, conn, grace):
+        with conn.lock:
+            if conn.dead:
+                return  # its children died with it
+            # A step still out may be blocked in the engine: post, then signal.
+            interrupt = self._in_step and conn.board.post(self._id)
+            try:
+                conn.send(("close", self._id, grace))
+            except ServerError:
+                return  # it died just now: its children die with it
+        if interrupt:
+            conn.interrupt()
+        error = None
+        while True:
+            try:
+                conn.pump(lambda: self._closed_by_server)
+                break
+            except BaseException as exc:
+                if error is None:
+                    error = exc
+                    with conn.lock:
+                        hurry = conn.board.post(-self._id)
+                    if hurry:
+                        conn.interrupt()
+        if error is not None:
+            raise error
 
 
 class ServerChild(fanout.FunctionChild[R]):
@@ -523,18 +718,32 @@ class ForkServer:
         """``fastfork.as_completed`` with the children forked by the server.
 
         Yields (index, result) as children finish; ``chunksize``, ``timeout``
-        (ChildTimeout) and the rest as in ``fastfork.as_completed``. The
-        children always die with the server, and the server with this
+        (ChildTimeout) and the rest as in ``fastfork.as_completed``. Items
+        travel to the server in batches, so they are drawn from ``iterable``
+        a little ahead of the children that run them (at most a few hundred).
+        The children always die with the server, and the server with this
         process. Raises TypeError if ``fn`` cannot be sent to the server,
         before anything starts; ServerError if the server dies meanwhile
         (every running child is stopped first).
         """
+        return self._fan_out(False, fn, iterable, jobs=jobs, timeout=timeout,
+                             return_exceptions=return_exceptions, fork_retries=fork_retries,
+                             grace=grace, print_traceback=print_traceback, chunksize=chunksize)
+
+    def _fan_out(self, until_done, fn, iterable, **options):
+        """as_completed (``until_done`` False) or map's fan-out, run by the server's engine."""
         self._check_usable()
         self._pickle(fn, (), {})  # TypeError now if fn cannot travel
-        return fanout.fan_out(self.start_child, fn, iterable, jobs=jobs, timeout=timeout,
-                              return_exceptions=return_exceptions,
-                              fork_retries=fork_retries, grace=grace,
-                              print_traceback=print_traceback, chunksize=chunksize)
+        return fanout._fan_out(functools.partial(self._run_remotely, until_done=until_done),
+                               fn, iterable, die_with_parent=True, **options)
+
+    def _run_remotely(self, fn, items, return_exceptions, print_traceback, *, jobs, timeout,
+                      fork_retries, grace, die_with_parent, until_done):
+        """as_completed over the iterator ``items`` on the server's engine (see _RemoteFanOut)."""
+        engine = _RemoteFanOut(self, fn, items, jobs, timeout, grace, fork_retries,
+                               print_traceback, not return_exceptions)
+        yield from fanout.drive_engine(engine, engine.unstarted(), return_exceptions,
+                                       until_done, grace)
 
     @overload
     def map(self, fn: Callable[[T], R], iterable: Iterable[T], *, jobs: int | None = None,
@@ -564,8 +773,9 @@ class ForkServer:
         with ``return_exceptions``, the error in its place). Raises ServerError
         if the server dies meanwhile (every running child is stopped first).
         """
-        return fanout.in_input_order(self.as_completed(
-            fn, iterable, jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
+        # Like fastfork.map, the engine runs every child before results are decoded.
+        return fanout.in_input_order(self._fan_out(
+            True, fn, iterable, jobs=jobs, timeout=timeout, return_exceptions=return_exceptions,
             fork_retries=fork_retries, grace=grace, print_traceback=print_traceback,
             chunksize=chunksize))
 

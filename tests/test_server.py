@@ -285,7 +285,7 @@ import functools, os, signal, sys, threading, time
 sys.path.insert(0, {here!r})
 import fastfork, procutil
 import test_server
-from fastfork._scheduler import drive
+from fastfork.server import _wait_readable
 # SIGINT raises KeyboardInterrupt, even if this test run was started with SIGINT ignored.
 signal.signal(signal.SIGINT, signal.default_int_handler)
 main = threading.get_ident()
@@ -293,8 +293,8 @@ ready = procutil.Ready()
 
 def ctrl_c_once_the_map_waits():
     ready.wait(3)   # three children run
-    while sys._current_frames()[main].f_code is not drive.__code__:
-        time.sleep(0.001)   # the map is still starting them
+    while sys._current_frames()[main].f_code is not _wait_readable.__code__:
+        time.sleep(0.001)   # the map has not sent its step to the server yet
     os.kill(os.getpid(), signal.SIGINT)
 
 with ready, fastfork.ForkServer(preload=["test_server"]) as srv:
@@ -443,6 +443,55 @@ def test_large_arguments_and_results(server):
 def test_child_holds_no_server_fds(server):
     targets = server.start(my_fds).result()
     assert not [t for t in targets if t.startswith("socket:") or "pidfd" in t], targets
+
+
+def test_fan_out_child_holds_no_server_fds(server):
+    # The engine in the server forks these: no socket, pidfd or board of the server's.
+    for targets in server.map(my_fds, range(3), jobs=2):
+        assert not [t for t in targets if t.startswith("socket:") or "pidfd" in t
+                    or "fastfork-board" in t], targets
+
+
+def test_map_with_large_items_and_results(server):
+    # Items and results larger than a packet travel in a memfd.
+    big = bytes(range(256)) * 1024
+    assert server.map(identity, [big, b"small", big * 3], jobs=2) == [big, b"small", big * 3]
+    got = dict(server.as_completed(identity, [big] * 5, jobs=2))
+    assert got == {i: big for i in range(5)}
+
+
+def test_map_over_many_items_in_order(server):
+    # More items than the first steps send: the rest follow as the server asks.
+    assert server.map(square, range(600), jobs=2) == [x * x for x in range(600)]
+    assert server.map(square, (x for x in range(50)), jobs=4) == [x * x for x in range(50)]
+
+
+def test_map_unpickling_failure_is_the_items_child_error(server):
+    out = server.map(identity, [1, Unloadable(), 3], return_exceptions=True)
+    assert out[0] == 1 and out[2] == 3
+    assert isinstance(out[1], ChildError) and out[1].index == 1
+    assert "could not unpickle" in str(out[1]) and "while unpickling" in str(out[1])
+
+
+def test_an_interrupt_for_another_fan_out_is_ignored(server):
+    # A late interrupt signal (its fan-out's step had ended) stops nothing else.
+    conn = server._connection()
+    with conn.lock:
+        assert conn.board.post(10**9)
+    try:
+        conn.interrupt()
+        assert server.map(square, range(8), jobs=2) == [x * x for x in range(8)]
+        assert dict(server.as_completed(square, range(3))) == {0: 0, 1: 1, 2: 4}
+    finally:
+        with conn.lock:
+            conn.board.clear(10**9)
+
+
+def test_map_item_that_cannot_be_pickled_raises_type_error(server):
+    with pytest.raises(TypeError, match="cannot send"):
+        server.map(identity, [1, __import__("threading").Lock()])
+    assert procutil.children(server.pid) == set()
+    assert server.map(square, [2]) == [4]  # the server goes on
 
 
 # ---------------------------------------------------------------- map / as_completed / background
