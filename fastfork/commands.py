@@ -211,6 +211,8 @@ class Process(Child):
     # ------------------------------------------------------------ hooks
 
     def _readers(self):
+        if not self._capture:
+            return {}
         return {fd: functools.partial(self._collect, index)
                 for index, fd in enumerate(self._capture_fds) if fd >= 0}
 

@@ -155,6 +155,33 @@ cdef int _raise_exec_failure(int *msg, Py_ssize_t got, pid_t pid, exec_name, cwd
     raise OSError(err, os.strerror(err))
 
 
+cdef Py_ssize_t _spawn_forked(_Plan p, int *msg, pid_t *pid) except -1:
+    """ff_spawn a child made by fork(), whose report comes over an error pipe.
+
+    Sets ``*pid``; returns the bytes of the report read into ``msg`` (0: it
+    exec'd). Raises OSError if no process could be created.
+    """
+    cdef int errpipe[2]
+    cdef int err
+    cdef Py_ssize_t got
+    _error_pipe(errpipe)
+    try:
+        p.plan.errpipe = errpipe[1]
+        with nogil:
+            pid[0] = ff_spawn(&p.plan, msg)
+            err = errno
+            close(errpipe[1])
+            errpipe[1] = -1
+        if pid[0] < 0:
+            _raise_errno(err)
+        got = _read_report(errpipe[0], msg, pid[0])
+    finally:
+        close(errpipe[0])
+        if errpipe[1] >= 0:
+            close(errpipe[1])
+    return got
+
+
 def _spawn_uses_vfork():
     """True if _spawn creates children vfork-style here (Linux), False if by fork()."""
     return bool(ff_spawn_uses_vfork())
@@ -182,26 +209,21 @@ def _spawn(list paths, list argv, list envp, bytes cwd, stdio, keep_fds,
     """
     cdef _Plan p = _make_plan(paths, argv, envp, cwd, stdio, keep_fds, close_fds,
                               new_session, pdeathsig, use_fork)
-    cdef int errpipe[2]
     cdef int msg[2]
     cdef int err
     cdef pid_t pid
     cdef Py_ssize_t got
-    _error_pipe(errpipe)
-    try:
-        p.plan.errpipe = errpipe[1]
+    if use_fork or not ff_spawn_uses_vfork():
+        got = _spawn_forked(p, msg, &pid)
+    else:
+        # The child shares our memory: its report is in msg when clone returns.
+        p.plan.errpipe = -1
         with nogil:
-            pid = ff_spawn(&p.plan)
+            pid = ff_spawn(&p.plan, msg)
             err = errno
-            close(errpipe[1])
-            errpipe[1] = -1
         if pid < 0:
             _raise_errno(err)
-        got = _read_report(errpipe[0], msg, pid)
-    finally:
-        close(errpipe[0])
-        if errpipe[1] >= 0:
-            close(errpipe[1])
+        got = 2 * sizeof(int) if msg[0] != 0 else 0
     if got == 0:
         registry.append(pid)
         return pid

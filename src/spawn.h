@@ -32,16 +32,20 @@ typedef struct {
     int new_session;      /* setsid() */
     int pdeathsig;        /* > 0: PR_SET_PDEATHSIG (Linux), then re-check the parent */
     pid_t parent;         /* getpid() of the parent, for that re-check */
-    int errpipe;          /* write end of the close-on-exec error pipe (>= 3) */
+    int errpipe;          /* write end of the close-on-exec error pipe (>= 3); only
+                             for a child made by fork(), else -1 (see ff_spawn) */
     int use_fork;         /* use fork() even where vfork-style creation exists */
 } ff_spawn_plan;
 
 /* Create the child. Returns its pid, or -1 with errno set if no process could
- * be created. The caller then reads the error pipe: end of file means the exec
- * succeeded; two ints (step, errno) mean the child failed and has exited 127.
+ * be created. A child that cannot exec reports (step, errno) and exits 127.
+ * A vfork-style child (ff_spawn_uses_vfork() and not use_fork) shares our
+ * memory and writes the report into report[] before ff_spawn() returns:
+ * (0, 0) means the exec succeeded. A child made by fork() writes it to
+ * errpipe instead; end of file there means the exec succeeded.
  * Signals are blocked in the calling thread while the child shares its memory.
  * Safe to call without the GIL. */
-pid_t ff_spawn(const ff_spawn_plan *plan);
+pid_t ff_spawn(const ff_spawn_plan *plan, int report[2]);
 
 /* 1 if ff_spawn() creates children with vfork-style semantics here, else 0. */
 int ff_spawn_uses_vfork(void);
