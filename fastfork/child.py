@@ -164,7 +164,8 @@ class Child(_core.ChildHandle):
         Raises fastfork.TimeoutExpired if it is still running after
         ``timeout`` seconds; ValueError/TypeError for a bad timeout.
         """
-        timeout = check_timeout(timeout)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         self._check_owner()
         if timeout is None and self._reaps_own_pid and not self._readers():
             # Nothing to drain while it runs: one blocking wait system call

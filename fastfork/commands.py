@@ -17,6 +17,7 @@ interpreter ignores (SIGPIPE, SIGXFSZ) are reset to SIG_DFL as with
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -87,6 +88,9 @@ DEVNULL = subprocess.DEVNULL
 # fallback path of non-Linux systems with it).
 _USE_FORK = not _core._spawn_uses_vfork()
 
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
 # A write of at most PIPE_BUF bytes to a pipe that polls writable does not block.
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 
@@ -98,7 +102,9 @@ def _encode(value, what):
 
     Raises TypeError for another type, ValueError for an embedded NUL byte.
     """
-    if isinstance(value, bytes):
+    if type(value) is str:
+        encoded = value.encode(_FS_ENCODING, _FS_ERRORS)  # what os.fsencode does
+    elif isinstance(value, bytes):
         encoded = value
     elif isinstance(value, (str, os.PathLike)):
         encoded = os.fsencode(value)
@@ -122,17 +128,35 @@ def _encode_env(env):
     return entries
 
 
-@dataclasses.dataclass(frozen=True)
-class _Command:
-    """One command converted for the child: what _core._spawn takes."""
+class _Command(collections.namedtuple(
+        "_Command", "args paths argv envp cwd exec_name cwd_name")):
+    """One command converted for the child: what _core._spawn takes.
 
-    args: list          # argv as given (for results and errors)
-    paths: list         # candidate executables (bytes), after the PATH lookup
-    argv: list          # bytes
-    envp: list          # b"KEY=value", or None to inherit os.environ
-    cwd: bytes          # or None
-    exec_name: object   # the filename of an exec failure, as subprocess reports it
-    cwd_name: object    # the filename of a chdir failure
+    ``args``: argv as given (for results and errors); ``paths``: candidate
+    executables (bytes) after the PATH lookup; ``argv``: bytes; ``envp``:
+    b"KEY=value" entries, or None to inherit os.environ; ``cwd``: bytes or
+    None; ``exec_name``, ``cwd_name``: the filename of an exec or chdir
+    failure, as subprocess reports it.
+    """
+
+    __slots__ = ()
+
+
+def _search_path(env):
+    """The PATH a bare program name is looked up in: ``env``'s, else os.environ's (a str)."""
+    if env is not None:
+        return os.pathsep.join(os.get_exec_path(env))
+    # os.get_exec_path(None) without its per-call warnings filter: os.environ
+    # has str keys only.
+    path = os.environ.get("PATH")
+    return os.defpath if path is None else path
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(search_path, program):
+    """The paths (bytes) tried for a bare ``program`` on ``search_path``, as
+    subprocess tries them: each PATH directory joined with the name."""
+    return tuple(os.path.join(os.fsencode(d), program) for d in search_path.split(os.pathsep))
 
 
 def _prepare(argv, executable=None, env=None, cwd=None):
@@ -141,7 +165,9 @@ def _prepare(argv, executable=None, env=None, cwd=None):
     The program is looked up on PATH (``env``'s PATH when ``env`` is given) as
     subprocess does. Raises TypeError/ValueError for bad arguments.
     """
-    if isinstance(argv, (str, bytes, os.PathLike)):
+    # A list or tuple needs no check against os.PathLike (an ABC: slow to ask).
+    if type(argv) is not list and type(argv) is not tuple and isinstance(
+            argv, (str, bytes, os.PathLike)):
         raise TypeError("argv must be a sequence of arguments, not a single "
                         f"{type(argv).__name__} (use [program] or shlex.split(command))")
     try:
@@ -155,11 +181,10 @@ def _prepare(argv, executable=None, env=None, cwd=None):
     program = argv_b[0] if executable is None else _encode(executable, "executable")
     envp = None if env is None else _encode_env(env)
     cwd_b = None if cwd is None else _encode(cwd, "cwd")
-    if os.path.dirname(program):
+    if b"/" in program:  # a path (os.path.dirname is not empty): no lookup
         paths = [program]
     else:
-        # Like os._execvpe and subprocess: the directories of env's PATH.
-        paths = [os.path.join(os.fsencode(d), program) for d in os.get_exec_path(env)]
+        paths = list(_candidates(_search_path(env), program))
     return _Command(args, paths, argv_b, envp, cwd_b, exec_name, cwd)
 
 
@@ -199,7 +224,8 @@ class Process(Child):
         # fds from here on, drained by the wait loop (the _readers hook) while
         # the command runs and closed at end of file or once it is reaped.
         # Their bytes collect here, one list per pipe.
-        self._adopt_capture_fds(capture_fds)
+        if capture_fds:
+            self._adopt_capture_fds(capture_fds)
         self._capture: list[list[bytes]] = [[] for _ in capture_fds]
         self.args = args
         self.stdin = stdin
@@ -223,8 +249,9 @@ class Process(Child):
             self._close_capture_fd(index)
 
     def _finish(self):
-        super()._finish()
-        self._close_capture_fds()
+        if self._capture:  # else there is nothing to drain or close
+            super()._finish()
+            self._close_capture_fds()
 
     def _captured(self, index):
         """The bytes captured from capture_fds[index], or None."""
@@ -375,9 +402,12 @@ def spawn(argv: ArgSequence, *, executable: Arg | None = None, env: Env | None =
     is left open or running then.
     """
     command = _prepare(argv, executable, env, cwd)
-    stdio = (check_stdio(stdin, "stdin"), check_stdio(stdout, "stdout"),
-             check_stdio(stderr, "stderr"))
-    keep = check_pass_fds(pass_fds)
+    if stdin is None and stdout is None and stderr is None:
+        stdio = (None, None, None)
+    else:
+        stdio = (check_stdio(stdin, "stdin"), check_stdio(stdout, "stdout"),
+                 check_stdio(stderr, "stderr"))
+    keep = check_pass_fds(pass_fds) if pass_fds != () else ()
     sys.audit("fastfork.spawn", command.exec_name, command.args, cwd, env)
     return _start(command, stdio, keep, bool(close_fds), bool(new_session),
                   bool(die_with_parent))
@@ -411,14 +441,13 @@ def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
                             fds[i], parent_ends[i] = write_end, own_fd(read_end)
                         child_ends.append(fds[i])
                     elif value == DEVNULL:
-                        fds[i] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                        child_ends.append(fds[i])
+                        fds[i] = _core.SPAWN_DEVNULL  # the child opens it
                     elif value == STDOUT:
                         fds[2] = fds[1] if fds[1] != -1 else 1
                     else:
                         fds[i] = value
                 _core._spawn(command.paths, command.argv, command.envp, command.cwd,
-                             fds, list(keep_fds), close_fds, new_session,
+                             fds, keep_fds, close_fds, new_session,
                              signal.SIGKILL if die_with_parent else 0, registry,
                              command.exec_name, command.cwd_name, _USE_FORK)
             finally:

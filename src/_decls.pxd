@@ -118,6 +118,8 @@ cdef extern from "spawn.h" nogil:
         FF_STEP_SETSID
         FF_STEP_PDEATHSIG
         FF_STEP_EXEC
+        FF_STEP_DEVNULL
+        FF_STDIO_DEVNULL
 
 
 cdef extern from "sighold.h" nogil:

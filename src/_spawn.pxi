@@ -6,8 +6,12 @@ from libc.string cimport strlen
 from posix.unistd cimport sysconf, _SC_OPEN_MAX
 
 from _decls cimport (
-    FF_STEP_CWD, FF_STEP_EXEC, ff_spawn, ff_spawn_plan, ff_spawn_uses_vfork,
+    FF_STDIO_DEVNULL, FF_STEP_CWD, FF_STEP_DEVNULL, FF_STEP_EXEC, ff_spawn, ff_spawn_plan,
+    ff_spawn_uses_vfork,
 )
+
+# A stdio entry for _spawn: the child opens os.devnull there itself.
+SPAWN_DEVNULL = FF_STDIO_DEVNULL
 
 
 cdef char **_c_strings(list items, str what) except NULL:
@@ -152,6 +156,8 @@ cdef int _raise_exec_failure(int *msg, Py_ssize_t got, pid_t pid, exec_name, cwd
         raise OSError(err, os.strerror(err), exec_name)
     if msg[0] == FF_STEP_CWD:
         raise OSError(err, os.strerror(err), cwd_name)
+    if msg[0] == FF_STEP_DEVNULL:
+        raise OSError(err, os.strerror(err), os.devnull)
     raise OSError(err, os.strerror(err))
 
 
@@ -195,7 +201,7 @@ def _spawn(list paths, list argv, list envp, bytes cwd, stdio, keep_fds,
     ``paths``: candidate executables (bytes), tried in order. ``argv``: bytes.
     ``envp``: b"KEY=value" entries, or None to pass this process's environ.
     ``cwd``: bytes or None. ``stdio``: three fds to place at 0, 1, 2 (-1 to
-    inherit). ``keep_fds``: sorted fds kept open and made inheritable.
+    inherit, SPAWN_DEVNULL for os.devnull opened by the child). ``keep_fds``: sorted fds kept open and made inheritable.
     ``pdeathsig`` > 0: the signal the child gets when this thread's process
     dies (Linux). The pid is appended to ``registry`` before anything else can
     run. Arguments are expected validated by fastfork.spawn; only their C

@@ -147,13 +147,28 @@ static void close_gap(const ff_spawn_plan *p, int lo, int hi)
     }
 }
 
-/* Put the planned fds at 0, 1, 2; keep keep_fds (inheritable); close the rest. */
-static int apply_fds(const ff_spawn_plan *p)
+/* Put the planned fds at 0, 1, 2; keep keep_fds (inheritable); close the rest.
+ * Returns 0, or -1 with errno and *step the step that failed. */
+static int apply_fds(const ff_spawn_plan *p, int *step)
 {
     int src[3];
-    int i, lo;
-    for (i = 0; i < 3; i++)
+    int i, lo, devnull = -1;
+    *step = FF_STEP_FDS;
+    for (i = 0; i < 3; i++) {
         src[i] = p->stdio[i];
+        if (src[i] == FF_STDIO_DEVNULL) {
+            /* One open for every entry asking; close-on-exec, so only the
+             * dup2 copies outlive the exec. */
+            if (devnull < 0) {
+                devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+                if (devnull < 0) {
+                    *step = FF_STEP_DEVNULL;
+                    return -1;
+                }
+            }
+            src[i] = devnull;
+        }
+    }
     /* A source that is itself 0, 1 or 2 could be overwritten by an earlier
      * dup2 (CPython issue #12607): move such sources above 2 first. */
     for (i = 0; i < 3; i++) {
@@ -198,11 +213,11 @@ static void run_child(const ff_spawn_plan *p, volatile int *report)
     sigset_t none;
     char *const *envp;
     char *const *path;
-    int err, saved = 0;
+    int err, step, saved = 0;
 
     reset_signals();
-    if (apply_fds(p) < 0)
-        fail(p, report, FF_STEP_FDS, errno);
+    if (apply_fds(p, &step) < 0)
+        fail(p, report, step, errno);
     if (p->cwd != NULL && chdir(p->cwd) < 0)
         fail(p, report, FF_STEP_CWD, errno);
     if (p->new_session && setsid() < 0)

@@ -17,14 +17,20 @@ enum {
     FF_STEP_SETSID = 3,    /* setsid() */
     FF_STEP_PDEATHSIG = 4, /* prctl(PR_SET_PDEATHSIG) */
     FF_STEP_EXEC = 5,      /* execve() of every candidate: the filename is the program */
+    FF_STEP_DEVNULL = 6,   /* opening /dev/null for FF_STDIO_DEVNULL */
 };
+
+/* A stdio entry: the child opens /dev/null there itself (saving the parent an
+ * open and a close per spawn). */
+#define FF_STDIO_DEVNULL (-2)
 
 typedef struct {
     char *const *paths;   /* candidate executables, tried in order; NULL-terminated */
     char *const *argv;    /* NULL-terminated */
     char *const *envp;    /* NULL-terminated, or NULL to pass the parent's environ */
     const char *cwd;      /* chdir() here first, or NULL */
-    int stdio[3];         /* fd to place at 0, 1, 2; -1 leaves that fd as inherited */
+    int stdio[3];         /* fd to place at 0, 1, 2; -1 leaves that fd as inherited,
+                             FF_STDIO_DEVNULL opens /dev/null there */
     const int *keep_fds;  /* sorted ascending: fds made inheritable and kept open */
     int n_keep_fds;
     int close_fds;        /* close every fd >= 3 not in keep_fds */
