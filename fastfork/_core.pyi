@@ -82,7 +82,7 @@ def _spawn(
     close_fds: bool,
     new_session: bool,
     pdeathsig: int,
-    registry: list[int],
+    handle: ChildHandle,
     exec_name: str | bytes | None = None,
     cwd_name: str | bytes | None = None,
     use_fork: bool = False,

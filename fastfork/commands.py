@@ -217,22 +217,30 @@ class Process(Child):
     stdout: io.FileIO | None
     stderr: io.FileIO | None
 
-    def __init__(self, pid: int, args: list[Arg], stdin: io.FileIO | None = None,
+    def __init__(self, pid: int | None, args: list[Arg], stdin: io.FileIO | None = None,
                  stdout: io.FileIO | None = None, stderr: io.FileIO | None = None, *,
                  capture_fds: Sequence[int] = ()) -> None:
-        # spawn_many's capture: the pipes' read ends are the handle's capture
-        # fds from here on, drained by the wait loop (the _readers hook) while
-        # the command runs and closed at end of file or once it is reaped.
-        # Their bytes collect here, one list per pipe.
+        # pid None: an unstarted handle that _core._spawn fills in.
+        self._capture: list[list[bytes]] = []
+        self.args = args
+        self._comm = None  # communicate()'s state, kept across a timeout
+        self._attach(stdin, stdout, stderr, capture_fds)
+        super().__init__(pid)
+
+    def _attach(self, stdin, stdout, stderr, capture_fds=()):
+        """Hold the parent's pipe ends: file objects, or ``capture_fds``.
+
+        spawn_many's capture: the pipes' read ends are the handle's capture
+        fds from here on, drained by the wait loop (the _readers hook) while
+        the command runs and closed at end of file or once it is reaped.
+        Their bytes collect in _capture, one list per pipe.
+        """
         if capture_fds:
             self._adopt_capture_fds(capture_fds)
-        self._capture: list[list[bytes]] = [[] for _ in capture_fds]
-        self.args = args
+            self._capture = [[] for _ in capture_fds]
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        self._comm = None  # communicate()'s state, kept across a timeout
-        super().__init__(pid)
 
     # ------------------------------------------------------------ hooks
 
@@ -421,9 +429,9 @@ def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
     stdout/stderr pipe ends stay raw non-blocking fds drained by the wait loop.
     """
     reap_dropped()
-    registry = []
+    proc = Process(None, command.args)
     child_ends = []                 # closed in the parent once the child has them
-    parent_ends = [None, None, None]  # ours until a Process holds them
+    parent_ends = [None, None, None]  # ours until the Process holds them
     fds = [-1, -1, -1]
     try:
         with _fd_lock:
@@ -448,30 +456,31 @@ def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
                         fds[i] = value
                 _core._spawn(command.paths, command.argv, command.envp, command.cwd,
                              fds, keep_fds, close_fds, new_session,
-                             signal.SIGKILL if die_with_parent else 0, registry,
+                             signal.SIGKILL if die_with_parent else 0, proc,
                              command.exec_name, command.cwd_name, _USE_FORK)
             finally:
                 for fd in child_ends:
                     os.close(fd)
-        capture_fds = ()
-        if capture:
-            capture_fds = tuple(fd for fd in parent_ends[1:] if fd is not None)
-            for fd in capture_fds:
-                os.set_blocking(fd, False)
-            files = [None, None, None]
-        else:
-            files = [None if fd is None else _pipe_file(fd, "wb" if i == 0 else "rb")
-                     for i, fd in enumerate(parent_ends)]
-        proc = Process(registry[0], command.args, *files, capture_fds=capture_fds)
-        parent_ends = [None, None, None]
+        if parent_ends != [None, None, None]:
+            if capture:
+                capture_fds = tuple(fd for fd in parent_ends[1:] if fd is not None)
+                for fd in capture_fds:
+                    os.set_blocking(fd, False)
+                proc._attach(None, None, None, capture_fds)
+            else:
+                proc._attach(*[None if fd is None else _pipe_file(fd, "wb" if i == 0 else "rb")
+                               for i, fd in enumerate(parent_ends)])
+            parent_ends = [None, None, None]
         return proc
     except BaseException:
         # The spawn failed, or a signal (Ctrl-C) landed right after it.
-        for pid in registry:
+        if proc.pid is not None:
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                proc._signal(signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
-                _core.waitpid(pid, 0)
+                proc._wait_status()
+            proc._reaped = True
+        proc._close_fds()
         for fd in parent_ends:
             if fd is not None:
                 disown_fd(fd)

@@ -110,7 +110,7 @@ cdef extern from "spawn.h" nogil:
         pid_t parent
         int errpipe
         int use_fork
-    pid_t ff_spawn(const ff_spawn_plan *plan, int report[2]) noexcept
+    pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd) noexcept
     int ff_spawn_uses_vfork() noexcept
     enum:
         FF_STEP_FDS

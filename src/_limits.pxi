@@ -86,7 +86,7 @@ def _c_spawn_loop(Py_ssize_t n, bytes path=b"/bin/true"):
                     failed = True
                     break
                 plan.errpipe = pipefd[1]
-            pid = ff_spawn(&plan, report)
+            pid = ff_spawn(&plan, report, NULL)
             err = errno
             if by_pipe:
                 close(pipefd[0])

@@ -307,13 +307,15 @@ static void *thread_stack(int *kept)
 }
 #endif
 
-pid_t ff_spawn(const ff_spawn_plan *plan, int report[2])
+pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd)
 {
     sigset_t all, old;
     pid_t pid = -1;
     int saved_errno = 0;
 
     report[0] = report[1] = 0;
+    if (pidfd != NULL)
+        *pidfd = -1;
 
     /* No signal handler may run in the child before reset_signals(): with
      * CLONE_VM it would run on the parent's memory (glibc's posix_spawn does
@@ -336,7 +338,15 @@ pid_t ff_spawn(const ff_spawn_plan *plan, int report[2])
 #else
             char *top = (char *)stack + FF_STACK_SIZE;
 #endif
-            pid = clone(clone_main, top, CLONE_VM | CLONE_VFORK | SIGCHLD, &args);
+            int flags = CLONE_VM | CLONE_VFORK | SIGCHLD;
+#ifdef CLONE_PIDFD
+            /* The pidfd comes with the child (Linux 5.2+): no moment when a
+             * child reaped by someone else (SIGCHLD ignored) could leave its
+             * pid to another process before we hold it. */
+            if (pidfd != NULL)
+                flags |= CLONE_PIDFD;
+#endif
+            pid = clone(clone_main, top, flags, &args, pidfd);
             saved_errno = errno;
             if (!kept)
                 munmap(stack, FF_STACK_SIZE);

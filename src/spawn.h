@@ -44,14 +44,16 @@ typedef struct {
 } ff_spawn_plan;
 
 /* Create the child. Returns its pid, or -1 with errno set if no process could
- * be created. A child that cannot exec reports (step, errno) and exits 127.
+ * be created. If ``pidfd`` is not NULL, *pidfd receives a close-on-exec pidfd
+ * for a vfork-style child (CLONE_PIDFD), else -1 (fork(), or a kernel without
+ * CLONE_PIDFD, which ignores the flag). A child that cannot exec reports (step, errno) and exits 127.
  * A vfork-style child (ff_spawn_uses_vfork() and not use_fork) shares our
  * memory and writes the report into report[] before ff_spawn() returns:
  * (0, 0) means the exec succeeded. A child made by fork() writes it to
  * errpipe instead; end of file there means the exec succeeded.
  * Signals are blocked in the calling thread while the child shares its memory.
  * Safe to call without the GIL. */
-pid_t ff_spawn(const ff_spawn_plan *plan, int report[2]);
+pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd);
 
 /* 1 if ff_spawn() creates children with vfork-style semantics here, else 0. */
 int ff_spawn_uses_vfork(void);
