@@ -213,18 +213,20 @@ class Process(Child):
     """
 
     args: list[Arg]
-    stdin: io.FileIO | None
-    stdout: io.FileIO | None
-    stderr: io.FileIO | None
+    # Defaults on the class: a command without pipes sets none of them.
+    stdin: io.FileIO | None = None
+    stdout: io.FileIO | None = None
+    stderr: io.FileIO | None = None
+    _capture: tuple | list[list[bytes]] = ()  # the bytes read from each capture fd
+    _comm = None  # communicate()'s state, kept across a timeout
 
     def __init__(self, pid: int | None, args: list[Arg], stdin: io.FileIO | None = None,
                  stdout: io.FileIO | None = None, stderr: io.FileIO | None = None, *,
                  capture_fds: Sequence[int] = ()) -> None:
         # pid None: an unstarted handle that _core._spawn fills in.
-        self._capture: list[list[bytes]] = []
         self.args = args
-        self._comm = None  # communicate()'s state, kept across a timeout
-        self._attach(stdin, stdout, stderr, capture_fds)
+        if stdin is not None or stdout is not None or stderr is not None or capture_fds:
+            self._attach(stdin, stdout, stderr, capture_fds)
         super().__init__(pid)
 
     def _attach(self, stdin, stdout, stderr, capture_fds=()):
