@@ -467,6 +467,17 @@ pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd)
     return pid;
 }
 
+int ff_spawn_allow_clone3(int allow)
+{
+#ifdef FF_HAVE_CLONE3
+    clone3_refused = !allow;
+    return allow;
+#else
+    (void)allow;
+    return 0;
+#endif
+}
+
 int ff_spawn_uses_vfork(void)
 {
 #ifdef FF_HAVE_CLONE_VFORK
