@@ -2,7 +2,8 @@
 
 A Child waits and signals through a pidfd where the kernel has them (Linux
 5.4+), so a recycled pid is never signalled; elsewhere it polls with WNOHANG
-and a capped exponential back-off on the monotonic clock. Its pid and fds
+and a capped exponential back-off on the monotonic clock. ``wait()`` without
+a timeout, for a child with no pipes to drain, is one blocking waitid. Its pid and fds
 live in C (fastfork._core.ChildHandle), which closes them when the handle is
 dropped. Subclasses attach pipes that must be drained while the child runs
 (results, captured output).
