@@ -18,7 +18,6 @@ interpreter ignores (SIGPIPE, SIGXFSZ) are reset to SIG_DFL as with
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
@@ -129,18 +128,17 @@ def _encode_env(env):
     return entries
 
 
-class _Command(collections.namedtuple(
-        "_Command", "args paths argv envp cwd exec_name cwd_name")):
-    """One command converted for the child: what _core._spawn takes.
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    """One command converted for the child: what _core._spawn takes."""
 
-    ``args``: argv as given (for results and errors); ``paths``: candidate
-    executables (bytes) after the PATH lookup; ``argv``: bytes; ``envp``:
-    b"KEY=value" entries, or None to inherit os.environ; ``cwd``: bytes or
-    None; ``exec_name``, ``cwd_name``: the filename of an exec or chdir
-    failure, as subprocess reports it.
-    """
-
-    __slots__ = ()
+    args: list          # argv as given (for results and errors)
+    paths: list         # candidate executables (bytes), after the PATH lookup
+    argv: list          # bytes
+    envp: list          # b"KEY=value", or None to inherit os.environ
+    cwd: bytes          # or None
+    exec_name: object   # the filename of an exec failure, as subprocess reports it
+    cwd_name: object    # the filename of a chdir failure
 
 
 def _search_path(env):
