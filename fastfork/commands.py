@@ -1,8 +1,7 @@
 """Run commands: ``spawn`` one (a ``Process``), ``spawn_many`` fans many out.
 
 On Linux a command's process is created with ``clone(CLONE_VM|CLONE_VFORK)``
-(``fastfork._core._spawn``, ``src/spawn.c``; ``clone3`` on x86-64, which also
-has the kernel reset the signal handlers): it shares this process's memory
+(``fastfork._core._spawn``, ``src/spawn.c``): it shares this process's memory
 until it execs, so starting a command costs the same from a 10 MB parent as
 from a 10 GB one. Other systems use a plain ``fork()`` with the same
 async-signal-safe child code (as costly as ``os.fork`` from a large parent).

@@ -112,7 +112,6 @@ cdef extern from "spawn.h" nogil:
         int use_fork
     pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd) noexcept
     int ff_spawn_uses_vfork() noexcept
-    int ff_spawn_allow_clone3(int allow) noexcept
     enum:
         FF_STEP_FDS
         FF_STEP_CWD

@@ -6,8 +6,8 @@ from libc.string cimport strlen
 from posix.unistd cimport sysconf, _SC_OPEN_MAX
 
 from _decls cimport (
-    FF_STDIO_DEVNULL, FF_STEP_CWD, FF_STEP_DEVNULL, FF_STEP_EXEC, ff_spawn,
-    ff_spawn_allow_clone3, ff_spawn_plan, ff_spawn_uses_vfork,
+    FF_STDIO_DEVNULL, FF_STEP_CWD, FF_STEP_DEVNULL, FF_STEP_EXEC, ff_spawn, ff_spawn_plan,
+    ff_spawn_uses_vfork,
 )
 
 # A stdio entry for _spawn: the child opens os.devnull there itself.
@@ -186,12 +186,6 @@ cdef Py_ssize_t _spawn_forked(_Plan p, int *msg, pid_t *pid) except -1:
         if errpipe[1] >= 0:
             close(errpipe[1])
     return got
-
-
-def _set_spawn_clone3(bint allow):
-    """Let _spawn try clone3 where it has it (True, the default) or use clone;
-    for tests. Returns whether clone3 may be tried now."""
-    return bool(ff_spawn_allow_clone3(allow))
 
 
 def _spawn_uses_vfork():

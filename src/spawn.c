@@ -20,7 +20,6 @@
 #include <limits.h>
 #include <pthread.h>
 #include <signal.h>
-#include <string.h>
 #include <unistd.h>
 
 #ifdef __linux__
@@ -32,20 +31,6 @@
 /* Plenty for run_child()'s frames and the libc wrappers it calls: nothing
  * large lives on the child's stack (argv/envp stay in the parent's memory). */
 #define FF_STACK_SIZE (64 * 1024)
-#if defined(__x86_64__) && defined(SYS_clone3)
-/* clone3() with CLONE_CLEAR_SIGHAND (Linux 5.5+): the kernel resets every
- * caught signal to SIG_DFL in the child, sparing it the ~60 sigaction()
- * calls of reset_signals() while the parent waits (each a few microseconds
- * in a VM). The child must start on its new stack in assembly, so this is
- * done where that code exists; elsewhere, and where clone3 is refused,
- * clone() and reset_signals() do the same job. */
-#define FF_HAVE_CLONE3 1
-#include <stdint.h>
-#define FF_CLONE_CLEAR_SIGHAND 0x100000000ULL
-struct ff_clone_args {  /* struct clone_args of <linux/sched.h>, version 0 */
-    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls;
-};
-#endif
 #endif
 
 #ifdef _NSIG
@@ -94,21 +79,6 @@ static int python_ignored(int sig)
         return 1;
 #endif
     return 0;
-}
-
-/* Reset the signals Python ignores to SIG_DFL, once the kernel has reset the
- * caught ones (CLONE_CLEAR_SIGHAND): what reset_signals() leaves then. */
-static void reset_python_ignored(void)
-{
-    struct sigaction sa;
-    sa.sa_handler = SIG_DFL;
-    sa.sa_flags = 0;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGPIPE, &sa, NULL);
-    sigaction(SIGXFSZ, &sa, NULL);
-#ifdef SIGXFZ
-    sigaction(SIGXFZ, &sa, NULL);
-#endif
 }
 
 /* Reset every caught signal to SIG_DFL: a handler of the parent must never run
@@ -237,19 +207,15 @@ static int apply_fds(const ff_spawn_plan *p, int *step)
 }
 
 /* The child: apply the plan and exec; never returns. ``report``: where to
- * report a failure in shared memory, or NULL for the error pipe.
- * ``handlers_cleared``: the kernel has already reset the caught signals. */
-static void run_child(const ff_spawn_plan *p, volatile int *report, int handlers_cleared)
+ * report a failure in shared memory, or NULL for the error pipe. */
+static void run_child(const ff_spawn_plan *p, volatile int *report)
 {
     sigset_t none;
     char *const *envp;
     char *const *path;
     int err, step, saved = 0;
 
-    if (handlers_cleared)
-        reset_python_ignored();
-    else
-        reset_signals();
+    reset_signals();
     if (apply_fds(p, &step) < 0)
         fail(p, report, step, errno);
     if (p->cwd != NULL && chdir(p->cwd) < 0)
@@ -289,54 +255,13 @@ static void run_child(const ff_spawn_plan *p, volatile int *report, int handlers
 typedef struct {
     const ff_spawn_plan *plan;
     volatile int *report;
-    int handlers_cleared;
 } child_args;
 
 static int clone_main(void *arg)
 {
     const child_args *args = (const child_args *)arg;
-    run_child(args->plan, args->report, args->handlers_cleared);
+    run_child(args->plan, args->report);
     return 127;  /* not reached */
-}
-#endif
-
-#ifdef FF_HAVE_CLONE3
-/* Set once clone3() with our flags is refused (ENOSYS: an old kernel or a
- * seccomp filter; EINVAL: no CLONE_CLEAR_SIGHAND): clone() from then on. */
-static int clone3_refused;
-
-__attribute__((noreturn, noinline)) static void clone3_main(void *arg)
-{
-    clone_main(arg);
-    _exit(127);  /* not reached */
-}
-
-/* clone3(cl) whose child runs clone3_main(arg) on cl's stack; returns the
- * pid, or -errno. The parent resumes here as from any system call; the
- * child starts with the kernel's stack pointer at the top of cl's stack,
- * which is 16-byte aligned (a page boundary), as a call expects. */
-static long clone3_vfork(const struct ff_clone_args *cl, void *arg)
-{
-    register long rax __asm__("rax") = SYS_clone3;
-    register const void *rdi __asm__("rdi") = cl;
-    register long rsi __asm__("rsi") = (long)sizeof(*cl);
-    /* r12 and r13 survive the system call in both processes (only rax, rcx
-     * and r11 change). */
-    register void *r12 __asm__("r12") = (void *)clone3_main;
-    register void *r13 __asm__("r13") = arg;
-    __asm__ volatile(
-        "syscall\n\t"
-        "test %%rax, %%rax\n\t"
-        "jnz 1f\n\t"
-        "xor %%ebp, %%ebp\n\t"
-        "mov %%r13, %%rdi\n\t"
-        "call *%%r12\n\t"
-        "ud2\n"
-        "1:\n\t"
-        : "+r"(rax)
-        : "r"(rdi), "r"(rsi), "r"(r12), "r"(r13)
-        : "rcx", "r11", "memory", "cc");
-    return rax;
 }
 #endif
 
@@ -401,7 +326,7 @@ pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd)
     if (!plan->use_fork) {
         int kept = 0;
         void *stack = thread_stack(&kept);
-        child_args args = {plan, report, 0};
+        child_args args = {plan, report};
         if (stack == NULL) {
             saved_errno = errno;
         } else {
@@ -414,31 +339,6 @@ pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd)
             char *top = (char *)stack + FF_STACK_SIZE;
 #endif
             int flags = CLONE_VM | CLONE_VFORK | SIGCHLD;
-#ifdef FF_HAVE_CLONE3
-            if (!clone3_refused) {
-                struct ff_clone_args cl;
-                long rc;
-                memset(&cl, 0, sizeof(cl));
-                cl.flags = CLONE_VM | CLONE_VFORK | FF_CLONE_CLEAR_SIGHAND;
-                if (pidfd != NULL) {
-                    cl.flags |= CLONE_PIDFD;
-                    cl.pidfd = (uint64_t)(uintptr_t)pidfd;
-                }
-                cl.exit_signal = SIGCHLD;
-                cl.stack = (uint64_t)(uintptr_t)stack;
-                cl.stack_size = FF_STACK_SIZE;
-                args.handlers_cleared = 1;
-                rc = clone3_vfork(&cl, &args);
-                args.handlers_cleared = 0;
-                if (rc == -ENOSYS || rc == -EINVAL || rc == -E2BIG)
-                    clone3_refused = 1;  /* and clone() below */
-                else {
-                    pid = rc < 0 ? -1 : (pid_t)rc;
-                    saved_errno = rc < 0 ? (int)-rc : 0;
-                    goto created;
-                }
-            }
-#endif
 #ifdef CLONE_PIDFD
             /* The pidfd comes with the child (Linux 5.2+): no moment when a
              * child reaped by someone else (SIGCHLD ignored) could leave its
@@ -448,9 +348,6 @@ pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd)
 #endif
             pid = clone(clone_main, top, flags, &args, pidfd);
             saved_errno = errno;
-#ifdef FF_HAVE_CLONE3
-        created:
-#endif
             if (!kept)
                 munmap(stack, FF_STACK_SIZE);
         }
@@ -460,22 +357,11 @@ pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd)
         pid = fork();
         saved_errno = errno;
         if (pid == 0)
-            run_child(plan, NULL, 0);
+            run_child(plan, NULL);
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     errno = saved_errno;
     return pid;
-}
-
-int ff_spawn_allow_clone3(int allow)
-{
-#ifdef FF_HAVE_CLONE3
-    clone3_refused = !allow;
-    return allow;
-#else
-    (void)allow;
-    return 0;
-#endif
 }
 
 int ff_spawn_uses_vfork(void)

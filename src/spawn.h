@@ -55,10 +55,6 @@ typedef struct {
  * Safe to call without the GIL. */
 pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd);
 
-/* Let ff_spawn() try clone3() (1, the default) or make it use clone() (0),
- * for tests. Returns 1 if clone3() may be tried now. */
-int ff_spawn_allow_clone3(int allow);
-
 /* 1 if ff_spawn() creates children with vfork-style semantics here, else 0. */
 int ff_spawn_uses_vfork(void);
 

@@ -18,16 +18,13 @@ from fastfork import DEVNULL, PIPE, STDOUT, spawn, spawn_many
 spawn_mod = importlib.import_module("fastfork.commands")
 
 
-@pytest.fixture(params=["vfork", "vfork by clone", "fork"])
+@pytest.fixture(params=["vfork", "fork"])
 def creation(request, monkeypatch):
-    """Run the test with vfork-style creation (by clone3 where it is used, and
-    by clone, as where clone3 is refused) and with the plain-fork fallback."""
-    if request.param != "fork" and not fastfork._core._spawn_uses_vfork():
+    """Run the test with vfork-style creation and with the plain-fork fallback."""
+    if request.param == "vfork" and not fastfork._core._spawn_uses_vfork():
         pytest.skip("no vfork-style creation on this system")
     monkeypatch.setattr(spawn_mod, "_USE_FORK", request.param == "fork")
-    fastfork._core._set_spawn_clone3(request.param != "vfork by clone")
-    yield request.param
-    fastfork._core._set_spawn_clone3(True)
+    return request.param
 
 
 def _run(argv, **kwargs):
@@ -272,12 +269,10 @@ def test_child_holds_only_its_own_fds(creation):
             os.close(fd)
 
 
-@pytest.mark.parametrize("clone3", [True, False], ids=["clone3", "clone"])
-def test_signal_dispositions_and_mask_are_reset(clone3):
+def test_signal_dispositions_and_mask_are_reset():
     code = textwrap.dedent("""
         import os, signal
-        from fastfork import _core, spawn, PIPE
-        _core._set_spawn_clone3(CLONE3)
+        from fastfork import spawn, PIPE
         signal.signal(signal.SIGUSR1, lambda *a: None)   # caught -> default
         signal.signal(signal.SIGHUP, signal.SIG_IGN)     # ignored by the caller -> kept
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR2})
@@ -293,7 +288,7 @@ def test_signal_dispositions_and_mask_are_reset(clone3):
         expected = ignored_here - {signal.SIGPIPE, signal.SIGXFSZ}
         print(signal.SIGHUP in expected, bits(out, "SigIgn") == expected,
               sorted(bits(out, "SigBlk")), sorted(bits(out, "SigCgt")))
-    """).replace("CLONE3", str(clone3))
+    """)
     result = procutil.run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "True True [] []\n"
