@@ -1,8 +1,9 @@
 """Workload 4: exec fan-out of /bin/true.
 
 fastfork.spawn and spawn_many (sequential and jobs=2) against subprocess.run,
-subprocess.Popen + wait (also with 2 at a time), os.posix_spawn + waitpid,
-os.fork + os.execv + waitpid, and the C limit when the extension has one.
+subprocess.Popen + wait (also with 2 at a time, from one thread and from two),
+os.posix_spawn + waitpid, os.fork + os.execv + waitpid, and the C limit when
+the extension has one.
 """
 import pytest
 

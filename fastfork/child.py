@@ -2,7 +2,8 @@
 
 A Child waits and signals through a pidfd where the kernel has them (Linux
 5.4+), so a recycled pid is never signalled; elsewhere it polls with WNOHANG
-and a capped exponential back-off on the monotonic clock. Its pid and fds
+and a capped exponential back-off on the monotonic clock. ``wait()`` without
+a timeout, for a child with no pipes to drain, is one blocking waitid. Its pid and fds
 live in C (fastfork._core.ChildHandle), which closes them when the handle is
 dropped. Subclasses attach pipes that must be drained while the child runs
 (results, captured output).
@@ -113,11 +114,16 @@ class Child(_core.ChildHandle):
 
     def _try_reap(self):
         """Reap the child if it has exited, without blocking; True once finished."""
+        return self._reap(self._poll_status)
+
+    def _reap(self, wait_call):
+        """Reap the child with ``wait_call`` (``_poll_status``, or the blocking
+        ``_wait_status``), then close its fds; True once finished."""
         if self._finished:
             return True
         if not self._reaped:
             try:
-                pid, status, rusage = self._poll_status()
+                pid, status, rusage = wait_call()
             except ChildProcessError:
                 # Reaped elsewhere (SIGCHLD ignored, or a foreign waitpid): the exit
                 # status is gone for good. Report it as unknown rather than hang.
@@ -159,9 +165,15 @@ class Child(_core.ChildHandle):
         Raises fastfork.TimeoutExpired if it is still running after
         ``timeout`` seconds; ValueError/TypeError for a bad timeout.
         """
-        timeout = check_timeout(timeout)
+        if timeout is not None:
+            timeout = check_timeout(timeout)
         self._check_owner()
-        wait_all([self], timeout)
+        if timeout is None and self._reaps_own_pid and not self._readers():
+            # Nothing to drain while it runs: one blocking wait system call
+            # instead of polling the pidfd and then reaping.
+            self._reap(self._wait_status)
+        else:
+            wait_all([self], timeout)
         if not self._finished:
             raise TimeoutExpired(self.pid, timeout, cmd=getattr(self, "args", None))
         return self.returncode

@@ -87,6 +87,9 @@ DEVNULL = subprocess.DEVNULL
 # fallback path of non-Linux systems with it).
 _USE_FORK = not _core._spawn_uses_vfork()
 
+_FS_ENCODING = sys.getfilesystemencoding()
+_FS_ERRORS = sys.getfilesystemencodeerrors()
+
 # A write of at most PIPE_BUF bytes to a pipe that polls writable does not block.
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
 
@@ -98,7 +101,9 @@ def _encode(value, what):
 
     Raises TypeError for another type, ValueError for an embedded NUL byte.
     """
-    if isinstance(value, bytes):
+    if type(value) is str:
+        encoded = value.encode(_FS_ENCODING, _FS_ERRORS)  # what os.fsencode does
+    elif isinstance(value, bytes):
         encoded = value
     elif isinstance(value, (str, os.PathLike)):
         encoded = os.fsencode(value)
@@ -135,13 +140,32 @@ class _Command:
     cwd_name: object    # the filename of a chdir failure
 
 
+def _search_path(env):
+    """The PATH a bare program name is looked up in: ``env``'s, else os.environ's (a str)."""
+    if env is not None:
+        return os.pathsep.join(os.get_exec_path(env))
+    # os.get_exec_path(None) without its per-call warnings filter: os.environ
+    # has str keys only.
+    path = os.environ.get("PATH")
+    return os.defpath if path is None else path
+
+
+@functools.lru_cache(maxsize=64)
+def _candidates(search_path, program):
+    """The paths (bytes) tried for a bare ``program`` on ``search_path``, as
+    subprocess tries them: each PATH directory joined with the name."""
+    return tuple(os.path.join(os.fsencode(d), program) for d in search_path.split(os.pathsep))
+
+
 def _prepare(argv, executable=None, env=None, cwd=None):
     """Validate and convert one command; return a _Command.
 
     The program is looked up on PATH (``env``'s PATH when ``env`` is given) as
     subprocess does. Raises TypeError/ValueError for bad arguments.
     """
-    if isinstance(argv, (str, bytes, os.PathLike)):
+    # A list or tuple needs no check against os.PathLike (an ABC: slow to ask).
+    if type(argv) is not list and type(argv) is not tuple and isinstance(
+            argv, (str, bytes, os.PathLike)):
         raise TypeError("argv must be a sequence of arguments, not a single "
                         f"{type(argv).__name__} (use [program] or shlex.split(command))")
     try:
@@ -155,11 +179,10 @@ def _prepare(argv, executable=None, env=None, cwd=None):
     program = argv_b[0] if executable is None else _encode(executable, "executable")
     envp = None if env is None else _encode_env(env)
     cwd_b = None if cwd is None else _encode(cwd, "cwd")
-    if os.path.dirname(program):
+    if b"/" in program:  # a path (os.path.dirname is not empty): no lookup
         paths = [program]
     else:
-        # Like os._execvpe and subprocess: the directories of env's PATH.
-        paths = [os.path.join(os.fsencode(d), program) for d in os.get_exec_path(env)]
+        paths = list(_candidates(_search_path(env), program))
     return _Command(args, paths, argv_b, envp, cwd_b, exec_name, cwd)
 
 
@@ -188,29 +211,42 @@ class Process(Child):
     """
 
     args: list[Arg]
-    stdin: io.FileIO | None
-    stdout: io.FileIO | None
-    stderr: io.FileIO | None
+    # Defaults on the class: a command without pipes sets none of them.
+    stdin: io.FileIO | None = None
+    stdout: io.FileIO | None = None
+    stderr: io.FileIO | None = None
+    _capture: tuple | list[list[bytes]] = ()  # the bytes read from each capture fd
+    _comm = None  # communicate()'s state, kept across a timeout
 
-    def __init__(self, pid: int, args: list[Arg], stdin: io.FileIO | None = None,
+    def __init__(self, pid: int | None, args: list[Arg], stdin: io.FileIO | None = None,
                  stdout: io.FileIO | None = None, stderr: io.FileIO | None = None, *,
                  capture_fds: Sequence[int] = ()) -> None:
-        # spawn_many's capture: the pipes' read ends are the handle's capture
-        # fds from here on, drained by the wait loop (the _readers hook) while
-        # the command runs and closed at end of file or once it is reaped.
-        # Their bytes collect here, one list per pipe.
-        self._adopt_capture_fds(capture_fds)
-        self._capture: list[list[bytes]] = [[] for _ in capture_fds]
+        # pid None: an unstarted handle that _core._spawn fills in.
         self.args = args
+        if stdin is not None or stdout is not None or stderr is not None or capture_fds:
+            self._attach(stdin, stdout, stderr, capture_fds)
+        super().__init__(pid)
+
+    def _attach(self, stdin, stdout, stderr, capture_fds=()):
+        """Hold the parent's pipe ends: file objects, or ``capture_fds``.
+
+        spawn_many's capture: the pipes' read ends are the handle's capture
+        fds from here on, drained by the wait loop (the _readers hook) while
+        the command runs and closed at end of file or once it is reaped.
+        Their bytes collect in _capture, one list per pipe.
+        """
+        if capture_fds:
+            self._adopt_capture_fds(capture_fds)
+            self._capture = [[] for _ in capture_fds]
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        self._comm = None  # communicate()'s state, kept across a timeout
-        super().__init__(pid)
 
     # ------------------------------------------------------------ hooks
 
     def _readers(self):
+        if not self._capture:
+            return {}
         return {fd: functools.partial(self._collect, index)
                 for index, fd in enumerate(self._capture_fds) if fd >= 0}
 
@@ -221,8 +257,9 @@ class Process(Child):
             self._close_capture_fd(index)
 
     def _finish(self):
-        super()._finish()
-        self._close_capture_fds()
+        if self._capture:  # else there is nothing to drain or close
+            super()._finish()
+            self._close_capture_fds()
 
     def _captured(self, index):
         """The bytes captured from capture_fds[index], or None."""
@@ -373,9 +410,12 @@ def spawn(argv: ArgSequence, *, executable: Arg | None = None, env: Env | None =
     is left open or running then.
     """
     command = _prepare(argv, executable, env, cwd)
-    stdio = (check_stdio(stdin, "stdin"), check_stdio(stdout, "stdout"),
-             check_stdio(stderr, "stderr"))
-    keep = check_pass_fds(pass_fds)
+    if stdin is None and stdout is None and stderr is None:
+        stdio = (None, None, None)
+    else:
+        stdio = (check_stdio(stdin, "stdin"), check_stdio(stdout, "stdout"),
+                 check_stdio(stderr, "stderr"))
+    keep = check_pass_fds(pass_fds) if pass_fds != () else ()
     sys.audit("fastfork.spawn", command.exec_name, command.args, cwd, env)
     return _start(command, stdio, keep, bool(close_fds), bool(new_session),
                   bool(die_with_parent))
@@ -389,9 +429,9 @@ def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
     stdout/stderr pipe ends stay raw non-blocking fds drained by the wait loop.
     """
     reap_dropped()
-    registry = []
+    proc = Process(None, command.args)
     child_ends = []                 # closed in the parent once the child has them
-    parent_ends = [None, None, None]  # ours until a Process holds them
+    parent_ends = [None, None, None]  # ours until the Process holds them
     fds = [-1, -1, -1]
     try:
         with _fd_lock:
@@ -409,38 +449,38 @@ def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
                             fds[i], parent_ends[i] = write_end, own_fd(read_end)
                         child_ends.append(fds[i])
                     elif value == DEVNULL:
-                        fds[i] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-                        child_ends.append(fds[i])
+                        fds[i] = _core.SPAWN_DEVNULL  # the child opens it
                     elif value == STDOUT:
                         fds[2] = fds[1] if fds[1] != -1 else 1
                     else:
                         fds[i] = value
                 _core._spawn(command.paths, command.argv, command.envp, command.cwd,
-                             fds, list(keep_fds), close_fds, new_session,
-                             signal.SIGKILL if die_with_parent else 0, registry,
+                             fds, keep_fds, close_fds, new_session,
+                             signal.SIGKILL if die_with_parent else 0, proc,
                              command.exec_name, command.cwd_name, _USE_FORK)
             finally:
                 for fd in child_ends:
                     os.close(fd)
-        capture_fds = ()
-        if capture:
-            capture_fds = tuple(fd for fd in parent_ends[1:] if fd is not None)
-            for fd in capture_fds:
-                os.set_blocking(fd, False)
-            files = [None, None, None]
-        else:
-            files = [None if fd is None else _pipe_file(fd, "wb" if i == 0 else "rb")
-                     for i, fd in enumerate(parent_ends)]
-        proc = Process(registry[0], command.args, *files, capture_fds=capture_fds)
-        parent_ends = [None, None, None]
+        if parent_ends != [None, None, None]:
+            if capture:
+                capture_fds = tuple(fd for fd in parent_ends[1:] if fd is not None)
+                for fd in capture_fds:
+                    os.set_blocking(fd, False)
+                proc._attach(None, None, None, capture_fds)
+            else:
+                proc._attach(*[None if fd is None else _pipe_file(fd, "wb" if i == 0 else "rb")
+                               for i, fd in enumerate(parent_ends)])
+            parent_ends = [None, None, None]
         return proc
     except BaseException:
         # The spawn failed, or a signal (Ctrl-C) landed right after it.
-        for pid in registry:
+        if proc.pid is not None:
             with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+                proc._signal(signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
-                _core.waitpid(pid, 0)
+                proc._wait_status()
+            proc._reaped = True
+        proc._close_fds()
         for fd in parent_ends:
             if fd is not None:
                 disown_fd(fd)

@@ -133,7 +133,7 @@ cdef extern from "spawn.h" nogil:
         pid_t parent
         int errpipe
         int use_fork
-    pid_t ff_spawn(const ff_spawn_plan *plan) noexcept
+    pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd) noexcept
     int ff_spawn_uses_vfork() noexcept
     enum:
         FF_STEP_FDS
@@ -141,6 +141,8 @@ cdef extern from "spawn.h" nogil:
         FF_STEP_SETSID
         FF_STEP_PDEATHSIG
         FF_STEP_EXEC
+        FF_STEP_DEVNULL
+        FF_STDIO_DEVNULL
 
 
 cdef extern from "mainthread.h":

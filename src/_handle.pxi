@@ -168,6 +168,18 @@ cdef class ChildHandle:
         self._check_started()
         return _wait_with_rusage(_wait_child, self._c_pid, self._c_pidfd, WNOHANG)
 
+    def _wait_status(self):
+        """Block until the child exits and reap it: (pid, status, rusage) as os.wait4.
+
+        One waitid(P_PIDFD, WEXITED) through the child's pidfd where it has one
+        (wait4 by pid elsewhere), with the GIL released. On EINTR the signal
+        handlers run and the wait goes on; what they raise propagates and
+        the child stays unreaped. Raises ChildProcessError if the child was
+        reaped elsewhere (or its process was never started).
+        """
+        self._check_started()
+        return _wait_with_rusage(_wait_child, self._c_pid, self._c_pidfd, 0)
+
     def _signal(self, int sig):
         """Send ``sig`` to the (unreaped) child, through its pidfd where it has one.
 

@@ -54,17 +54,20 @@ def _c_waitpid_loop(pids):
 def _c_spawn_loop(Py_ssize_t n, bytes path=b"/bin/true"):
     """The exec path's limit: n times ff_spawn(path) + waitpid, all in C.
 
-    Each round makes its error pipe as ``_spawn`` does, inherits stdio and
-    the environment, and closes other fds. Returns how many children exited
-    0. Raises OSError if a process cannot be created.
+    Each round inherits stdio and the environment and closes other fds, as
+    ``_spawn`` does for a plain command; a child made by fork() reports over
+    an error pipe made per round, as there. Returns how many children
+    exited 0. Raises OSError if a process cannot be created.
     """
     cdef ff_spawn_plan plan
     cdef char *argv[2]
     cdef int pipefd[2]
+    cdef int report[2]
     cdef Py_ssize_t i, ok = 0
     cdef pid_t pid = 0
     cdef int err = 0
     cdef bint failed = False
+    cdef bint by_pipe = not ff_spawn_uses_vfork()
     argv[0] = path
     argv[1] = NULL
     memset(&plan, 0, sizeof(plan))
@@ -74,17 +77,20 @@ def _c_spawn_loop(Py_ssize_t n, bytes path=b"/bin/true"):
     plan.close_fds = 1
     plan.max_fd = <int>sysconf(_SC_OPEN_MAX)
     plan.parent = getpid()
+    plan.errpipe = -1
     with nogil:
         for i in range(n):
-            if pipe2(pipefd, O_CLOEXEC) < 0:
-                err = errno
-                failed = True
-                break
-            plan.errpipe = pipefd[1]
-            pid = ff_spawn(&plan)
+            if by_pipe:
+                if pipe2(pipefd, O_CLOEXEC) < 0:
+                    err = errno
+                    failed = True
+                    break
+                plan.errpipe = pipefd[1]
+            pid = ff_spawn(&plan, report, NULL)
             err = errno
-            close(pipefd[0])
-            close(pipefd[1])
+            if by_pipe:
+                close(pipefd[0])
+                close(pipefd[1])
             if pid < 0:
                 failed = True
                 break

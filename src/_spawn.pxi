@@ -6,8 +6,12 @@ from libc.string cimport strlen
 from posix.unistd cimport sysconf, _SC_OPEN_MAX
 
 from _decls cimport (
-    FF_STEP_CWD, FF_STEP_EXEC, ff_spawn, ff_spawn_plan, ff_spawn_uses_vfork,
+    FF_STDIO_DEVNULL, FF_STEP_CWD, FF_STEP_DEVNULL, FF_STEP_EXEC, ff_spawn, ff_spawn_plan,
+    ff_spawn_uses_vfork,
 )
+
+# A stdio entry for _spawn: the child opens os.devnull there itself.
+SPAWN_DEVNULL = FF_STDIO_DEVNULL
 
 
 cdef char **_c_strings(list items, str what) except NULL:
@@ -89,7 +93,7 @@ cdef _Plan _make_plan(list paths, list argv, list envp, bytes cwd, stdio, keep_f
     p.plan.max_fd = <int>sysconf(_SC_OPEN_MAX)
     p.plan.new_session = new_session
     p.plan.pdeathsig = pdeathsig
-    p.plan.parent = getpid()
+    p.plan.parent = getpid() if pdeathsig > 0 else 0  # only its re-check uses it
     p.plan.use_fork = use_fork
     return p
 
@@ -152,7 +156,36 @@ cdef int _raise_exec_failure(int *msg, Py_ssize_t got, pid_t pid, exec_name, cwd
         raise OSError(err, os.strerror(err), exec_name)
     if msg[0] == FF_STEP_CWD:
         raise OSError(err, os.strerror(err), cwd_name)
+    if msg[0] == FF_STEP_DEVNULL:
+        raise OSError(err, os.strerror(err), os.devnull)
     raise OSError(err, os.strerror(err))
+
+
+cdef Py_ssize_t _spawn_forked(_Plan p, int *msg, pid_t *pid) except -1:
+    """ff_spawn a child made by fork(), whose report comes over an error pipe.
+
+    Sets ``*pid``; returns the bytes of the report read into ``msg`` (0: it
+    exec'd). Raises OSError if no process could be created.
+    """
+    cdef int errpipe[2]
+    cdef int err
+    cdef Py_ssize_t got
+    _error_pipe(errpipe)
+    try:
+        p.plan.errpipe = errpipe[1]
+        with nogil:
+            pid[0] = ff_spawn(&p.plan, msg, NULL)
+            err = errno
+            close(errpipe[1])
+            errpipe[1] = -1
+        if pid[0] < 0:
+            _raise_errno(err)
+        got = _read_report(errpipe[0], msg, pid[0])
+    finally:
+        close(errpipe[0])
+        if errpipe[1] >= 0:
+            close(errpipe[1])
+    return got
 
 
 def _spawn_uses_vfork():
@@ -161,50 +194,58 @@ def _spawn_uses_vfork():
 
 
 def _spawn(list paths, list argv, list envp, bytes cwd, stdio, keep_fds,
-           bint close_fds, bint new_session, int pdeathsig, list registry,
+           bint close_fds, bint new_session, int pdeathsig, ChildHandle handle not None,
            exec_name=None, cwd_name=None, bint use_fork=False):
-    """Create a child that applies a prepared plan and execs; return its pid.
+    """Create a child that applies a prepared plan and execs, for ``handle``.
 
     ``paths``: candidate executables (bytes), tried in order. ``argv``: bytes.
     ``envp``: b"KEY=value" entries, or None to pass this process's environ.
     ``cwd``: bytes or None. ``stdio``: three fds to place at 0, 1, 2 (-1 to
-    inherit). ``keep_fds``: sorted fds kept open and made inheritable.
+    inherit, SPAWN_DEVNULL for os.devnull opened by the child).
+    ``keep_fds``: sorted fds kept open and made inheritable.
     ``pdeathsig`` > 0: the signal the child gets when this thread's process
-    dies (Linux). The pid is appended to ``registry`` before anything else can
-    run. Arguments are expected validated by fastfork.spawn; only their C
-    conversion is checked here.
+    dies (Linux). ``handle``, an unstarted ChildHandle, gets the pid and a
+    pidfd (where pidfds are used) before any Python code can run. Arguments
+    are expected validated by fastfork.spawn; only their C conversion is
+    checked here. Returns the pid.
 
     Raises OSError from errno if no process could be created (nothing is left
     open then); if the child could not exec, it is reaped and OSError(errno,
     strerror, filename) is raised like subprocess does -- ``exec_name`` as the
     filename for an exec failure, ``cwd_name`` for a chdir failure, none for
-    the other steps.
+    the other steps. ``handle`` is left unstarted then.
     """
-    cdef _Plan p = _make_plan(paths, argv, envp, cwd, stdio, keep_fds, close_fds,
-                              new_session, pdeathsig, use_fork)
-    cdef int errpipe[2]
+    cdef _Plan p
     cdef int msg[2]
     cdef int err
+    cdef int pidfd = -1
     cdef pid_t pid
     cdef Py_ssize_t got
-    _error_pipe(errpipe)
-    try:
-        p.plan.errpipe = errpipe[1]
+    if handle._c_pid != 0:
+        raise ValueError("the handle's process has already been started")
+    p = _make_plan(paths, argv, envp, cwd, stdio, keep_fds, close_fds, new_session,
+                   pdeathsig, use_fork)
+    if use_fork or not ff_spawn_uses_vfork():
+        got = _spawn_forked(p, msg, &pid)
+    else:
+        # The child shares our memory: its report is in msg when clone returns.
+        p.plan.errpipe = -1
         with nogil:
-            pid = ff_spawn(&p.plan)
+            pid = ff_spawn(&p.plan, msg, &pidfd if _use_pidfd else NULL)
             err = errno
-            close(errpipe[1])
-            errpipe[1] = -1
         if pid < 0:
             _raise_errno(err)
-        got = _read_report(errpipe[0], msg, pid)
-    finally:
-        close(errpipe[0])
-        if errpipe[1] >= 0:
-            close(errpipe[1])
+        got = 2 * sizeof(int) if msg[0] != 0 else 0
     if got == 0:
-        registry.append(pid)
+        handle._c_pid = pid
+        if pidfd < 0:
+            pidfd = _open_pidfd(pid)
+        if pidfd >= 0:
+            handle._c_pidfd = pidfd
+            _own(pidfd)
         return pid
     with nogil:
-        _reap_quietly(pid, -1)
+        _reap_quietly(pid, pidfd)
+    if pidfd >= 0:
+        close(pidfd)
     _raise_exec_failure(msg, got, pid, exec_name, cwd_name)

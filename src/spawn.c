@@ -1,11 +1,12 @@
 /* The exec path's child side; see spawn.h.
  *
  * Process creation. On Linux the child is made with clone(CLONE_VM |
- * CLONE_VFORK | SIGCHLD) on a small stack of its own, as glibc's posix_spawn
- * does: it shares the parent's memory until it execs or exits, so no page
- * tables are copied and the cost does not grow with the parent's size. The
- * calling thread is suspended meanwhile. Elsewhere (and when use_fork is set)
- * a plain fork() runs the same child code.
+ * CLONE_VFORK | SIGCHLD) on a small stack of its own (one per calling
+ * thread, kept for its next spawn), as glibc's posix_spawn does: it shares
+ * the parent's memory until it execs or exits, so no page tables are copied
+ * and the cost does not grow with the parent's size. The calling thread is
+ * suspended meanwhile. Elsewhere (and when use_fork is set) a plain fork()
+ * runs the same child code.
  *
  * Everything between creation and execve() is async-signal-safe: plain system
  * calls on memory the parent prepared, no malloc, no stdio, no strerror. A
@@ -40,13 +41,20 @@
 
 extern char **environ;
 
-/* Write (step, err) to the error pipe and exit 127, as a shell does for a
- * command it could not run. */
-static void fail(const ff_spawn_plan *p, int step, int err)
+/* Report (step, err) and exit 127, as a shell does for a command it could
+ * not run. A child sharing the parent's memory writes the report there (the
+ * parent reads it once clone() returns, as glibc's posix_spawn does), which
+ * saves a pipe per spawn; a forked child writes it to the error pipe. */
+static void fail(const ff_spawn_plan *p, volatile int *report, int step, int err)
 {
     int msg[2] = {step, err};
     const char *buf = (const char *)msg;
     size_t left = sizeof(msg);
+    if (report != NULL) {
+        report[0] = step;
+        report[1] = err;
+        _exit(127);
+    }
     while (left > 0) {
         ssize_t n = write(p->errpipe, buf, left);
         if (n < 0) {
@@ -139,13 +147,28 @@ static void close_gap(const ff_spawn_plan *p, int lo, int hi)
     }
 }
 
-/* Put the planned fds at 0, 1, 2; keep keep_fds (inheritable); close the rest. */
-static int apply_fds(const ff_spawn_plan *p)
+/* Put the planned fds at 0, 1, 2; keep keep_fds (inheritable); close the rest.
+ * Returns 0, or -1 with errno and *step the step that failed. */
+static int apply_fds(const ff_spawn_plan *p, int *step)
 {
     int src[3];
-    int i, lo;
-    for (i = 0; i < 3; i++)
+    int i, lo, devnull = -1;
+    *step = FF_STEP_FDS;
+    for (i = 0; i < 3; i++) {
         src[i] = p->stdio[i];
+        if (src[i] == FF_STDIO_DEVNULL) {
+            /* One open for every entry asking; close-on-exec, so only the
+             * dup2 copies outlive the exec. */
+            if (devnull < 0) {
+                devnull = open("/dev/null", O_RDWR | O_CLOEXEC);
+                if (devnull < 0) {
+                    *step = FF_STEP_DEVNULL;
+                    return -1;
+                }
+            }
+            src[i] = devnull;
+        }
+    }
     /* A source that is itself 0, 1 or 2 could be overwritten by an earlier
      * dup2 (CPython issue #12607): move such sources above 2 first. */
     for (i = 0; i < 3; i++) {
@@ -183,25 +206,26 @@ static int apply_fds(const ff_spawn_plan *p)
     return 0;
 }
 
-/* The child: apply the plan and exec; never returns. */
-static void run_child(const ff_spawn_plan *p)
+/* The child: apply the plan and exec; never returns. ``report``: where to
+ * report a failure in shared memory, or NULL for the error pipe. */
+static void run_child(const ff_spawn_plan *p, volatile int *report)
 {
     sigset_t none;
     char *const *envp;
     char *const *path;
-    int err, saved = 0;
+    int err, step, saved = 0;
 
     reset_signals();
-    if (apply_fds(p) < 0)
-        fail(p, FF_STEP_FDS, errno);
+    if (apply_fds(p, &step) < 0)
+        fail(p, report, step, errno);
     if (p->cwd != NULL && chdir(p->cwd) < 0)
-        fail(p, FF_STEP_CWD, errno);
+        fail(p, report, FF_STEP_CWD, errno);
     if (p->new_session && setsid() < 0)
-        fail(p, FF_STEP_SETSID, errno);
+        fail(p, report, FF_STEP_SETSID, errno);
 #ifdef __linux__
     if (p->pdeathsig > 0) {
         if (prctl(PR_SET_PDEATHSIG, (unsigned long)p->pdeathsig, 0UL, 0UL, 0UL) < 0)
-            fail(p, FF_STEP_PDEATHSIG, errno);
+            fail(p, report, FF_STEP_PDEATHSIG, errno);
         /* The parent may have died before the request took effect: then the
          * signal will never come, and nobody waits for a report. */
         if (getppid() != p->parent)
@@ -224,22 +248,74 @@ static void run_child(const ff_spawn_plan *p)
         if (err != ENOENT && err != ENOTDIR && saved == 0)
             saved = err;
     }
-    fail(p, FF_STEP_EXEC, saved != 0 ? saved : err);
+    fail(p, report, FF_STEP_EXEC, saved != 0 ? saved : err);
 }
 
 #ifdef FF_HAVE_CLONE_VFORK
+typedef struct {
+    const ff_spawn_plan *plan;
+    volatile int *report;
+} child_args;
+
 static int clone_main(void *arg)
 {
-    run_child((const ff_spawn_plan *)arg);
+    const child_args *args = (const child_args *)arg;
+    run_child(args->plan, args->report);
     return 127;  /* not reached */
 }
 #endif
 
-pid_t ff_spawn(const ff_spawn_plan *plan)
+#ifdef FF_HAVE_CLONE_VFORK
+/* Each thread maps its clone stack once and keeps it until it exits (the key's
+ * destructor unmaps it): a fresh mapping per spawn costs an mmap, a munmap and
+ * page faults on every call. Reuse is safe because CLONE_VFORK returns only
+ * once the child has exec'd or exited, and one thread runs one ff_spawn() at
+ * a time. */
+static pthread_key_t stack_key;
+static pthread_once_t stack_once = PTHREAD_ONCE_INIT;
+static int have_stack_key;
+
+static void unmap_stack(void *stack)
+{
+    munmap(stack, FF_STACK_SIZE);
+}
+
+static void make_stack_key(void)
+{
+    have_stack_key = pthread_key_create(&stack_key, unmap_stack) == 0;
+}
+
+/* The calling thread's clone stack, or NULL with errno. *kept is 0 when the
+ * caller must unmap it after use (no thread key to keep it in). */
+static void *thread_stack(int *kept)
+{
+    void *stack;
+    pthread_once(&stack_once, make_stack_key);
+    if (have_stack_key) {
+        stack = pthread_getspecific(stack_key);
+        if (stack != NULL) {
+            *kept = 1;
+            return stack;
+        }
+    }
+    stack = mmap(NULL, FF_STACK_SIZE, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED)
+        return NULL;
+    *kept = have_stack_key && pthread_setspecific(stack_key, stack) == 0;
+    return stack;
+}
+#endif
+
+pid_t ff_spawn(const ff_spawn_plan *plan, int report[2], int *pidfd)
 {
     sigset_t all, old;
     pid_t pid = -1;
     int saved_errno = 0;
+
+    report[0] = report[1] = 0;
+    if (pidfd != NULL)
+        *pidfd = -1;
 
     /* No signal handler may run in the child before reset_signals(): with
      * CLONE_VM it would run on the parent's memory (glibc's posix_spawn does
@@ -248,22 +324,32 @@ pid_t ff_spawn(const ff_spawn_plan *plan)
     pthread_sigmask(SIG_SETMASK, &all, &old);
 #ifdef FF_HAVE_CLONE_VFORK
     if (!plan->use_fork) {
-        void *stack = mmap(NULL, FF_STACK_SIZE, PROT_READ | PROT_WRITE,
-                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-        if (stack == MAP_FAILED) {
+        int kept = 0;
+        void *stack = thread_stack(&kept);
+        child_args args = {plan, report};
+        if (stack == NULL) {
             saved_errno = errno;
         } else {
             /* clone() takes the end the stack grows from (the top, except on
              * hppa). CLONE_VFORK: we resume once the child has exec'd or
-             * exited, so the stack can be unmapped right after. */
+             * exited, so the stack is free again right after. */
 #if defined(__hppa__)
             char *top = (char *)stack;
 #else
             char *top = (char *)stack + FF_STACK_SIZE;
 #endif
-            pid = clone(clone_main, top, CLONE_VM | CLONE_VFORK | SIGCHLD, (void *)plan);
+            int flags = CLONE_VM | CLONE_VFORK | SIGCHLD;
+#ifdef CLONE_PIDFD
+            /* The pidfd comes with the child (Linux 5.2+): no moment when a
+             * child reaped by someone else (SIGCHLD ignored) could leave its
+             * pid to another process before we hold it. */
+            if (pidfd != NULL)
+                flags |= CLONE_PIDFD;
+#endif
+            pid = clone(clone_main, top, flags, &args, pidfd);
             saved_errno = errno;
-            munmap(stack, FF_STACK_SIZE);
+            if (!kept)
+                munmap(stack, FF_STACK_SIZE);
         }
     } else
 #endif
@@ -271,7 +357,7 @@ pid_t ff_spawn(const ff_spawn_plan *plan)
         pid = fork();
         saved_errno = errno;
         if (pid == 0)
-            run_child(plan);
+            run_child(plan, NULL);
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     errno = saved_errno;

@@ -497,3 +497,147 @@ def test_dropped_process_with_captured_output_closes_its_pipes():
     fastfork.spawn(["true"]).wait(timeout=30)  # spawn reaps dropped children
     assert procutil.state(pid) is None
     assert procutil.open_fds() == before
+
+
+# ---------------------------------------------------------------- stdio opened by the child
+
+def test_devnull_is_opened_by_the_child(creation):
+    before = procutil.open_fds()
+    with spawn(["sh", "-c", "readlink /proc/self/fd/0 /proc/self/fd/2; cat"],
+               stdin=DEVNULL, stdout=PIPE, stderr=DEVNULL) as proc:
+        assert procutil.open_fds() - before == {proc.stdout.fileno(), proc._pidfd} - {-1}
+        assert proc.communicate(timeout=30) == (b"/dev/null\n/dev/null\n", None)
+    with spawn(["sh", "-c", "echo lost; echo lost too >&2"], stdout=DEVNULL,
+               stderr=STDOUT) as proc:
+        assert proc.wait(30) == 0
+
+
+# ---------------------------------------------------------------- threads
+
+def test_spawns_from_many_threads_each_get_their_own_outcome(tmp_path, creation):
+    # Each thread has its own clone stack and its own exec failure report.
+    from concurrent.futures import ThreadPoolExecutor
+    missing = str(tmp_path / "missing")
+
+    def one(i):
+        if i % 2:
+            with pytest.raises(FileNotFoundError) as info:
+                spawn([f"{missing}{i}"])
+            return info.value.filename
+        return spawn(["sh", "-c", f"exit {i % 7}"]).wait()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(40)))
+    assert results == [f"{missing}{i}" if i % 2 else i % 7 for i in range(40)]
+
+
+# ---------------------------------------------------------------- the blocking wait
+
+@pytest.fixture(params=["pidfd", "pid"])
+def wait_by(request):
+    """Wait through pidfds (where the kernel has them), and by pid."""
+    using = fastfork._core._set_use_pidfd(request.param == "pidfd")
+    try:
+        if request.param == "pidfd" and not using:
+            pytest.skip("no pidfd here")
+        yield request.param
+    finally:
+        fastfork._core._set_use_pidfd(True)
+
+
+def test_wait_without_timeout_makes_one_blocking_wait(wait_by, monkeypatch):
+    def no_polling(*args, **kwargs):
+        raise AssertionError("wait() without a timeout polled")
+
+    from fastfork import child as child_module
+    monkeypatch.setattr(child_module, "wait_all", no_polling)
+    with spawn(["sh", "-c", "read line; exit 4"], stdin=PIPE) as proc:
+        assert (proc._pidfd >= 0) == (wait_by == "pidfd")  # held from the start
+        proc.stdin.close()  # the command reads end of file and exits
+        assert proc.wait() == 4
+    assert proc.finished and proc.rusage is not None and proc._pidfd == -1
+
+
+def test_blocking_wait_runs_signal_handlers_and_goes_on(wait_by):
+    import threading
+    main = threading.get_ident()
+    handled = threading.Semaphore(0)
+    ticks = []
+
+    def on_signal(signum, frame):
+        ticks.append(signum)
+        handled.release()
+
+    def interrupt_then_finish(proc):
+        for _ in range(3):
+            # Sent again until handled: a signal landing just before the
+            # wait's system call starts is handled only once it returns.
+            signal.pthread_kill(main, signal.SIGUSR1)
+            while not handled.acquire(timeout=0.1):
+                signal.pthread_kill(main, signal.SIGUSR1)
+        proc.stdin.close()
+
+    old = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+        with spawn(["sh", "-c", "read line; exit 5"], stdin=PIPE) as proc:
+            helper = threading.Thread(target=interrupt_then_finish, args=(proc,))
+            helper.start()
+            try:
+                assert proc.wait() == 5
+            finally:
+                helper.join()
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert len(ticks) >= 3 and set(ticks) == {signal.SIGUSR1}
+
+
+def test_exception_from_a_handler_leaves_the_command_to_wait_for(wait_by):
+    import threading
+
+    class Interrupted(Exception):
+        pass
+
+    def on_signal(signum, frame):
+        raise Interrupted
+
+    main = threading.get_ident()
+    stop = threading.Event()
+
+    def interrupt():
+        # Sent until the wait is interrupted: a signal landing just before
+        # the wait's system call starts is handled only once it returns.
+        while not stop.is_set():
+            signal.pthread_kill(main, signal.SIGUSR1)
+            stop.wait(0.1)
+
+    old = signal.signal(signal.SIGUSR1, on_signal)
+    try:
+        with spawn(["sh", "-c", "read line; exit 6"], stdin=PIPE) as proc:
+            helper = threading.Thread(target=interrupt)
+            try:
+                with pytest.raises(Interrupted):
+                    helper.start()
+                    proc.wait()
+            finally:
+                signal.signal(signal.SIGUSR1, lambda signum, frame: None)
+                stop.set()
+                helper.join()
+            assert not proc.finished and proc.returncode is None
+            proc.stdin.close()
+            assert proc.wait() == 6
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_blocking_wait_with_sigchld_ignored_reports_the_command_lost():
+    # SIGCHLD ignored: the kernel reaps the command itself, and a blocking
+    # wait ends (ECHILD) once it has exited instead of hanging.
+    code = textwrap.dedent("""
+        import signal
+        import fastfork
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        proc = fastfork.spawn(["true"])
+        print(proc.wait(), proc.lost, proc.finished)
+    """)
+    result = procutil.run_python(code)
+    assert (result.returncode, result.stdout) == (0, "None True True\n"), result.stderr
