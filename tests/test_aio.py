@@ -350,6 +350,22 @@ def test_asyncio_timeout_stops_a_child_and_a_command(arun, ready_pipe):
     arun(main())
 
 
+# The end of a script whose main() is interrupted: "interrupted", then the
+# children and fds left once the coroutines asyncio.run abandoned (on 3.10)
+# are closed -- when nothing refers to them, the KeyboardInterrupt's
+# traceback included.
+RUN_MAIN_INTERRUPTED = textwrap.dedent("""
+    run(asyncio.sleep(0))  # a loop's first run may open fds for good (uvloop)
+    fds = procutil.open_fds()
+    try:
+        run(main())
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+    gc.collect()
+    print(len(procutil.children()), len(procutil.open_fds() - fds), flush=True)
+""")
+
+
 @pytest.mark.parametrize("runner", ["asyncio.run", pytest.param(
     "uvloop.run", marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed"))])
 def test_a_keyboard_interrupt_inside_a_task_still_reaps_every_child(runner):
@@ -380,17 +396,7 @@ def test_a_keyboard_interrupt_inside_a_task_still_reaps_every_child(runner):
                 tasks.append(asyncio.ensure_future(proc.communicate()))
                 await asyncio.gather(*tasks)
 
-        run(asyncio.sleep(0))  # a loop's first run may open fds for good (uvloop)
-        fds = procutil.open_fds()
-        try:
-            run(main())
-        except KeyboardInterrupt:
-            print("interrupted", flush=True)
-        # The coroutines asyncio.run left behind are closed once nothing refers
-        # to them (the KeyboardInterrupt's traceback did, up to here).
-        gc.collect()
-        print(len(procutil.children()), len(procutil.open_fds() - fds), flush=True)
-    """)
+    """) + RUN_MAIN_INTERRUPTED
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=procutil.child_env(), timeout=60)
     assert proc.stdout.split() == ["5", "interrupted", "0", "0"], proc.stderr
@@ -417,15 +423,7 @@ def test_ctrl_c_in_asyncio_run_stops_and_reaps_every_child(runner):
                 print(*procutil.children(), flush=True)
                 await asyncio.gather(*tasks)
 
-        run(asyncio.sleep(0))  # a loop's first run may open fds for good (uvloop)
-        fds = procutil.open_fds()
-        try:
-            run(main())
-        except KeyboardInterrupt:
-            print("interrupted", flush=True)
-        gc.collect()  # coroutines asyncio.run abandoned (3.10) are closed, their children reaped
-        print(len(procutil.children()), len(procutil.open_fds() - fds), flush=True)
-    """)
+    """) + RUN_MAIN_INTERRUPTED
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=procutil.child_env())
     try:

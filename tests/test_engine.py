@@ -804,10 +804,15 @@ _ALL_AT_ONCE = textwrap.dedent("""
 """)
 
 
-def _run_all_at_once(hard):
-    proc = procutil.run_python(_ALL_AT_ONCE.replace("HARD", repr(hard)), timeout=120)
+def _run_for_report(script):
+    """Run ``script`` in a fresh interpreter; return the JSON report it prints."""
+    proc = procutil.run_python(script, timeout=120)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+def _run_all_at_once(hard):
+    return _run_for_report(_ALL_AT_ONCE.replace("HARD", repr(hard)))
 
 
 def test_fd_limit_is_raised_as_far_as_the_children_need():
@@ -847,9 +852,7 @@ _UNDER_64_FDS = textwrap.dedent("""
 
 
 def _run_under_64_fds(free):
-    proc = procutil.run_python(_UNDER_64_FDS.replace("FREE", repr(free)), timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
+    return _run_for_report(_UNDER_64_FDS.replace("FREE", repr(free)))
 
 
 def test_fd_limit_too_low_holds_children_back_with_one_warning():
