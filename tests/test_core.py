@@ -853,9 +853,18 @@ def count(signum, frame):
     hits += 1
 signal.signal(signal.SIGALRM, count)
 
+def blocked(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0] == "S"
+
 def child(code):
+    parent = os.getpid()
     pid = os.fork()  # interval timers are not inherited across fork
     if pid == 0:
+        # Exit 0.1 s after the parent is asleep in its wait (however late
+        # a loaded machine lets it get there), so SIGALRMs land in the call.
+        while not blocked(parent):
+            time.sleep(0.001)
         time.sleep(0.1)
         os._exit(code)
     return pid
