@@ -136,8 +136,11 @@ class _Handle:
     def _check_loop(self) -> None:
         # No running loop at all is let through: a coroutine closed after its
         # loop ended still stops its process (synchronously, see _stop).
-        running = asyncio._get_running_loop()
-        if running is not None and running is not self._watch.loop:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is not self._watch.loop:
             raise RuntimeError(f"{self!r} belongs to the event loop that started it; "
                                "await it there")
 
