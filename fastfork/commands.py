@@ -29,13 +29,14 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 
 from fastfork import _core
 from fastfork._checks import (MAX_WAIT, check_fan_out, check_optional_callable, check_pass_fds,
                               check_stdio, check_timeout)
 from fastfork._scheduler import Scheduler, drive
-from fastfork.child import Child, _fd_lock, disown_fd, own_fd, reap_dropped
+from fastfork.child import Child, _fd_lock, close_owned, own_fd, reap_dropped
 from fastfork.errors import TimeoutExpired
 
 TYPE_CHECKING = False
@@ -189,16 +190,35 @@ def _prepare(argv, executable=None, env=None, cwd=None):
 # ---------------------------------------------------------------- the handle
 
 class _PipeFileIO(io.FileIO):
-    """A pipe end fastfork owns: forgotten by fastfork's fork paths once closed."""
+    """A pipe end fastfork owns until it is closed.
+
+    The fd is closed by ``close_owned``, which forgets and closes it in one C
+    step: a fork by another thread in between would hand the child an fd that
+    fastfork no longer closes there. FileIO itself never closes it
+    (closefd=False).
+    """
+
+    _fd_released = False
 
     def close(self):
-        if not self.closed and self.closefd:
-            disown_fd(self.fileno())
+        if not self.closed and not self._fd_released:
+            fd = self.fileno()
+            # Marked first: if a signal handler raises between the two steps,
+            # the fd leaks rather than being closed twice (maybe someone else's).
+            self._fd_released = True
+            close_owned(fd)
         super().close()
+
+    def _dealloc_warn(self, source):
+        # The buffered file over us calls this when it is collected unclosed;
+        # FileIO warns only for an fd it closes itself.
+        if not self.closed:
+            warnings.warn(f"unclosed file {source!r}", ResourceWarning, stacklevel=2,
+                          source=source)
 
 
 def _pipe_file(fd, mode):
-    raw = _PipeFileIO(fd, mode)
+    raw = _PipeFileIO(fd, mode, closefd=False)
     return io.BufferedWriter(raw) if mode == "wb" else io.BufferedReader(raw)
 
 
@@ -483,9 +503,8 @@ def _start(command, stdio, keep_fds=(), close_fds=True, new_session=False,
         proc._close_fds()
         for fd in parent_ends:
             if fd is not None:
-                disown_fd(fd)
                 with contextlib.suppress(OSError):
-                    os.close(fd)
+                    close_owned(fd)
         raise
 
 

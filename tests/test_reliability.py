@@ -841,8 +841,6 @@ def _pipes_held_after(seconds):
     return procutil.pipe_inodes()
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, cause not yet found: under load a fan-out "
-                   "child now and then holds a pipe also seen as a concurrent spawn's")
 def test_fan_out_children_never_hold_a_concurrent_spawns_pipe():
     # spawn's pipe ends for its child are not fastfork's to close in every
     # child: spawn holds the fd lock until they are closed, and the fan-out
