@@ -16,9 +16,11 @@ and ``ForkServer.as_completed``, whose engine runs inside the server.
    children finish; after ``retries`` retries the task fails with that
    error, and so does every task still waiting (they would meet the same
    limit), unless the failure stops launches (rule 5). A launch failing with
-   EMFILE or ENFILE (out of fds) waits until a running child finishes and
-   frees its fds, and fails only when nothing runs. Any other OSError fails
-   that task only.
+   EMFILE (out of fds) first raises the soft fd limit as far as ``jobs``
+   children need (never past the hard limit). Out of fds still, or ENFILE,
+   it waits until a running child finishes and frees its fds, warning
+   (RuntimeWarning) the first time, and fails only when nothing runs. Any
+   other OSError fails that task only.
 3. Children's pipes (results, captured output) are drained while waiting,
    so a child writing more than a pipe holds never blocks.
 4. Per-child deadlines: ``timeout`` counts from a child's launch. Past it
@@ -39,11 +41,9 @@ and ``ForkServer.as_completed``, whose engine runs inside the server.
 7. Outcomes are reported as children finish, each with its input
    ``index``; front ends that promise input order put them back in order.
 
-The C engine keeps these rules too, with two differences of its own: it
-raises the soft fd limit as far as ``jobs`` children need, and warns
-(RuntimeWarning) the first time a launch waits for fds anyway; and a launch
-out of fds with no child running raises that OSError from the call instead
-of failing the one task.
+The C engine keeps these rules too, with one difference of its own: a
+launch out of fds with no child running raises that OSError from the call
+instead of failing the one task.
 
 The ``Scheduler`` is a state machine that never waits by itself (sans-IO):
 a driver watches the fds it names and calls it back. ``drive()`` is the
@@ -61,9 +61,12 @@ import itertools
 import select
 import signal
 import time
+import warnings
 
+from fastfork import _fdlimit
 from fastfork._checks import poll_ms
 from fastfork._core import backoff  # shared with the C engine: min(5 ms * 2**n, 0.5 s)
+from fastfork._core import callers_stacklevel
 from fastfork.child import stop_all
 
 __all__ = ["RETRYABLE_ERRNOS", "FD_ERRNOS", "backoff", "Entry", "Scheduler", "drive"]
@@ -170,6 +173,7 @@ class Scheduler:
         self._failures = 0                  # EAGAIN/ENOMEM launch failures in a row
         self._backoff_until = 0.0
         self._fd_wait = False               # out of fds: wait for a child to finish
+        self._fd_warned = False             # ... and that was said (once)
         self._doomed = None                 # (error, index limit): waiting tasks that fail
         self._closed = False
 
@@ -289,7 +293,11 @@ class Scheduler:
             self._backoff_until = self.clock() + backoff(self._failures)
             self._queue.appendleft(entry)
             return
+        if exc.errno == errno.EMFILE and self._make_fd_room():
+            self._queue.appendleft(entry)  # the soft limit was raised: retry now
+            return
         if exc.errno in FD_ERRNOS and self._running:
+            self._warn_fd_wait()
             self._fd_wait = True
             self._queue.appendleft(entry)
             return
@@ -301,6 +309,29 @@ class Scheduler:
             # Rule 2: the tasks waiting now fail too -- the rest of ``tasks``,
             # or the entries added so far.
             self._doomed = (exc, None if self._source is not None else self._next_index)
+
+    def _fds_per_child(self):
+        """The fds a running child holds here (3 before any runs)."""
+        if not self._running:
+            return 3
+        held = sum((e._pidfd >= 0) + len(e._pipes) for e in self._running)
+        return max(1, -(-held // len(self._running)))
+
+    def _make_fd_room(self):
+        """Raise the soft fd limit as far as ``jobs`` children need; True if it rose."""
+        before = _fdlimit.fd_limit()[0]
+        # 3 more for the ends a launch holds while it creates the child.
+        _, soft, _ = _fdlimit.make_room(
+            self._fds_per_child() * (self.jobs - len(self._running)) + 3)
+        return soft > before
+
+    def _warn_fd_wait(self):
+        """Warn, once per scheduler, that the fd limit holds children back."""
+        if not self._fd_warned:
+            self._fd_warned = True
+            warnings.warn(_fdlimit.wait_message(len(self._running), self.jobs,
+                                                self._fds_per_child()),
+                          RuntimeWarning, stacklevel=callers_stacklevel())
 
     def _start(self, entry, handle):
         entry.handle = handle

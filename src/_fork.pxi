@@ -131,6 +131,12 @@ cdef int _callers_stacklevel() except -1:
     return level
 
 
+def callers_stacklevel():
+    """The ``stacklevel`` for warnings.warn, called where this is called, that
+    names the user's line which called into fastfork."""
+    return _callers_stacklevel()
+
+
 cdef void _warn_if_threaded(bint library) noexcept:
     """Warn as os.fork does on 3.12+ when other threads are running.
 

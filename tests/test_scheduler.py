@@ -120,7 +120,9 @@ def test_out_of_fds_waits_for_a_running_child_then_fails_only_alone():
         first, second = (wait_for_fd, (r,)), (abs, (-2,))
         launch = Launcher({second: [errno.EMFILE]})
         scheduler = Scheduler(launch, [first, second], jobs=2)
-        assert [e.task for e in scheduler.fill()] == [first]
+        with pytest.warns(RuntimeWarning, match="open-file limit") as caught:
+            assert [e.task for e in scheduler.fill()] == [first]
+        assert caught[0].filename == __file__  # it names the caller's line
         # The second launch failed for want of fds: no retry while the first runs.
         assert launch.calls == [first, second]
         assert scheduler.fill() == [] and launch.calls == [first, second]

@@ -1,5 +1,6 @@
 """fastfork.spawn: commands started vfork-style (and by the fork fallback), compared with subprocess."""
 import os
+import resource
 import signal
 import subprocess
 import textwrap
@@ -369,6 +370,41 @@ def test_spawn_many_runs_at_most_jobs_at_once():
                callback=lambda i, r: most.append(len(procutil.children())))
     assert max(most) <= 3
     assert len(most) == 12
+
+
+def test_spawn_many_raises_the_soft_fd_limit_as_far_as_its_commands_need():
+    # 100 commands at once under a soft limit of 64: each holds a pidfd here.
+    # Every command says it runs (on the script's stderr, a pipe), then waits
+    # for end of file on stdin, which comes once all 100 have said so.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard < 300:
+        pytest.skip(f"the hard RLIMIT_NOFILE ({hard}) leaves no room to raise the soft one")
+    code = textwrap.dedent("""
+        import os, resource, threading, warnings
+        from fastfork import spawn_many
+        warnings.simplefilter("error", RuntimeWarning)  # no "held back" warning
+        N = 100
+        ready_r, ready_w = os.pipe()
+        go_r, go_w = os.pipe()
+        os.dup2(ready_w, 2)
+        os.close(ready_w)
+        def release():
+            got = 0
+            while got < N:
+                got += len(os.read(ready_r, N - got))
+            os.close(go_w)
+        threading.Thread(target=release, daemon=True).start()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        results = spawn_many([["sh", "-c", "printf x >&2; exec cat"]] * N, jobs=N,
+                             stdin=go_r)
+        print(all(r.ok for r in results), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    """)
+    result = procutil.run_python(code)
+    assert result.returncode == 0, result.stderr
+    ok, soft = result.stdout.split()
+    assert ok == "True"
+    assert 100 < int(soft) < 1000  # only as far as the commands need
 
 
 def test_spawn_many_env_per_command():
