@@ -98,8 +98,7 @@ class JobRunner:
         try:
             argv = job.command(slot)
             seq = job.seq
-            command = dataclasses.replace(
-                commands._prepare(argv),
+            command = commands._prepare(argv)._replace(
                 envp=self._base_env + [b"FASTFORK_SEQ=%d" % seq, b"FASTFORK_SLOT=%d" % slot,
                                        b"FASTFORK_INDEX=%d" % (seq - 1)])
             out, err = self.output.open(job)

@@ -55,18 +55,16 @@ class Child(_core.ChildHandle):
     so its exit status is unknown.
     """
 
-    returncode: int | None
-    rusage: resource.struct_rusage | None
-    lost: bool
+    # Class defaults until the child is reaped: no per-handle work to set them.
+    returncode: int | None = None
+    rusage: resource.struct_rusage | None = None
+    lost: bool = False
 
     def __init__(self, pid: int | None, pidfd: int | None = None) -> None:
         """Take charge of child ``pid``; ``pidfd``, if given, is a pidfd for it
         that this handle now owns (e.g. received from a fork server; -1: none).
         A subclass may pass pid None for a handle whose process is made later.
         Raises TypeError for a non-integer pid, ValueError for a pid <= 0."""
-        self.returncode = None
-        self.rusage = None
-        self.lost = False
         super().__init__(pid, pidfd)
 
     def __repr__(self) -> str:

@@ -17,6 +17,7 @@ interpreter ignores (SIGPIPE, SIGXFSZ) are reset to SIG_DFL as with
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -128,17 +129,17 @@ def _encode_env(env):
     return entries
 
 
-@dataclasses.dataclass(frozen=True)
-class _Command:
-    """One command converted for the child: what _core._spawn takes."""
-
-    args: list          # argv as given (for results and errors)
-    paths: list         # candidate executables (bytes), after the PATH lookup
-    argv: list          # bytes
-    envp: list          # b"KEY=value", or None to inherit os.environ
-    cwd: bytes          # or None
-    exec_name: object   # the filename of an exec failure, as subprocess reports it
-    cwd_name: object    # the filename of a chdir failure
+# One command converted for the child: what _core._spawn takes. A named
+# tuple, not a frozen dataclass: one is made per command, and a frozen
+# dataclass takes several times longer to build.
+#   args       argv as given (for results and errors)
+#   paths      candidate executables (bytes), after the PATH lookup
+#   argv       bytes
+#   envp       b"KEY=value", or None to inherit os.environ
+#   cwd        bytes, or None
+#   exec_name  the filename of an exec failure, as subprocess reports it
+#   cwd_name   the filename of a chdir failure
+_Command = collections.namedtuple("_Command", "args paths argv envp cwd exec_name cwd_name")
 
 
 def _search_path(env):
