@@ -78,11 +78,12 @@ cdef int _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 cdef enum:
     _HEADER = 9                 # kind byte + 8-byte length
-    _FIRST_BUFFER = 1 << 16     # a slot's read buffer to begin with
+    _SCRATCH = 1 << 16          # the buffer every pipe is read into first
     _KEEP_BUFFER = 1 << 20      # a slot's buffer grown past this is freed after use
     _ARENA_PAYLOAD = 1 << 10    # payloads up to this wait in the arena, as bytes
     _MAX_EVENTS = 256           # epoll events taken per wake-up
     _FIRST_SLOTS = 64           # slots allocated up front; more as children start
+    _LAUNCHES_PER_LOOK = 32     # forks between two looks at the epoll set while starting
     _FDS_PER_CHILD = 1          # the read end of its pipe (or the pidfd that replaces it)
     _FDS_TO_SPARE = 2           # a starting child's write end, a pidfd opened to signal one
     _FD_SLACK = 1024            # a soft fd limit this far above the need is not checked
@@ -318,6 +319,7 @@ cdef class FanOut:
     cdef int *polled_slots      # slots whose child is polled by pid, on a timer
     cdef int n_polled
     cdef epoll_event *events
+    cdef char *scratch          # _SCRATCH bytes: see _drain
     cdef int epfd
     cdef int fd_room            # children the fd limit was last found to leave room for
     cdef double next_timer      # the earliest timeout or SIGKILL that may be due (0: none)
@@ -367,7 +369,8 @@ cdef class FanOut:
         self.outcome_items = []
         self.big_payloads = []
         self.events = <epoll_event *>malloc(_MAX_EVENTS * sizeof(epoll_event))
-        if self.events == NULL:
+        self.scratch = <char *>malloc(_SCRATCH)
+        if self.events == NULL or self.scratch == NULL:
             raise MemoryError()
         # A huge ``jobs`` (no limit) costs nothing until that many children run.
         self._grow_slots(min(jobs, _FIRST_SLOTS))
@@ -398,6 +401,7 @@ cdef class FanOut:
         free(self.reaped_slots)
         free(self.polled_slots)
         free(self.events)
+        free(self.scratch)
         free(self.outcomes)
         free(self.arena)
 
@@ -428,7 +432,7 @@ cdef class FanOut:
         OSError when a pipe or a fork fails for a reason not retried.
         """
         while True:
-            self._launch_while_room()
+            self._launch_while_room(until_done)
             if (self.running == 0 and not self.launching) or (self.n_outcomes and not until_done):
                 return self._hand_out()
             self._wait_once(False)
@@ -498,9 +502,20 @@ cdef class FanOut:
 
     # ------------------------------------------------------------ starting
 
-    cdef int _launch_while_room(self) except -1:
+    cdef int _launch_while_room(self, bint until_done) except -1:
+        """Start children while there is room; with ``until_done`` false, stop
+        at the first outcome (for step to hand out)."""
         cdef PyObject *drawn
+        cdef int launched = 0
         while self.launching and self.running < self.jobs and not self.fd_wait:
+            if launched and launched % _LAUNCHES_PER_LOOK == 0:
+                # A wide fan-out forks for a long time before it waits: the
+                # children that have exited meanwhile are finished now, or
+                # their pipes and zombies would pile up and make every later
+                # fork dearer.
+                self._wait_once(False, 0.0, False)
+                if self.n_outcomes and not until_done:
+                    return 0
             if self.backoff_until:
                 if _monotonic() < self.backoff_until:
                     return 0
@@ -540,6 +555,7 @@ cdef class FanOut:
             self.pending_item = None
             self.fork_failures = 0
             self.started += 1
+            launched += 1
         return 0
 
     cdef int _grow_slots(self, int n) except -1:
@@ -676,25 +692,27 @@ cdef class FanOut:
 
     # ------------------------------------------------------------ waiting
 
-    cdef int _wait_once(self, bint stopping, double until=0.0) except -1:
+    cdef int _wait_once(self, bint stopping, double until=0.0, bint sleep=True) except -1:
         """Sleep until something happens, then handle it (reads, exits, timeouts).
 
-        ``stopping`` (close): no timeouts to enforce; ``until`` caps the sleep.
+        ``stopping`` (close): no timeouts to enforce; ``until`` caps the sleep;
+        without ``sleep``, handle only what has happened already.
         """
-        cdef double wake = until
+        cdef double wake = until if sleep else -1.0
         cdef int n
-        if not stopping and self.next_timer:
-            wake = _earliest(wake, self.next_timer)
-        if self.launching and self.backoff_until:
-            wake = _earliest(wake, self.backoff_until)
-        if self.n_polled:
-            # Children polled by pid are waited for on a timer, with capped back-off.
-            wake = _earliest(wake, _monotonic() + self.poll_interval)
-            self.poll_interval = min(self.poll_interval * 2, 0.05)
-        if self.running:
-            if not self.next_sweep:
-                self.next_sweep = _monotonic() + _SWEEP_INTERVAL
-            wake = _earliest(wake, self.next_sweep)
+        if self.running and not self.next_sweep:
+            self.next_sweep = _monotonic() + _SWEEP_INTERVAL
+        if sleep:
+            if not stopping and self.next_timer:
+                wake = _earliest(wake, self.next_timer)
+            if self.launching and self.backoff_until:
+                wake = _earliest(wake, self.backoff_until)
+            if self.n_polled:
+                # Children polled by pid are waited for on a timer, with capped back-off.
+                wake = _earliest(wake, _monotonic() + self.poll_interval)
+                self.poll_interval = min(self.poll_interval * 2, 0.05)
+            if self.running:
+                wake = _earliest(wake, self.next_sweep)
         n = self._epoll_wait(wake)
         if n < 0:
             return 0  # a signal interrupted the wait; its handlers have run
@@ -710,7 +728,7 @@ cdef class FanOut:
         return 0
 
     cdef int _epoll_wait(self, double wake) except -2:
-        """Wait for events until ``wake`` (0: no limit); how many arrived.
+        """Wait for events until ``wake`` (0: no limit, < 0: no wait); how many arrived.
 
         Returns -1 if a signal interrupted the wait (its handlers have run).
         """
@@ -718,7 +736,12 @@ cdef class FanOut:
         # A handler that became due while we were busy (during a fork, say)
         # runs now: epoll_wait() would not be interrupted for it.
         PyErr_CheckSignals()
-        ms = -1 if wake == 0 else <int>(min(max(wake - _monotonic(), 0.0), 60.0) * 1000.0 + 0.999)
+        if wake < 0:
+            ms = 0
+        elif wake == 0:
+            ms = -1
+        else:
+            ms = <int>(min(max(wake - _monotonic(), 0.0), 60.0) * 1000.0 + 0.999)
         with nogil:
             rc = epoll_wait(self.epfd, self.events, _MAX_EVENTS, ms)
         if rc >= 0:
@@ -879,19 +902,24 @@ cdef class FanOut:
         return 0
 
     cdef int _drain(self, _Slot *slot) except -1:
-        """Read what the slot's pipe holds now; close it at end of file."""
+        """Read what the slot's pipe holds now; close it at end of file.
+
+        Into the slot's buffer once that has room for a large read (a child
+        that rang), else through the scratch buffer into one just as large as
+        the data: a small frame, read once its pipe hung up, then costs a few
+        bytes of the heap, not a page of its own (each page the parent has in
+        use makes every fork dearer).
+        """
         cdef Py_ssize_t n
-        cdef char *grown
+        cdef char *into
         while slot.rfd >= 0:
-            if slot.cap - slot.size < 4096:
-                grown = <char *>realloc(slot.buf, max(slot.cap * 2, _FIRST_BUFFER))
-                if grown == NULL:
-                    raise MemoryError()
-                slot.buf = grown
-                slot.cap = max(slot.cap * 2, _FIRST_BUFFER)
-            n = c_read(slot.rfd, slot.buf + slot.size, slot.cap - slot.size)
+            into = slot.buf + slot.size if slot.cap - slot.size >= 4096 else self.scratch
+            n = c_read(slot.rfd, into, slot.cap - slot.size if into != self.scratch else _SCRATCH)
             if n > 0:
-                slot.size += n
+                if into == self.scratch:
+                    self._keep(slot, n)
+                else:
+                    slot.size += n
             elif n == 0:
                 self._unwatch_and_close(&slot.rfd)
             elif errno == EINTR:
@@ -900,6 +928,22 @@ cdef class FanOut:
                 return 0
             else:
                 _raise_errno(errno)
+        return 0
+
+    cdef int _keep(self, _Slot *slot, Py_ssize_t n) except -1:
+        """Append the first ``n`` bytes of the scratch buffer to the slot's buffer."""
+        cdef Py_ssize_t cap = slot.cap
+        cdef char *grown
+        if slot.size + n > cap:
+            # Just enough for a first read; doubling after that.
+            cap = slot.size + n if slot.size == 0 else max(slot.size + n, 2 * slot.cap)
+            grown = <char *>realloc(slot.buf, cap)
+            if grown == NULL:
+                raise MemoryError()
+            slot.buf = grown
+            slot.cap = cap
+        memcpy(slot.buf + slot.size, self.scratch, n)
+        slot.size += n
         return 0
 
     cdef int _reap_step(self, int s, int pidfd) noexcept:

@@ -830,13 +830,16 @@ def test_fd_limit_is_raised_as_far_as_the_children_need():
         assert report["soft"] < 200  # only as far as needed, not to the hard limit
 
 
-# A fan-out of 100 quick children, jobs=100, under a hard fd limit of 64;
-# with FREE set, the parent first opens files until only FREE fds are left.
+# A fan-out of 100 children, jobs=100, under a hard fd limit of 64; with FREE
+# set, the parent first opens files until only FREE fds are left. The
+# children wait until the parent warns that it holds the others back (or
+# they would finish, and free their fds, before the limit is reached).
 _UNDER_64_FDS = textwrap.dedent("""
     import json, os, resource, warnings
     import fastfork
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    go_r, go_w = os.pipe()
     held = []
     if FREE is not None:
         try:
@@ -846,13 +849,25 @@ _UNDER_64_FDS = textwrap.dedent("""
             pass
         for _ in range(FREE):
             os.close(held.pop())
-    with warnings.catch_warnings(record=True) as caught:
+    caught = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        caught.append((category.__name__, str(message), filename))
+        if category is RuntimeWarning:
+            os.write(go_w, b"x" * 100)  # one byte for each child
+
+    def child(i):
+        os.read(go_r, 1)
+        return abs(i)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show
         try:
-            report = {"results": fastfork.map(abs, range(100), jobs=100)}
+            report = {"results": fastfork.map(child, range(100), jobs=100)}
         except OSError as exc:
             report = {"errno": exc.errno, "message": str(exc)}
-    report["warnings"] = [(w.category.__name__, str(w.message), w.filename) for w in caught]
+    report["warnings"] = caught
     print(json.dumps(report))
 """)
 
