@@ -16,16 +16,15 @@
 #
 # Why one fd per running child: every fork copies the parent's table of open
 # files (a reference taken on each, dropped again by the child), so each fd
-# held per running child makes every later fork dearer; with a pidfd besides
-# the pipe, 5,000 children at once cost map half as much again per child as a
-# bare os.fork loop. So a child's exit is seen through its result pipe: the
-# read end is registered with no events, and epoll reports EPOLLHUP alone,
-# once, when the last write end closes -- normally at the child's exit, as
-# the kernel closes a process's files first. Then the pipe is read to its
-# end, closed, and the child reaped without blocking. If it cannot be reaped
-# yet (it has closed its files but is not a zombie yet, or it closed the
-# pipe itself and runs on), a pidfd takes the pipe's place in the epoll set;
-# without pidfds (or fds) it is polled by pid on a timer with back-off.
+# held per running child makes every later fork dearer. So a child's exit is
+# seen through its result pipe, with no pidfd beside it: the read end is
+# registered with no events, and epoll reports EPOLLHUP alone, once, when the
+# last write end closes -- normally at the child's exit, as the kernel closes
+# a process's files first. Then the pipe is read to its end, closed, and the
+# child reaped without blocking. If it cannot be reaped yet (it has closed its
+# files but is not a zombie yet, or it closed the pipe itself and runs on), a
+# pidfd takes the pipe's place in the epoll set; without pidfds (or fds) it is
+# polled by pid on a timer with back-off.
 #
 # A grandchild that inherited the write end would keep the pipe open after
 # the child exits. fastfork's own forks close it (it is an owned fd), and an
@@ -35,14 +34,30 @@
 # reaped at most about a second after its exit, at a cost of O(children) per
 # second, not per event.
 #
-# Signals: a child without a pidfd is signalled through one opened at that
-# moment, before a non-blocking wait that must find the pid still a running
-# child of ours (else it is reaped or found lost, and not signalled): a pid
-# reaped by someone else (SIGCHLD ignored, a foreign waitpid(-1)) is never
-# signalled, unless the kernel has handed it on to another child of this very
-# process by then (the pid space wrapping around: 32,768 forks by default),
-# the one case a pidfd held from fork on would also rule out. Without pidfds,
-# or with no fd left, the pid is signalled right after that wait.
+# Waiting and signalling by pid: until a child is reaped, its pid names it
+# (or its zombie) -- unless someone else reaped it (SIGCHLD ignored, a
+# foreign waitpid(-1)). A child whose pipe hung up, or one the sweep looks at,
+# is waited for by pid, and ECHILD shows it lost. A child without a pidfd is
+# signalled through one opened at that moment, before a non-blocking wait
+# that must find the pid still a running child of ours (else it is reaped or
+# found lost, and not signalled). So a pid someone else reaped is neither
+# waited for nor signalled as ours, unless the kernel has handed it on to
+# another child of this very process in between (the pid space wrapping
+# around: pid_max forks, 32,768 or more, within moments or, for the sweep, a
+# second): a pidfd held from fork on rules that out too, at the price of a
+# second fd per child. Without pidfds, or with no fd left, the pid is
+# signalled right after that wait.
+#
+# Why look at the epoll set while starting children: with jobs=N the parent
+# forks for a long time before it first waits, and every child that exited
+# meanwhile would keep its pipe open and stay a zombie until then; so every
+# _LAUNCHES_PER_LOOK forks, what has finished is handled without waiting.
+# With both, 5,000 one-second children at once cost map about 1.15x a bare
+# os.fork loop per child here, down from 1.8x with a pidfd per child and
+# nothing finished until all had started. For the same reason a pipe is read
+# through one scratch buffer into a slot buffer just large enough: a 64 KiB
+# buffer per slot spread the parent's memory over twice the page tables,
+# which every fork copies.
 #
 # Why a doorbell: watching every result pipe for data would wake the parent
 # twice per child, once for the data and once for the exit. Instead a child
@@ -904,16 +919,16 @@ cdef class FanOut:
     cdef int _drain(self, _Slot *slot) except -1:
         """Read what the slot's pipe holds now; close it at end of file.
 
-        Into the slot's buffer once that has room for a large read (a child
-        that rang), else through the scratch buffer into one just as large as
-        the data: a small frame, read once its pipe hung up, then costs a few
-        bytes of the heap, not a page of its own (each page the parent has in
-        use makes every fork dearer).
+        Into the slot's buffer while it has room, else through the scratch
+        buffer into a slot buffer grown to fit: a small frame then costs a
+        few bytes of the heap, not a page of its own as a buffer sized for
+        large reads would (each page the parent has in use makes every fork
+        dearer).
         """
         cdef Py_ssize_t n
         cdef char *into
         while slot.rfd >= 0:
-            into = slot.buf + slot.size if slot.cap - slot.size >= 4096 else self.scratch
+            into = slot.buf + slot.size if slot.cap > slot.size else self.scratch
             n = c_read(slot.rfd, into, slot.cap - slot.size if into != self.scratch else _SCRATCH)
             if n > 0:
                 if into == self.scratch:

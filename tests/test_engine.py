@@ -6,8 +6,11 @@ fan-out's doorbell with its slot number, and the parent drains that pipe while
 it waits. These tests aim at that path (results around the pipe's capacity,
 many children ringing at once, a child killed mid-write), at stopping (timeouts,
 stop_on_failure, closing early, close() and the __dealloc__ safety net), at
-which fds the children hold and at the traceback a failing child sends. The autouse guard in conftest.py checks after each
-test that no child process or fd was left behind.
+which fds the children hold, at the traceback a failing child sends, and at
+how a child's exit is seen: through its pipe hanging up, the one fd the parent
+holds for it (a child that closes its pipe early, a grandchild that holds it
+open, with and without pidfds). The autouse guard in conftest.py checks after
+each test that no child process or fd was left behind.
 """
 import contextlib
 import ctypes
