@@ -1021,6 +1021,36 @@ def test_timeout_stops_a_child_whose_pipe_hung_up(pidfd_mode, ready_and_go):
     assert procutil.children() - before == set()
 
 
+def test_close_stops_a_child_whose_pipe_hung_up(pidfd_mode, ready_and_go):
+    # close() signals a child that hung up its pipe and runs on, through the
+    # pidfd that replaced the pipe (or by pid when polling), and reaps it.
+    global READY_R
+    ready_r, release = ready_and_go
+    READY_R = ready_r
+    before = procutil.children()
+    fds_before = procutil.open_fds()
+    engine = new_engine(say_when_terminated, ["closer", "waiter"], 2)
+    try:
+        [outcome] = engine.step()
+        assert outcome[:2] == (1, "waiter")
+        [closer] = procutil.children() - before
+        assert procutil.state(closer) not in (None, "Z")
+    finally:
+        READY_R = -1
+        engine.close(NO_DEADLOCK)
+    # It got SIGTERM, not only close()'s last SIGKILL; it has exited, so the byte is there.
+    os.set_blocking(ready_r, False)
+    assert os.read(ready_r, 1) == b"t"
+    assert procutil.children() - before == set()
+    assert procutil.open_fds() == fds_before
+
+
+def say_when_terminated(kind):
+    if kind == "closer":
+        signal.signal(signal.SIGTERM, lambda *_: (os.write(READY_W, b"t"), os._exit(15)))
+    return close_result_pipe_then_wait(kind)
+
+
 def fork_lingering_grandchild(how):
     """Fork a grandchild that outlives this child until the test releases it.
 
