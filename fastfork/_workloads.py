@@ -700,7 +700,7 @@ SCALING = Workload(
     big_sizes={"quick": (), "default": (), "full": ()},
     headline="fastfork.map",
     expect="about 1x at small N; at large N every fork also copies the parent's table of "
-           "open files, where fastfork keeps 2 per running child (its pipe and pidfd)",
+           "open files, where fastfork keeps 1 per running child (its result pipe)",
 )
 WORKLOADS[SCALING.key] = SCALING
 

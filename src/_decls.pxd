@@ -103,6 +103,7 @@ cdef extern from "<sys/epoll.h>" nogil:
     int EPOLL_CLOEXEC
     int EPOLL_CTL_ADD
     int EPOLL_CTL_DEL
+    int EPOLL_CTL_MOD
     unsigned int EPOLLIN
 
 

@@ -9,17 +9,63 @@
 # this loop writes about 36, fewer than the 40 of a bare os.fork loop.
 #
 # Why epoll: with thousands of children at once, building a poll set of every
-# child's pidfd on each wake-up costs O(children) per event. Each child's pidfd
-# (and its pipe, once it rings) is registered once, with its slot number as the
-# event's data, so a wake-up costs only the children that are ready; free slots
-# are a stack and finished ones a list, for the same reason.
+# child's fds on each wake-up costs O(children) per event. Each fd is
+# registered once, with its slot number as the event's data, so a wake-up
+# costs only the children that are ready; free slots are a stack, finished
+# ones and those polled by pid are lists, for the same reason.
 #
-# Why a doorbell: polling every result pipe would wake the parent twice per
-# child, once for the data and once for the exit. Instead a child writes its
-# frame without blocking; only if the pipe fills (a result larger than the
-# pipe's capacity, 64 KiB by default) does it ring the fan-out's doorbell pipe
-# with its slot number, and from then on the parent drains that pipe while it
-# waits. Every other pipe is read once its child has exited.
+# Why one fd per running child: every fork copies the parent's table of open
+# files (a reference taken on each, dropped again by the child), so each fd
+# held per running child makes every later fork dearer. So a child's exit is
+# seen through its result pipe, with no pidfd beside it: the read end is
+# registered with no events, and epoll reports EPOLLHUP alone, once, when the
+# last write end closes -- normally at the child's exit, as the kernel closes
+# a process's files first. Then the pipe is read to its end, closed, and the
+# child reaped without blocking. If it cannot be reaped yet (it has closed its
+# files but is not a zombie yet, or it closed the pipe itself and runs on), a
+# pidfd takes the pipe's place in the epoll set; without pidfds (or fds) it is
+# polled by pid on a timer with back-off.
+#
+# A grandchild that inherited the write end would keep the pipe open after
+# the child exits. fastfork's own forks close it (it is an owned fd), and an
+# at-fork hook closes it after os.fork (multiprocessing too). For a fork that
+# runs no hook (a C extension's raw fork) every unreaped child is also waited
+# for without blocking once a second (_SWEEP_INTERVAL): such a child is
+# reaped at most about a second after its exit, at a cost of O(children) per
+# second, not per event.
+#
+# Waiting and signalling by pid: until a child is reaped, its pid names it
+# (or its zombie) -- unless someone else reaped it (SIGCHLD ignored, a
+# foreign waitpid(-1)). A child whose pipe hung up, or one the sweep looks at,
+# is waited for by pid, and ECHILD shows it lost. A child without a pidfd is
+# signalled through one opened at that moment, before a non-blocking wait
+# that must find the pid still a running child of ours (else it is reaped or
+# found lost, and not signalled). So a pid someone else reaped is neither
+# waited for nor signalled as ours, unless the kernel has handed it on to
+# another child of this very process in between (the pid space wrapping
+# around: pid_max forks, 32,768 or more, within moments or, for the sweep, a
+# second): a pidfd held from fork on rules that out too, at the price of a
+# second fd per child. Without pidfds, or with no fd left, the pid is
+# signalled right after that wait.
+#
+# Why look at the epoll set while starting children: with jobs=N the parent
+# forks for a long time before it first waits, and every child that exited
+# meanwhile would keep its pipe open and stay a zombie until then; so every
+# _LAUNCHES_PER_LOOK forks, what has finished is handled without waiting.
+# With both, 5,000 one-second children at once cost map about 1.15x a bare
+# os.fork loop per child here, down from 1.8x with a pidfd per child and
+# nothing finished until all had started. For the same reason a pipe is read
+# through one scratch buffer into a slot buffer just large enough: a 64 KiB
+# buffer per slot spread the parent's memory over twice the page tables,
+# which every fork copies.
+#
+# Why a doorbell: watching every result pipe for data would wake the parent
+# twice per child, once for the data and once for the exit. Instead a child
+# writes its frame without blocking; only if the pipe fills (a result larger
+# than the pipe's capacity, 64 KiB by default) does it ring the fan-out's
+# doorbell pipe with its slot number, and from then on the parent watches
+# that pipe for data too and drains it while it waits. Every other pipe is
+# read once, when it hangs up.
 #
 # The result frame: a 1-byte kind (b"R" result, b"E" error), an 8-byte
 # big-endian payload length, then the pickled payload (see fastfork._result).
@@ -30,9 +76,10 @@ from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from libc.errno cimport ENFILE
 from libc.math cimport ldexp
 from libc.string cimport memcpy
+from posix.stat cimport fstat, struct_stat
 from posix.uio cimport iovec, writev
 
-from _decls cimport PyIter_Next_raw
+from _decls cimport EPOLL_CTL_MOD, PyIter_Next_raw
 
 import pickle
 import traceback
@@ -46,16 +93,20 @@ cdef int _PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 cdef enum:
     _HEADER = 9                 # kind byte + 8-byte length
-    _FIRST_BUFFER = 1 << 16     # a slot's read buffer to begin with
+    _SCRATCH = 1 << 16          # the buffer every pipe is read into first
     _KEEP_BUFFER = 1 << 20      # a slot's buffer grown past this is freed after use
     _ARENA_PAYLOAD = 1 << 10    # payloads up to this wait in the arena, as bytes
     _MAX_EVENTS = 256           # epoll events taken per wake-up
     _FIRST_SLOTS = 64           # slots allocated up front; more as children start
-    _FDS_PER_CHILD = 2          # its pidfd and the read end of its pipe
+    _LAUNCHES_PER_LOOK = 32     # forks between two looks at the epoll set while starting
+    _FDS_PER_CHILD = 1          # the read end of its pipe (or the pidfd that replaces it)
+    _FDS_TO_SPARE = 2           # a starting child's write end, a pidfd opened to signal one
     _FD_SLACK = 1024            # a soft fd limit this far above the need is not checked
 
 # The epoll data of the doorbell; a slot's is (slot << 1) | (1 for its pipe, 0 for its pidfd).
 cdef unsigned long long _BELL_EVENT = <unsigned long long>-1
+# Seconds between two non-blocking waits for every unreaped child (see the top).
+cdef double _SWEEP_INTERVAL = 1.0
 
 
 # ---------------------------------------------------------------- the child's side
@@ -205,9 +256,10 @@ def backoff(int failures):
 
 cdef struct _Slot:
     pid_t pid               # 0: the slot is free
-    int pidfd               # -1: none; the child is polled by pid
-    int rfd                 # read end of the result pipe (-1 once closed)
+    int pidfd               # -1: none (a pidfd is opened only once the pipe hung up)
+    int rfd                 # read end of the result pipe (-1 once it hung up and was read)
     int wfd                 # write end, held only between pipe2 and fork
+    int polled_at           # its place in polled_slots, or -1 (not polled by pid)
     Py_ssize_t index
     char *buf               # what has been read from the pipe
     Py_ssize_t size
@@ -216,7 +268,7 @@ cdef struct _Slot:
     double kill_at          # when SIGKILL follows a timeout's SIGTERM (0: not due)
     int returncode
     PyObject *item          # the item its child runs (a reference the slot owns)
-    bint draining           # the child rang: its pipe is polled too
+    bint draining           # the child rang: its pipe is watched for data too
     bint reaped
     bint lost               # reaped by someone else: exit status unknown
     bint timed_out
@@ -279,11 +331,14 @@ cdef class FanOut:
     cdef int n_free
     cdef int *reaped_slots      # slots whose child was reaped but not yet finished
     cdef int n_reaped
-    cdef int n_without_pidfd    # running children polled by pid, on a timer
+    cdef int *polled_slots      # slots whose child is polled by pid, on a timer
+    cdef int n_polled
     cdef epoll_event *events
+    cdef char *scratch          # _SCRATCH bytes: see _drain
     cdef int epfd
     cdef int fd_room            # children the fd limit was last found to leave room for
     cdef double next_timer      # the earliest timeout or SIGKILL that may be due (0: none)
+    cdef double next_sweep      # when every unreaped child is next waited for (0: not set)
     cdef int jobs
     cdef int running
     cdef int bell_r, bell_w
@@ -293,7 +348,7 @@ cdef class FanOut:
     cdef double backoff_until   # no fork before this (fork retry back-off)
     cdef bint fd_wait           # out of fds: no fork until a running child finishes
     cdef bint fd_warned
-    cdef double poll_interval   # for children without a pidfd
+    cdef double poll_interval   # for the children polled by pid
     cdef bint print_traceback, stop_on_failure, launching, flush_each_fork
     cdef pid_t parent
     cdef readonly object fork_error
@@ -329,7 +384,8 @@ cdef class FanOut:
         self.outcome_items = []
         self.big_payloads = []
         self.events = <epoll_event *>malloc(_MAX_EVENTS * sizeof(epoll_event))
-        if self.events == NULL:
+        self.scratch = <char *>malloc(_SCRATCH)
+        if self.events == NULL or self.scratch == NULL:
             raise MemoryError()
         # A huge ``jobs`` (no limit) costs nothing until that many children run.
         self._grow_slots(min(jobs, _FIRST_SLOTS))
@@ -346,7 +402,7 @@ cdef class FanOut:
         # Read without blocking; children write their tokens blocking, so
         # that none is lost when the doorbell is full.
         _set_blocking(self.bell_r, False)
-        if self._watch(self.bell_r, _BELL_EVENT) < 0:
+        if self._watch(self.bell_r, _BELL_EVENT, EPOLLIN) < 0:
             _raise_errno(errno)
 
     def __dealloc__(self):
@@ -358,7 +414,9 @@ cdef class FanOut:
             self._close_fds()
         free(self.free_slots)
         free(self.reaped_slots)
+        free(self.polled_slots)
         free(self.events)
+        free(self.scratch)
         free(self.outcomes)
         free(self.arena)
 
@@ -389,7 +447,7 @@ cdef class FanOut:
         OSError when a pipe or a fork fails for a reason not retried.
         """
         while True:
-            self._launch_while_room()
+            self._launch_while_room(until_done)
             if (self.running == 0 and not self.launching) or (self.n_outcomes and not until_done):
                 return self._hand_out()
             self._wait_once(False)
@@ -438,10 +496,9 @@ cdef class FanOut:
         self.launching = False
         for s in range(self.n_slots):
             if self.slots[s].pid and not self.slots[s].reaped:
-                self._try_reap(s)
-                if not self.slots[s].reaped:
-                    self._signal(s, SIGTERM)
-                    self._signal(s, SIGCONT)  # a stopped child could not act on it
+                # SIGCONT: a stopped child could not act on SIGTERM. One that
+                # has exited is reaped instead.
+                self._signal(s, SIGTERM, SIGCONT)
             if self.slots[s].pid and self.slots[s].reaped:
                 self._free_slot(&self.slots[s])  # or we would wait for it below
         self._forget_outcomes()
@@ -460,9 +517,20 @@ cdef class FanOut:
 
     # ------------------------------------------------------------ starting
 
-    cdef int _launch_while_room(self) except -1:
+    cdef int _launch_while_room(self, bint until_done) except -1:
+        """Start children while there is room; with ``until_done`` false, stop
+        at the first outcome (for step to hand out)."""
         cdef PyObject *drawn
+        cdef int launched = 0
         while self.launching and self.running < self.jobs and not self.fd_wait:
+            if launched and launched % _LAUNCHES_PER_LOOK == 0:
+                # A wide fan-out forks for a long time before it waits: the
+                # children that have exited meanwhile are finished now, or
+                # their pipes and zombies would pile up and make every later
+                # fork dearer.
+                self._wait_once(False, 0.0, False)
+                if self.n_outcomes and not until_done:
+                    return 0
             if self.backoff_until:
                 if _monotonic() < self.backoff_until:
                     return 0
@@ -502,6 +570,7 @@ cdef class FanOut:
             self.pending_item = None
             self.fork_failures = 0
             self.started += 1
+            launched += 1
         return 0
 
     cdef int _grow_slots(self, int n) except -1:
@@ -522,10 +591,15 @@ cdef class FanOut:
         if reaped_slots == NULL:
             raise MemoryError()
         self.reaped_slots = reaped_slots
+        cdef int *polled_slots = <int *>realloc(self.polled_slots, n * sizeof(int))
+        if polled_slots == NULL:
+            raise MemoryError()
+        self.polled_slots = polled_slots
         memset(&self.slots[self.n_slots], 0, (n - self.n_slots) * sizeof(_Slot))
         cdef int s
         for s in range(self.n_slots, n):
             self.slots[s].pidfd = self.slots[s].rfd = self.slots[s].wfd = -1
+            self.slots[s].polled_at = -1
             self.free_slots[self.n_free] = n - 1 - (s - self.n_slots)  # lowest on top
             self.n_free += 1
         self.n_slots = n
@@ -581,13 +655,9 @@ cdef class FanOut:
         slot.returncode = 0
         slot.draining = slot.reaped = slot.lost = slot.timed_out = False
         _close_fd(&slot.wfd)
-        slot.pidfd = _open_pidfd(pid)
-        if slot.pidfd >= 0:
-            _own(slot.pidfd)
-            if self._watch(slot.pidfd, <unsigned long long>s << 1) < 0:
-                _close_fd(&slot.pidfd)  # polled by pid instead
-        if slot.pidfd < 0:
-            self.n_without_pidfd += 1
+        # No events asked for: epoll reports the hang-up alone (see the top).
+        if self._watch(slot.rfd, (<unsigned long long>s << 1) | 1, 0) < 0:
+            self._poll(s)  # no event will come: polled by pid instead
         # Every deadline is later than those before it (one timeout for all).
         if slot.deadline and not self.next_timer:
             self.next_timer = slot.deadline
@@ -601,17 +671,17 @@ cdef class FanOut:
         """
         soft, hard = _fd_limit()
         in_use = _fds_in_use(soft)
-        needed = in_use + _FDS_PER_CHILD * (self.jobs - self.running) + 1
+        needed = in_use + _FDS_PER_CHILD * (self.jobs - self.running) + _FDS_TO_SPARE
         if needed > soft and soft < hard:
             soft = min(needed, hard)
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        self.fd_room = self.running + max(soft - in_use - 1, 0) // _FDS_PER_CHILD
+        self.fd_room = self.running + max(soft - in_use - _FDS_TO_SPARE, 0) // _FDS_PER_CHILD
         if self.fd_room <= self.running:
             raise OSError(EMFILE, (
                 f"too many open files to start a child: {in_use} files open, "
                 f"{self.running} children running, and the hard limit RLIMIT_NOFILE is "
-                f"{hard}; each child needs {_FDS_PER_CHILD}: close files or raise the "
-                f"hard limit"))
+                f"{hard}; a running child holds {_FDS_PER_CHILD} and starting one needs "
+                f"{_FDS_TO_SPARE} free: close files or raise the hard limit"))
         return 0
 
     cdef int _warn_fd_wait(self) except -1:
@@ -621,8 +691,8 @@ cdef class FanOut:
         self.fd_warned = True
         soft, hard = _fd_limit()
         message = (f"only {self.running} children fit at once in the open-file limit "
-                   f"(RLIMIT_NOFILE {soft}, hard limit {hard}; each child needs "
-                   f"{_FDS_PER_CHILD} files), not jobs={self.jobs}: the others start as "
+                   f"(RLIMIT_NOFILE {soft}, hard limit {hard}; each running child holds "
+                   f"{_FDS_PER_CHILD}), not jobs={self.jobs}: the others start as "
                    f"running ones finish. Raise the hard limit (ulimit -Hn) to run them "
                    f"all at once").encode()
         PyErr_WarnEx(RuntimeWarning, message, _callers_stacklevel())
@@ -631,39 +701,49 @@ cdef class FanOut:
     cdef int _child_work(self, int fd, int token, item) except -1:
         """In the forked child: run ``fn(item)`` and report on ``fd``; the exit code."""
         close_inherited_fds((fd, self.bell_w))
+        _close_in_later_forks(fd, self.bell_w)
         return _run_and_report(self.fn, (item,), {}, fd, self.print_traceback,
                                self.bell_w, token)
 
     # ------------------------------------------------------------ waiting
 
-    cdef int _wait_once(self, bint stopping, double until=0.0) except -1:
+    cdef int _wait_once(self, bint stopping, double until=0.0, bint sleep=True) except -1:
         """Sleep until something happens, then handle it (reads, exits, timeouts).
 
-        ``stopping`` (close): no timeouts to enforce; ``until`` caps the sleep.
+        ``stopping`` (close): no timeouts to enforce; ``until`` caps the sleep;
+        without ``sleep``, handle only what has happened already.
         """
-        cdef double wake = until
+        cdef double wake = until if sleep else -1.0
         cdef int n
-        if not stopping and self.next_timer:
-            wake = _earliest(wake, self.next_timer)
-        if self.launching and self.backoff_until:
-            wake = _earliest(wake, self.backoff_until)
-        if self.n_without_pidfd:
-            # Children without a pidfd are polled on a timer, with capped back-off.
-            wake = _earliest(wake, _monotonic() + self.poll_interval)
-            self.poll_interval = min(self.poll_interval * 2, 0.05)
+        if self.running and not self.next_sweep:
+            self.next_sweep = _monotonic() + _SWEEP_INTERVAL
+        if sleep:
+            if not stopping and self.next_timer:
+                wake = _earliest(wake, self.next_timer)
+            if self.launching and self.backoff_until:
+                wake = _earliest(wake, self.backoff_until)
+            if self.n_polled:
+                # Children polled by pid are waited for on a timer, with capped back-off.
+                wake = _earliest(wake, _monotonic() + self.poll_interval)
+                self.poll_interval = min(self.poll_interval * 2, 0.05)
+            if self.running:
+                wake = _earliest(wake, self.next_sweep)
         n = self._epoll_wait(wake)
         if n < 0:
             return 0  # a signal interrupted the wait; its handlers have run
         self._handle_events(n)
-        if self.n_without_pidfd:
-            self._reap_children_without_pidfd()
+        if self.n_polled:
+            self._reap_polled()
+        if self.running and _monotonic() >= self.next_sweep:
+            self._sweep()
+            self.next_sweep = _monotonic() + _SWEEP_INTERVAL
         if not stopping and self.next_timer and _monotonic() >= self.next_timer:
             self._enforce_timeouts(_monotonic())
         self._finish_reaped()
         return 0
 
     cdef int _epoll_wait(self, double wake) except -2:
-        """Wait for events until ``wake`` (0: no limit); how many arrived.
+        """Wait for events until ``wake`` (0: no limit, < 0: no wait); how many arrived.
 
         Returns -1 if a signal interrupted the wait (its handlers have run).
         """
@@ -671,7 +751,12 @@ cdef class FanOut:
         # A handler that became due while we were busy (during a fork, say)
         # runs now: epoll_wait() would not be interrupted for it.
         PyErr_CheckSignals()
-        ms = -1 if wake == 0 else <int>(min(max(wake - _monotonic(), 0.0), 60.0) * 1000.0 + 0.999)
+        if wake < 0:
+            ms = 0
+        elif wake == 0:
+            ms = -1
+        else:
+            ms = <int>(min(max(wake - _monotonic(), 0.0), 60.0) * 1000.0 + 0.999)
         with nogil:
             rc = epoll_wait(self.epfd, self.events, _MAX_EVENTS, ms)
         if rc >= 0:
@@ -682,7 +767,8 @@ cdef class FanOut:
         return -1
 
     cdef int _handle_events(self, int n) except -1:
-        """Answer the doorbell, drain the pipes with data, reap those whose pidfd is readable."""
+        """Answer the doorbell, read the pipes that have data or hung up, reap
+        those whose pidfd is readable."""
         cdef int k, s
         cdef unsigned long long data
         for k in range(n):
@@ -694,15 +780,18 @@ cdef class FanOut:
             if not self.slots[s].pid:
                 continue
             if data & 1:
-                self._drain(&self.slots[s])
+                self._read_pipe(s)
             elif not self.slots[s].reaped:
                 self._try_reap(s)
         return 0
 
-    cdef int _watch(self, int fd, unsigned long long data) noexcept:
-        """Register ``fd`` for reading with the epoll set; epoll_ctl's result."""
+    cdef int _watch(self, int fd, unsigned long long data, unsigned int events) noexcept:
+        """Register ``fd`` with the epoll set for ``events``; epoll_ctl's result.
+
+        EPOLLHUP and EPOLLERR are always reported, even with ``events`` 0.
+        """
         cdef epoll_event event
-        event.events = EPOLLIN
+        event.events = events
         event.data.u64 = data
         return epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &event)
 
@@ -717,10 +806,40 @@ cdef class FanOut:
             epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd[0], &event)
         _close_fd(fd)
 
-    cdef int _reap_children_without_pidfd(self) except -1:
+    cdef void _poll(self, int s) noexcept:
+        """Wait for the slot's child by pid on the timer: no event will tell of its exit."""
+        if self.slots[s].polled_at >= 0:
+            return
+        self.slots[s].polled_at = self.n_polled
+        self.polled_slots[self.n_polled] = s
+        self.n_polled += 1
+        self.poll_interval = 0.0005  # it is likely to be reapable at once
+
+    cdef void _unpoll(self, _Slot *slot) noexcept:
+        """Take the slot off the list of those polled by pid (if it is on it)."""
+        cdef int last
+        if slot.polled_at < 0:
+            return
+        self.n_polled -= 1
+        last = self.polled_slots[self.n_polled]
+        self.polled_slots[slot.polled_at] = last
+        self.slots[last].polled_at = slot.polled_at
+        slot.polled_at = -1
+
+    cdef int _reap_polled(self) except -1:
+        cdef int i
+        # From the end: reaping one moves the last (already tried) into its place.
+        for i in range(self.n_polled - 1, -1, -1):
+            if i < self.n_polled:
+                self._try_reap(self.polled_slots[i])
+        return 0
+
+    cdef int _sweep(self) except -1:
+        """Wait for every unreaped child without blocking: the safety net for a
+        child whose pipe a grandchild holds open (see the top)."""
         cdef int s
         for s in range(self.n_slots):
-            if self.slots[s].pid and not self.slots[s].reaped and self.slots[s].pidfd < 0:
+            if self.slots[s].pid and not self.slots[s].reaped:
                 self._try_reap(s)
         return 0
 
@@ -741,6 +860,7 @@ cdef class FanOut:
         cdef int tokens[64]
         cdef int s
         cdef Py_ssize_t n, i
+        cdef epoll_event event
         while True:
             n = c_read(self.bell_r, tokens, sizeof(tokens))
             if n < 0 and errno == EINTR:
@@ -753,25 +873,68 @@ cdef class FanOut:
                 s = tokens[i]
                 if 0 <= s < self.n_slots and self.slots[s].pid and not self.slots[s].draining:
                     self.slots[s].draining = True
-                    if self.slots[s].rfd >= 0 and self._watch(
-                            self.slots[s].rfd, (<unsigned long long>s << 1) | 1) < 0:
+                    if self.slots[s].rfd < 0:
+                        continue
+                    event.events = EPOLLIN
+                    event.data.u64 = (<unsigned long long>s << 1) | 1
+                    # A pipe whose registration failed at launch is added now.
+                    if (epoll_ctl(self.epfd, EPOLL_CTL_MOD, self.slots[s].rfd, &event) < 0
+                            and self._watch(self.slots[s].rfd, event.data.u64, EPOLLIN) < 0):
                         _raise_errno(errno)
-                    self._drain(&self.slots[s])
+                    self._read_pipe(s)
+
+    cdef int _read_pipe(self, int s) except -1:
+        """Drain the slot's pipe; once it has hung up (and is closed), reap its child."""
+        cdef _Slot *slot = &self.slots[s]
+        if slot.rfd < 0:
+            return 0
+        self._drain(slot)
+        if slot.rfd < 0 and not slot.reaped:
+            self._on_hang_up(s)
+        return 0
+
+    cdef int _on_hang_up(self, int s) except -1:
+        """The slot's pipe has hung up (read and closed): reap the child, or watch for its exit.
+
+        It cannot be reaped yet if it has closed its files but is not a
+        zombie yet, or if it closed the pipe itself and runs on: then a pidfd
+        takes the pipe's place in the epoll set, or (no pidfd) it is polled.
+        """
+        cdef _Slot *slot = &self.slots[s]
+        self._try_reap(s)
+        if slot.reaped or slot.pidfd >= 0:
+            return 0
+        # Opened after that wait found a running child of ours with this pid:
+        # it names our child unless someone else reaped ours meanwhile and
+        # the pid was handed on to another child of ours (see the top).
+        slot.pidfd = _open_pidfd(slot.pid)
+        if slot.pidfd >= 0:
+            _own(slot.pidfd)
+            if self._watch(slot.pidfd, <unsigned long long>s << 1, EPOLLIN) == 0:
+                return 0
+            _close_fd(&slot.pidfd)
+        self._poll(s)
+        return 0
 
     cdef int _drain(self, _Slot *slot) except -1:
-        """Read what the slot's pipe holds now; close it at end of file."""
+        """Read what the slot's pipe holds now; close it at end of file.
+
+        Into the slot's buffer while it has room, else through the scratch
+        buffer into a slot buffer grown to fit: a small frame then costs a
+        few bytes of the heap, not a page of its own as a buffer sized for
+        large reads would (each page the parent has in use makes every fork
+        dearer).
+        """
         cdef Py_ssize_t n
-        cdef char *grown
+        cdef char *into
         while slot.rfd >= 0:
-            if slot.cap - slot.size < 4096:
-                grown = <char *>realloc(slot.buf, max(slot.cap * 2, _FIRST_BUFFER))
-                if grown == NULL:
-                    raise MemoryError()
-                slot.buf = grown
-                slot.cap = max(slot.cap * 2, _FIRST_BUFFER)
-            n = c_read(slot.rfd, slot.buf + slot.size, slot.cap - slot.size)
+            into = slot.buf + slot.size if slot.cap > slot.size else self.scratch
+            n = c_read(slot.rfd, into, slot.cap - slot.size if into != self.scratch else _SCRATCH)
             if n > 0:
-                slot.size += n
+                if into == self.scratch:
+                    self._keep(slot, n)
+                else:
+                    slot.size += n
             elif n == 0:
                 self._unwatch_and_close(&slot.rfd)
             elif errno == EINTR:
@@ -782,22 +945,49 @@ cdef class FanOut:
                 _raise_errno(errno)
         return 0
 
-    cdef int _try_reap(self, int s) except -1:
-        """Reap the slot's child if it has exited (without blocking)."""
+    cdef int _keep(self, _Slot *slot, Py_ssize_t n) except -1:
+        """Append the first ``n`` bytes of the scratch buffer to the slot's buffer."""
+        cdef Py_ssize_t cap = slot.cap
+        cdef char *grown
+        if slot.size + n > cap:
+            # Just enough for a first read; doubling after that.
+            cap = slot.size + n if slot.size == 0 else max(slot.size + n, 2 * slot.cap)
+            grown = <char *>realloc(slot.buf, cap)
+            if grown == NULL:
+                raise MemoryError()
+            slot.buf = grown
+            slot.cap = cap
+        memcpy(slot.buf + slot.size, self.scratch, n)
+        slot.size += n
+        return 0
+
+    cdef int _reap_step(self, int s, int pidfd) noexcept:
+        """One wait for the slot's child without blocking, through ``pidfd`` if >= 0.
+
+        Returns 1 if the child is reaped now (or found reaped by someone
+        else: lost), 0 if it has not exited, -1 with errno on another error.
+        """
         cdef _Slot *slot = &self.slots[s]
         cdef int status = 0
-        cdef pid_t rc = _wait_child(slot.pid, slot.pidfd, WNOHANG, &status, NULL)
+        cdef pid_t rc = _wait_child(slot.pid, pidfd, WNOHANG, &status, NULL)
         if rc > 0:
             slot.returncode = _exitcode_of_status(status)
         elif rc < 0 and errno == ECHILD:
             slot.lost = True  # reaped by someone else
-        elif rc < 0 and errno != EINTR:
-            _raise_errno(errno)
-        else:
+        elif rc == 0 or errno == EINTR:
             return 0
+        else:
+            return -1
         slot.reaped = True
+        self._unpoll(slot)
         self.reaped_slots[self.n_reaped] = s
         self.n_reaped += 1
+        return 1
+
+    cdef int _try_reap(self, int s) except -1:
+        """Reap the slot's child if it has exited (without blocking)."""
+        if self._reap_step(s, self.slots[s].pidfd) < 0:
+            _raise_errno(errno)
         return 0
 
     cdef int _finish(self, int s) except -1:
@@ -806,8 +996,8 @@ cdef class FanOut:
         cdef unsigned long long length = 0
         cdef int i
         cdef _Outcome *o
-        # It has exited, so all it wrote is in the pipe; a grandchild that still
-        # holds the write end is not waited for.
+        # It has exited, so all it wrote is in the pipe (if that is still
+        # open); a grandchild that still holds the write end is not waited for.
         self._drain(slot)
         o = self._new_outcome()
         o.index = slot.index
@@ -879,9 +1069,30 @@ cdef class FanOut:
 
     # ------------------------------------------------------------ stopping
 
-    cdef void _signal(self, int s, int sig) noexcept:
-        """Send ``sig`` to the slot's (unreaped) child."""
-        _signal_child(self.slots[s].pid, self.slots[s].pidfd, sig)
+    cdef int _pidfd_to_signal(self, _Slot *slot) noexcept:
+        """The slot's pidfd, or one opened now (the caller closes it); -1 if none can be had."""
+        if slot.pidfd >= 0:
+            return slot.pidfd
+        return _open_pidfd(slot.pid)
+
+    cdef bint _signal(self, int s, int sig, int then=0) noexcept:
+        """Send ``sig`` (and ``then``, if not 0) to the slot's unreaped child, if it runs.
+
+        A child that has exited is reaped instead (or found lost) and not
+        signalled. A pidfd opened for the signal is opened before that wait:
+        if the wait finds a running child of ours, the pidfd names it (see
+        the top). Returns True if the child was signalled.
+        """
+        cdef _Slot *slot = &self.slots[s]
+        cdef int pidfd = self._pidfd_to_signal(slot)
+        cdef bint running = self._reap_step(s, pidfd) == 0
+        if running:
+            _signal_child(slot.pid, pidfd, sig)
+            if then:
+                _signal_child(slot.pid, pidfd, then)
+        if pidfd >= 0 and pidfd != slot.pidfd:
+            close(pidfd)
+        return running
 
     cdef int _enforce_timeouts(self, double now) except -1:
         """Signal the children whose time is up; find when the next one is due.
@@ -898,9 +1109,8 @@ cdef class FanOut:
             if slot.deadline and not slot.timed_out and now >= slot.deadline:
                 slot.timed_out = True
                 if self.grace > 0:
-                    self._signal(s, SIGTERM)
-                    self._signal(s, SIGCONT)
-                    slot.kill_at = now + self.grace
+                    if self._signal(s, SIGTERM, SIGCONT):
+                        slot.kill_at = now + self.grace
                 else:
                     self._signal(s, SIGKILL)
             elif slot.kill_at and now >= slot.kill_at:
@@ -914,7 +1124,7 @@ cdef class FanOut:
 
     cdef void _kill_and_reap_all(self) noexcept:
         """SIGKILL every child still running and reap it, blocking; no Python code."""
-        cdef int s
+        cdef int s, pidfd
         cdef _Slot *slot
         if self.slots == NULL:
             return
@@ -922,10 +1132,14 @@ cdef class FanOut:
             slot = &self.slots[s]
             if not slot.pid or slot.reaped:
                 continue
-            self._signal(s, SIGKILL)
-            with nogil:
-                # SIGKILL cannot be caught: only a child stuck in the kernel waits here.
-                _reap_quietly(slot.pid, slot.pidfd)
+            pidfd = self._pidfd_to_signal(slot)
+            if self._reap_step(s, pidfd) == 0:  # as _signal: only a running child
+                _signal_child(slot.pid, pidfd, SIGKILL)
+                with nogil:
+                    # SIGKILL cannot be caught: only a child stuck in the kernel waits here.
+                    _reap_quietly(slot.pid, pidfd)
+            if pidfd >= 0 and pidfd != slot.pidfd:
+                close(pidfd)
             slot.reaped = True
         for s in range(self.n_slots):
             if self.slots[s].pid:
@@ -934,13 +1148,10 @@ cdef class FanOut:
     # ------------------------------------------------------------ fds
 
     cdef void _close_slot_fds(self, _Slot *slot) noexcept:
-        if slot.draining:
-            self._unwatch_and_close(&slot.rfd)
-        _close_fd(&slot.rfd)
+        self._unwatch_and_close(&slot.rfd)
         _close_fd(&slot.wfd)
-        if slot.pid and slot.pidfd < 0:
-            self.n_without_pidfd -= 1
         self._unwatch_and_close(&slot.pidfd)
+        self._unpoll(slot)
 
     cdef void _close_fds(self) noexcept:
         cdef int s
@@ -953,6 +1164,47 @@ cdef class FanOut:
         _close_fd(&self.bell_r)
         _close_fd(&self.bell_w)
         _close_fd(&self.epfd)
+
+
+# ---------------------------------------------------------------- the child's forks
+
+# An engine child's two fds of the fan-out (its result pipe and the doorbell)
+# and their identity: an at-fork hook closes them in every process the child
+# forks with os.fork (multiprocessing too), where the result pipe's write end
+# would keep the pipe from hanging up when the child exits. fastfork's own
+# forks close them as owned fds; see the top for forks that run no hook.
+cdef int _fan_out_fds[2]
+cdef struct_stat _fan_out_fd_stats[2]
+_fan_out_fds[0] = _fan_out_fds[1] = -1
+
+
+cdef void _close_in_later_forks(int result_fd, int bell) noexcept:
+    """In an engine child: have the at-fork hook close these fds in its children."""
+    cdef int i
+    _fan_out_fds[0], _fan_out_fds[1] = result_fd, bell
+    for i in range(2):
+        if fstat(_fan_out_fds[i], &_fan_out_fd_stats[i]) < 0:
+            _fan_out_fds[i] = -1
+
+
+def _close_fan_out_fds_after_fork():
+    """After a fork in an engine child: close its fan-out fds in the new process.
+
+    Each only while it is still that file: user code may have closed it and
+    the number may name another file now.
+    """
+    cdef struct_stat st
+    cdef int i
+    for i in range(2):
+        if _fan_out_fds[i] < 0:
+            continue
+        if (fstat(_fan_out_fds[i], &st) == 0 and st.st_ino == _fan_out_fd_stats[i].st_ino
+                and st.st_dev == _fan_out_fd_stats[i].st_dev):
+            _close_fd(&_fan_out_fds[i])
+        _fan_out_fds[i] = -1
+
+
+os.register_at_fork(after_in_child=_close_fan_out_fds_after_fork)
 
 
 cdef int _engine_child_body(object work) except -1:

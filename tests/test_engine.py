@@ -6,10 +6,14 @@ fan-out's doorbell with its slot number, and the parent drains that pipe while
 it waits. These tests aim at that path (results around the pipe's capacity,
 many children ringing at once, a child killed mid-write), at stopping (timeouts,
 stop_on_failure, closing early, close() and the __dealloc__ safety net), at
-which fds the children hold and at the traceback a failing child sends. The autouse guard in conftest.py checks after each
-test that no child process or fd was left behind.
+which fds the children hold, at the traceback a failing child sends, and at
+how a child's exit is seen: through its pipe hanging up, the one fd the parent
+holds for it (a child that closes its pipe early, a grandchild that holds it
+open, with and without pidfds). The autouse guard in conftest.py checks after
+each test that no child process or fd was left behind.
 """
 import contextlib
+import ctypes
 import errno
 import fcntl
 import gc
@@ -76,9 +80,11 @@ def wait_readable(fd, count, timeout=10.0):
     """Read ``count`` bytes from ``fd`` (blocking), failing the test after ``timeout``."""
     got = b""
     deadline = time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while len(got) < count:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        if left <= 0 or not poller.poll(left * 1000):
             pytest.fail(f"children reported {len(got)} of {count} bytes in {timeout} s")
         got += os.read(fd, count - len(got))
     return got
@@ -818,21 +824,25 @@ def _run_all_at_once(hard):
 
 
 def test_fd_limit_is_raised_as_far_as_the_children_need():
-    # 100 children at once hold 200 fds in the parent; the soft limit starts at 64.
+    # 100 children at once hold 100 fds in the parent (one each); the soft
+    # limit starts at 64.
     report = _run_all_at_once(None)
     assert report["results"] == list(range(100))
-    assert 200 < report["soft"] <= report["hard"]
-    if report["hard"] > 1000:
-        assert report["soft"] < 1000  # only as far as needed, not to the hard limit
+    assert 100 < report["soft"] <= report["hard"]
+    if report["hard"] > 200:
+        assert report["soft"] < 200  # only as far as needed, not to the hard limit
 
 
-# A fan-out of 100 quick children, jobs=100, under a hard fd limit of 64;
-# with FREE set, the parent first opens files until only FREE fds are left.
+# A fan-out of 100 children, jobs=100, under a hard fd limit of 64; with FREE
+# set, the parent first opens files until only FREE fds are left. The
+# children wait until the parent warns that it holds the others back (or
+# they would finish, and free their fds, before the limit is reached).
 _UNDER_64_FDS = textwrap.dedent("""
     import json, os, resource, warnings
     import fastfork
 
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+    go_r, go_w = os.pipe()
     held = []
     if FREE is not None:
         try:
@@ -842,13 +852,25 @@ _UNDER_64_FDS = textwrap.dedent("""
             pass
         for _ in range(FREE):
             os.close(held.pop())
-    with warnings.catch_warnings(record=True) as caught:
+    caught = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        caught.append((category.__name__, str(message), filename))
+        if category is RuntimeWarning:
+            os.write(go_w, b"x" * 100)  # one byte for each child
+
+    def child(i):
+        os.read(go_r, 1)
+        return abs(i)
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = show
         try:
-            report = {"results": fastfork.map(abs, range(100), jobs=100)}
+            report = {"results": fastfork.map(child, range(100), jobs=100)}
         except OSError as exc:
             report = {"errno": exc.errno, "message": str(exc)}
-    report["warnings"] = [(w.category.__name__, str(w.message), w.filename) for w in caught]
+    report["warnings"] = caught
     print(json.dumps(report))
 """)
 
@@ -858,7 +880,7 @@ def _run_under_64_fds(free):
 
 
 def test_fd_limit_too_low_holds_children_back_with_one_warning():
-    # About 28 children fit in 64 fds: the rest start as running ones finish.
+    # About 55 children fit in 64 fds: the rest start as running ones finish.
     report = _run_under_64_fds(None)
     assert report["results"] == list(range(100))
     [(category, message, filename)] = report["warnings"]
@@ -873,3 +895,267 @@ def test_no_fd_left_for_a_child_is_a_clear_error():
     assert report["errno"] == errno.EMFILE
     assert "RLIMIT_NOFILE" in report["message"] and "raise the" in report["message"]
     assert report["warnings"] == []
+
+
+# ------------------------------------- 10. a child's exit seen through its pipe
+#
+# The parent holds one fd per running child, the read end of its result pipe,
+# and learns of the child's exit when that pipe hangs up. These tests aim at
+# what could keep a pipe from hanging up when the child exits, or make it hang
+# up while the child runs on, with pidfds and without them.
+
+READY_W = GO_R = GO_W = -1  # a test's pipes, inherited by its children
+
+
+@pytest.fixture(params=["pidfd", "polling"])
+def pidfd_mode(request):
+    """Run a test with pidfds (where the kernel has them) and with WNOHANG polling."""
+    using = _core._set_use_pidfd(request.param == "pidfd")
+    try:
+        if request.param == "pidfd" and not using:
+            pytest.skip("no pidfd here")
+        yield request.param
+    finally:
+        _core._set_use_pidfd(True)
+
+
+@pytest.fixture
+def ready_and_go():
+    """Two pipes: children write a byte to ``ready`` (READY_W) when they are
+    ready, then wait on ``go`` (GO_R) until the test closes its write end.
+
+    Yields (ready_r, release), ``release()`` closing the test's end of ``go``.
+    A child must close its own copy of GO_W first (see close_go_w).
+    """
+    global READY_W, GO_R, GO_W
+    ready_r, READY_W = os.pipe()
+    GO_R, GO_W = os.pipe()
+
+    def release():
+        global GO_W
+        if GO_W >= 0:
+            os.close(GO_W)
+            GO_W = -1
+
+    try:
+        yield ready_r, release
+    finally:
+        release()
+        for fd in (ready_r, READY_W, GO_R):
+            os.close(fd)
+        READY_W = GO_R = -1
+
+
+def close_go_w():
+    """In a child: close the inherited write end of ``go``, so that it ends when the test's does."""
+    if GO_W >= 0:
+        os.close(GO_W)
+
+
+def wait_for_go():
+    assert os.read(GO_R, 1) == b""  # end of file: the test released us
+
+
+def pipe_inodes_of(fds):
+    return {os.fstat(fd).st_ino for fd in fds}
+
+
+def close_result_pipe_then_wait(kind):
+    """Close the fan-out's fds (as os.closerange would), say so, and wait for the test."""
+    if kind == "waiter":
+        # Returns once the other child has closed its pipe and runs on.
+        assert os.read(READY_R, 1) == b"x"
+        return "waited"
+    close_go_w()
+    for fd in _core.owned_fds():  # its result pipe and the doorbell
+        os.close(fd)
+    os.write(READY_W, b"x")
+    wait_for_go()
+    return "never sent: the result pipe is closed"
+
+
+READY_R = -1
+
+
+def test_child_that_closes_its_pipe_early_runs_on_and_fails_without_a_result(
+        pidfd_mode, ready_and_go):
+    # Its pipe hangs up while it runs: the engine waits for its exit through
+    # a pidfd (or polls its pid), and reports it as a child without a result.
+    global READY_R
+    ready_r, release = ready_and_go
+    READY_R = ready_r
+    before = procutil.children()
+    fds_before = procutil.open_fds() - {GO_W}  # closed by release()
+    try:
+        gen = fastfork.as_completed(close_result_pipe_then_wait, ["closer", "waiter"], jobs=2,
+                                    timeout=NO_DEADLOCK, return_exceptions=True)
+        with contextlib.closing(gen):
+            assert next(gen) == (1, "waited")
+            [closer] = procutil.children() - before
+            assert procutil.state(closer) not in (None, "Z")  # not reaped, runs on
+            release()
+            [(index, error)] = list(gen)
+    finally:
+        READY_R = -1
+    assert index == 0 and isinstance(error, fastfork.ChildError), error
+    assert error.returncode == 70 and "without a result" in str(error)  # writing failed
+    assert not isinstance(error, fastfork.ChildTimeout)
+    assert procutil.children() - before == set()
+    assert procutil.open_fds() == fds_before
+
+
+def close_result_pipe_and_hang(_):
+    close_go_w()
+    for fd in _core.owned_fds():
+        os.close(fd)
+    wait_for_go()  # never released: the timeout stops it
+
+
+def test_timeout_stops_a_child_whose_pipe_hung_up(pidfd_mode, ready_and_go):
+    # A child that hung up its pipe and runs on is signalled for its timeout
+    # through the pidfd that replaced the pipe (or by pid when polling).
+    before = procutil.children()
+    with pytest.raises(fastfork.ChildTimeout) as caught:
+        fastfork.map(close_result_pipe_and_hang, [0], timeout=0.5, grace=0)
+    assert caught.value.returncode == -signal.SIGKILL
+    assert procutil.children() - before == set()
+
+
+def test_close_stops_a_child_whose_pipe_hung_up(pidfd_mode, ready_and_go):
+    # close() signals a child that hung up its pipe and runs on, through the
+    # pidfd that replaced the pipe (or by pid when polling), and reaps it.
+    global READY_R
+    ready_r, release = ready_and_go
+    READY_R = ready_r
+    before = procutil.children()
+    fds_before = procutil.open_fds()
+    engine = new_engine(say_when_terminated, ["closer", "waiter"], 2)
+    try:
+        [outcome] = engine.step()
+        assert outcome[:2] == (1, "waiter")
+        [closer] = procutil.children() - before
+        assert procutil.state(closer) not in (None, "Z")
+    finally:
+        READY_R = -1
+        engine.close(NO_DEADLOCK)
+    # It got SIGTERM, not only close()'s last SIGKILL; it has exited, so the byte is there.
+    os.set_blocking(ready_r, False)
+    assert os.read(ready_r, 1) == b"t"
+    assert procutil.children() - before == set()
+    assert procutil.open_fds() == fds_before
+
+
+def say_when_terminated(kind):
+    if kind == "closer":
+        signal.signal(signal.SIGTERM, lambda *_: (os.write(READY_W, b"t"), os._exit(15)))
+    return close_result_pipe_then_wait(kind)
+
+
+def fork_lingering_grandchild(how):
+    """Fork a grandchild that outlives this child until the test releases it.
+
+    The grandchild reports, on READY_W, the inodes of the pipes it holds; the
+    child returns the grandchild's pid and the inodes of its own fan-out fds.
+    """
+    close_go_w()
+    fan_out_pipes = pipe_inodes_of(_core.owned_fds())  # its result pipe and the doorbell
+    if how == "os.fork":
+        pid = os.fork()
+    else:  # a fork that runs no at-fork hook, as a C extension's
+        pid = ctypes.CDLL(None, use_errno=True).fork()
+    if pid == 0:
+        try:
+            held = procutil.pipe_inodes()
+            os.write(READY_W, (json.dumps(sorted(held)) + "\n").encode())
+            wait_for_go()
+        finally:
+            os._exit(0)
+    return pid, sorted(fan_out_pipes)
+
+
+def _read_line(fd):
+    line = b""
+    while not line.endswith(b"\n"):
+        line += wait_readable(fd, 1, NO_DEADLOCK)
+    return line
+
+
+@pytest.mark.parametrize("how", ["os.fork", "raw fork"])
+def test_a_grandchild_holding_on_does_not_keep_the_child_from_being_reaped(
+        pidfd_mode, ready_and_go, how):
+    # os.fork's grandchild closes the fan-out's fds (an at-fork hook), so the
+    # pipe hangs up at the child's exit; a raw fork's grandchild keeps the
+    # result pipe open, and the engine's once-a-second sweep reaps the child.
+    # Either way map returns while the grandchild still runs, with the result.
+    ready_r, release = ready_and_go
+    before = procutil.children()
+    [(grandchild, fan_out_pipes)] = fastfork.map(fork_lingering_grandchild, [how],
+                                                 timeout=NO_DEADLOCK)
+    held = set(json.loads(_read_line(ready_r)))
+    try:
+        assert procutil.state(grandchild) not in (None, "Z")  # map did not wait for it
+        if how == "os.fork":
+            assert not held & set(fan_out_pipes), (held, fan_out_pipes)
+        else:
+            assert held & set(fan_out_pipes)  # the case the sweep is for
+    finally:
+        release()
+        assert procutil.wait_ended([grandchild]) == []  # reparented: init reaps it
+    assert procutil.children() - before == set()
+
+
+def ready_then_wait(i):
+    if i == "waiter":
+        assert os.read(READY_R, N_BLOCKED) == b"x" * N_BLOCKED  # one write each: atomic
+        return i
+    close_go_w()
+    os.write(READY_W, b"x")
+    wait_for_go()
+    return i
+
+
+N_BLOCKED = 50
+
+
+def test_the_engine_holds_one_fd_per_running_child(pidfd_mode, ready_and_go):
+    global READY_R
+    ready_r, release = ready_and_go
+    READY_R = ready_r
+    fds_before = procutil.open_fds()
+    go_w = GO_W  # closed by release()
+    items = ["waiter"] + list(range(N_BLOCKED))
+    engine = new_engine(ready_then_wait, items, len(items))
+    try:
+        # The waiter returns once all the others run and block.
+        [outcome] = engine.step()
+        assert outcome[:2] == (0, "waiter")
+        held = procutil.open_fds() - fds_before
+        # One per running child, and the fan-out's own three (epoll, doorbell).
+        assert len(held) <= N_BLOCKED + 3, sorted(held)
+        release()
+        outcomes = []
+        while not engine.done_running:
+            outcomes += engine.step()
+    finally:
+        READY_R = -1
+        engine.close(0)
+    assert sorted(pickle.loads(o[5]) for o in outcomes) == list(range(N_BLOCKED))
+    assert procutil.open_fds() == fds_before - {go_w}
+
+
+def mixed_size_result(i):
+    return blob(MIXED_SIZES[i % len(MIXED_SIZES)], i)
+
+
+# Empty, small, just under and over the pipe's capacity, and a few times it.
+MIXED_SIZES = [0, 100, PIPE_CAPACITY - 100, PIPE_CAPACITY + 1, 3 * PIPE_CAPACITY, 1 << 20]
+
+
+def test_many_children_at_once_with_results_of_mixed_sizes(pidfd_mode):
+    n = 300
+    fds_before = procutil.open_fds()
+    got = fastfork.map(mixed_size_result, range(n), jobs=n)
+    assert got == [mixed_size_result(i) for i in range(n)]
+    assert dict(fastfork.as_completed(mixed_size_result, range(n), jobs=n)) == dict(
+        enumerate(got))
+    assert procutil.open_fds() == fds_before
