@@ -55,14 +55,15 @@ def wait_message(running, jobs, fds_per_child):
     """The warning given once when the fd limit holds children back."""
     soft, hard = fd_limit()
     return (f"only {running} children fit at once in the open-file limit "
-            f"(RLIMIT_NOFILE {soft}, hard limit {hard}; each child needs about "
-            f"{fds_per_child} files), not jobs={jobs}: the others start as running ones "
-            f"finish. Raise the hard limit (ulimit -Hn) to run them all at once")
+            f"(RLIMIT_NOFILE {soft}, hard limit {hard}; each running child holds "
+            f"{fds_per_child}), not jobs={jobs}: the others start as running ones finish. "
+            f"Raise the hard limit (ulimit -Hn) to run them all at once")
 
 
-def no_room_error(in_use, running, hard, fds_per_child):
+def no_room_error(in_use, running, hard, fds_per_child, fds_to_start):
     """The OSError(EMFILE) for a child that cannot start while none could free fds."""
     return OSError(errno.EMFILE, (
         f"too many open files to start a child: {in_use} files open, {running} "
-        f"children running, and the hard limit RLIMIT_NOFILE is {hard}; each child "
-        f"needs {fds_per_child}: close files or raise the hard limit"))
+        f"children running, and the hard limit RLIMIT_NOFILE is {hard}; a running child "
+        f"holds {fds_per_child} and starting one needs {fds_to_start} free: close files "
+        f"or raise the hard limit"))

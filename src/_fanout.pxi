@@ -84,6 +84,7 @@ from _decls cimport EPOLL_CTL_MOD, PyIter_Next_raw
 import pickle
 import traceback
 
+from fastfork import _fdlimit
 from fastfork._result import error_payload as _error_payload, user_traceback as _user_traceback
 
 cdef object _dumps = pickle.dumps
@@ -389,7 +390,7 @@ cdef class FanOut:
             raise MemoryError()
         # A huge ``jobs`` (no limit) costs nothing until that many children run.
         self._grow_slots(min(jobs, _FIRST_SLOTS))
-        self.fd_room = jobs if _fd_limit()[0] >= _FDS_PER_CHILD * jobs + _FD_SLACK else 0
+        self.fd_room = jobs if _fdlimit.fd_limit()[0] >= _FDS_PER_CHILD * jobs + _FD_SLACK else 0
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             _raise_errno(errno)
@@ -669,19 +670,12 @@ cdef class FanOut:
         Only as far as needed, and at most to the hard limit. Raises OSError
         (EMFILE) if not even one more child fits now.
         """
-        soft, hard = _fd_limit()
-        in_use = _fds_in_use(soft)
-        needed = in_use + _FDS_PER_CHILD * (self.jobs - self.running) + _FDS_TO_SPARE
-        if needed > soft and soft < hard:
-            soft = min(needed, hard)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        in_use, soft, hard = _fdlimit.make_room(
+            _FDS_PER_CHILD * (self.jobs - self.running) + _FDS_TO_SPARE)
         self.fd_room = self.running + max(soft - in_use - _FDS_TO_SPARE, 0) // _FDS_PER_CHILD
         if self.fd_room <= self.running:
-            raise OSError(EMFILE, (
-                f"too many open files to start a child: {in_use} files open, "
-                f"{self.running} children running, and the hard limit RLIMIT_NOFILE is "
-                f"{hard}; a running child holds {_FDS_PER_CHILD} and starting one needs "
-                f"{_FDS_TO_SPARE} free: close files or raise the hard limit"))
+            raise _fdlimit.no_room_error(in_use, self.running, hard, _FDS_PER_CHILD,
+                                         _FDS_TO_SPARE)
         return 0
 
     cdef int _warn_fd_wait(self) except -1:
@@ -689,12 +683,7 @@ cdef class FanOut:
         if self.fd_warned:
             return 0
         self.fd_warned = True
-        soft, hard = _fd_limit()
-        message = (f"only {self.running} children fit at once in the open-file limit "
-                   f"(RLIMIT_NOFILE {soft}, hard limit {hard}; each running child holds "
-                   f"{_FDS_PER_CHILD}), not jobs={self.jobs}: the others start as "
-                   f"running ones finish. Raise the hard limit (ulimit -Hn) to run them "
-                   f"all at once").encode()
+        message = _fdlimit.wait_message(self.running, self.jobs, _FDS_PER_CHILD).encode()
         PyErr_WarnEx(RuntimeWarning, message, _callers_stacklevel())
         return 0
 
@@ -1218,21 +1207,3 @@ cdef inline double _earliest(double a, double b) noexcept nogil:
     if a == 0:
         return b
     return a if a < b else b
-
-
-cdef tuple _fd_limit():
-    """(soft, hard) RLIMIT_NOFILE."""
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-cdef Py_ssize_t _fds_in_use(Py_ssize_t soft) except -1:
-    """How many fds this process has open (all below ``soft``, the soft limit)."""
-    cdef int fd
-    cdef Py_ssize_t n = 0
-    try:
-        return len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
-    except OSError:  # no /proc
-        for fd in range(soft):
-            if fcntl(fd, F_GETFD) >= 0:
-                n += 1
-        return n
