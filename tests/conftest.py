@@ -83,3 +83,16 @@ def fork_fault():
     from fastfork import _core
     yield _core._set_fork_fault
     _core._set_fork_fault(None)
+
+
+@pytest.fixture(params=["pidfd", "polling"])
+def pidfd_mode(request):
+    """Run a test with pidfds (where the kernel has them) and with WNOHANG polling."""
+    from fastfork import _core
+    using = _core._set_use_pidfd(request.param == "pidfd")
+    try:
+        if request.param == "pidfd" and not using:
+            pytest.skip("no pidfd here")
+        yield request.param
+    finally:
+        _core._set_use_pidfd(True)

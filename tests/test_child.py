@@ -7,7 +7,6 @@ import pytest
 
 import fastfork
 import procutil
-from fastfork import _core
 from fastfork import child as child_module
 
 
@@ -22,16 +21,10 @@ def raw_child(seconds=30.0, code=0):
     return pid
 
 
-@pytest.fixture(params=["pidfd", "polling"])
-def mode(request):
-    """Run a test with pidfds (where the kernel has them) and with WNOHANG polling."""
-    using_pidfds = _core._set_use_pidfd(request.param == "pidfd")
-    try:
-        if request.param == "pidfd" and not using_pidfds:
-            pytest.skip("no pidfd here")
-        yield request.param
-    finally:
-        _core._set_use_pidfd(True)
+@pytest.fixture
+def mode(pidfd_mode):
+    """With pidfds and with WNOHANG polling (conftest's pidfd_mode)."""
+    return pidfd_mode
 
 
 def test_wait_returns_exit_code_and_rusage(mode):

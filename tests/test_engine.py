@@ -907,18 +907,6 @@ def test_no_fd_left_for_a_child_is_a_clear_error():
 READY_W = GO_R = GO_W = -1  # a test's pipes, inherited by its children
 
 
-@pytest.fixture(params=["pidfd", "polling"])
-def pidfd_mode(request):
-    """Run a test with pidfds (where the kernel has them) and with WNOHANG polling."""
-    using = _core._set_use_pidfd(request.param == "pidfd")
-    try:
-        if request.param == "pidfd" and not using:
-            pytest.skip("no pidfd here")
-        yield request.param
-    finally:
-        _core._set_use_pidfd(True)
-
-
 @pytest.fixture
 def ready_and_go():
     """Two pipes: children write a byte to ``ready`` (READY_W) when they are
