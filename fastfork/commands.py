@@ -202,13 +202,15 @@ class _PipeFileIO(io.FileIO):
     _fd_released = False
 
     def close(self):
-        if not self.closed and not self._fd_released:
-            fd = self.fileno()
-            # Marked first: if a signal handler raises between the two steps,
-            # the fd leaks rather than being closed twice (maybe someone else's).
-            self._fd_released = True
-            close_owned(fd)
-        super().close()
+        try:
+            if not self.closed and not self._fd_released:
+                fd = self.fileno()
+                # Marked first: if a signal handler raises between the two steps,
+                # the fd leaks rather than being closed twice (maybe someone else's).
+                self._fd_released = True
+                close_owned(fd)  # EBADF if someone closed the fd itself (as uvloop does)
+        finally:
+            super().close()  # closed for good either way, as FileIO does
 
     def _dealloc_warn(self, source):
         # The buffered file over us calls this when it is collected unclosed;
