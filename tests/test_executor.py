@@ -743,6 +743,8 @@ try:
     with fastfork.ForkExecutor(2, server=server, grace=5) as ex:
         futures = [ex.submit(test_executor.signal_ready_then_sleep, ready, 60)
                    for _ in range(5)]
+        with open(ready, "w") as gate:  # all submitted: the test may interrupt the wait
+            gate.write("0\\n")
         cf.wait(futures)
 except KeyboardInterrupt:
     print("interrupted", sum(f.cancelled() for f in futures), flush=True)
@@ -762,7 +764,8 @@ def test_ctrl_c_stops_and_reaps_every_child(tmp_path, server):
             [sys.executable, "-c", CTRL_C.format(here=HERE, server=server), ready.path],
             env=procutil.child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
-        pids = [ready.read_line() for _ in range(2)]
+        # Two tasks' pids and the script's 0 once it has submitted all five, in any order.
+        pids = [pid for pid in (ready.read_line() for _ in range(3)) if pid]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
