@@ -617,8 +617,10 @@ def test_background_stops_on_leaving_the_block(arun, ready_pipe):
                 await readable(r)
                 raise RuntimeError("the block failed")
         assert child.returncode == -signal.SIGTERM
+        # A long grace: on a loaded machine the child may need seconds to
+        # handle the interrupt, send its result and exit.
         async with aio.background(serve_until_interrupted, w,
-                                  stop_signal=signal.SIGINT) as child:
+                                  stop_signal=signal.SIGINT, grace=60) as child:
             await readable(r)
         assert await child.result() == "clean"
     arun(main())

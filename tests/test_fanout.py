@@ -440,7 +440,7 @@ def test_background_sigint_lets_a_server_shut_down_cleanly():
             time.sleep(30)
         except KeyboardInterrupt:
             return "clean"
-    with ready, fastfork.background(server, stop_signal=signal.SIGINT) as child:
+    with ready, fastfork.background(server, stop_signal=signal.SIGINT, grace=60) as child:
         ready.wait()
     assert child.result() == "clean"
 

@@ -681,7 +681,7 @@ def serve():
     print("background")
     ready.signal()
     time.sleep(60)
-with ready, fastfork.background(serve, stop_signal=signal.SIGINT) as c:
+with ready, fastfork.background(serve, stop_signal=signal.SIGINT, grace=60) as c:
     ready.wait()
 print("after")
 """, unbuffered=False)

@@ -537,7 +537,7 @@ def test_background_stops_the_child(server):
     assert child.returncode == -signal.SIGTERM
     with procutil.Ready() as ready:
         with server.background(ready_then_sleep, ready.path, 60,
-                               stop_signal=signal.SIGINT) as child:
+                               stop_signal=signal.SIGINT, grace=60) as child:
             ready.wait()  # it runs, with the SIGINT handler of a child forked here
     assert child.returncode == 1  # KeyboardInterrupt raised in the child
 
