@@ -204,15 +204,19 @@ cdef class _Batch:
     def __cinit__(self, list pids):
         cdef Py_ssize_t i
         self.n = len(pids)
+        # The pidfds are marked before anything can raise (MemoryError, or
+        # OverflowError for a pid beyond pid_t): __dealloc__ closes what they hold.
+        self.pidfds = <int *>malloc(self.n * sizeof(int))
+        if self.pidfds != NULL:
+            for i in range(self.n):
+                self.pidfds[i] = -2
         self.pids = <pid_t *>malloc(self.n * sizeof(pid_t))
         self.status = <int *>calloc(self.n, sizeof(int))
-        self.pidfds = <int *>malloc(self.n * sizeof(int))
         self.state = <char *>calloc(self.n, sizeof(char))
         if not (self.pids and self.status and self.pidfds and self.state):
             raise MemoryError()
         for i in range(self.n):
             self.pids[i] = pids[i]
-            self.pidfds[i] = -2
 
     def __dealloc__(self):
         cdef Py_ssize_t i

@@ -1038,6 +1038,37 @@ def test_reap_rejects_bad_arguments_before_waiting(args, error, reaper):
     assert os.waitpid(pid, 0) == (pid, 0)
 
 
+def test_a_pid_beyond_pid_t_closes_no_fd():
+    # reap() once closed whatever numbers the memory of its unfilled pidfd
+    # slots held when a pid overflowed pid_t: stdout and the held fds among them.
+    out = run_script("""
+        import json, os, fastfork
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0)
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1000)]
+        not_children = list(range(10**6, 10**6 + 300))
+        for n in range(1, 300):
+            try:
+                fastfork.reap([pid, 2**40] + not_children[:n])
+            except OverflowError:
+                pass
+            try:
+                fastfork.reap(not_children[:n], timeout=0)  # leaves freed arrays behind
+            except ChildProcessError:
+                pass
+        closed = []
+        for fd in [0, 1, 2] + held:
+            try:
+                os.fstat(fd)
+            except OSError:
+                closed.append(fd)
+        print(json.dumps([closed, fastfork.reap([pid]) == [(pid, 0)]]))
+    """)
+    assert out == [[], True]
+
+
 def test_reap_empty_and_timeout_zero(reaper):
     assert fastfork.reap([]) == [] == fastfork.reap([], timeout=0)
     pid, w = blocked_child(fastfork.fork, reaper, code=6)
