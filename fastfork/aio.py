@@ -7,13 +7,15 @@ block; ``map``, ``as_completed`` and ``spawn_many`` fan out over many items
 or commands. The API parallels the synchronous one (``fastfork.start``,
 ``fastfork.map``, ``fastfork.spawn`` ...) and raises the same errors for the
 same bad input, before any process exists. The fan-outs run on the same
-scheduler as the synchronous ones (``fastfork._scheduler``), driven by the
-event loop instead of poll().
+engines as the synchronous ones, driven by the event loop instead of
+blocking: ``map`` and ``as_completed`` on the C engine of ``fastfork.map``,
+``spawn_many`` on ``fastfork._scheduler``.
 
-Every child is watched through its pidfd with ``loop.add_reader`` (polled
-with back-off where there is none), and its result pipe is drained as data
-arrives: the loop never blocks waiting, and no SIGCHLD handler or thread is
-involved. Only children fastfork created are reaped, so this mixes freely
+Every child is watched with ``loop.add_reader`` -- a handle's pidfd (polled
+with back-off where there is none) and pipes, or the one epoll fd of the
+engine behind ``map`` and ``as_completed`` -- and its pipes are drained as
+data arrives: the loop never blocks waiting, and no SIGCHLD handler or thread
+is involved. Only children fastfork created are reaped, so this mixes freely
 with ``asyncio.create_subprocess_exec``. Commands are created vfork-style:
 starting one pauses the loop for about one exec, whatever the parent's size.
 
@@ -28,6 +30,7 @@ them).
 """
 from __future__ import annotations
 
+import _signal
 import asyncio
 import contextlib
 import os
@@ -36,12 +39,13 @@ from collections.abc import (AsyncGenerator, AsyncIterator, Callable, Iterable, 
                              Sequence)
 from typing import IO, Any, Generic, TypeVar, Union
 
+from fastfork import _core
 from fastfork import commands as _commands
 from fastfork import fanout as _fanout
-from fastfork._aiodrive import LoopDriver
+from fastfork._aiodrive import EngineDriver, LoopDriver
 from fastfork._aiowatch import LoopWatch, on_loop, stop as _stop, wait_or_stop
 from fastfork._checks import check_callable, check_fan_out, check_timeout
-from fastfork.child import stop_all
+from fastfork.child import reap_dropped, stop_all
 from fastfork.commands import DEVNULL, PIPE, STDOUT, CommandResult
 from fastfork.errors import TimeoutExpired
 
@@ -77,22 +81,39 @@ def _leave_the_loop():
     task of a loop that does not run here). Those go back to their defaults:
     SIG_DFL, and KeyboardInterrupt for SIGINT.
     """
-    signal.set_wakeup_fd(-1)
-    for sig in signal.valid_signals():
+    # Through _signal, the C module under signal: signal's wrappers turn each
+    # handler into an enum member, which for a function fails the slow way
+    # (formatting an error message). In a forked child that costs some 130
+    # page faults, about as much as the rest of a short child's life.
+    _signal.set_wakeup_fd(-1)
+    for sig in _signal.valid_signals():
         try:
-            handler = signal.getsignal(sig)
+            handler = _signal.getsignal(sig)
         except (OSError, ValueError):
             continue
+        if not callable(handler):
+            continue  # SIG_DFL, SIG_IGN, or not set from Python
         module = getattr(getattr(handler, "func", handler), "__module__", None) or ""
         if module.startswith(("asyncio.", "uvloop.")):
-            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                          else signal.SIG_DFL)
+            _signal.signal(sig, _signal.default_int_handler if sig == signal.SIGINT
+                           else _signal.SIG_DFL)
 
 
 def _outside_the_loop(fn, args, kwargs):
     """The function a child forked by fastfork.aio runs: ``fn`` once the loop is left."""
     _leave_the_loop()
     return fn(*args, **kwargs)
+
+
+class _LeavingTheLoop:
+    """``fn`` for a fan-out's children: each leaves the parent's loop first, then calls it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, item):
+        _leave_the_loop()
+        return self.fn(item)
 
 
 def _start_outside_the_loop(fn, args=(), kwargs=None, **options):
@@ -296,34 +317,50 @@ def as_completed(fn: Callable[[Any], T], iterable: Iterable[Any], *, jobs: int |
     ChildTimeout, EAGAIN/ENOMEM retried, the first failure stopping new
     launches and raised once the running children are reported, or per-item
     errors with ``return_exceptions``) are those of ``fastfork.as_completed``:
-    the same scheduler, driven by the event loop. When the iteration ends
+    the same engine, driven by the event loop. When the iteration ends
     early -- cancelled, an exception, or the generator closed
     (``contextlib.aclosing``) -- every running child is stopped (SIGTERM,
     ``grace`` awaited, SIGKILL) and reaped. Raises TypeError/ValueError for
     bad arguments here, before any process is created.
     """
+    return _fan_out(fn, iterable, False, jobs=jobs, timeout=timeout,
+                    return_exceptions=return_exceptions, fork_retries=fork_retries, grace=grace,
+                    die_with_parent=die_with_parent, print_traceback=print_traceback)
+
+
+def _fan_out(fn, iterable, until_done, *, jobs, timeout, return_exceptions, fork_retries, grace,
+             die_with_parent, print_traceback):
+    """Validate a fan-out's arguments (before any fork); return its as_completed generator."""
     check_callable(fn)
     jobs, timeout, grace, fork_retries, _ = check_fan_out(
         jobs, timeout, grace, fork_retries, "fork_retries")
-    return _as_completed(fn, iter(iterable), return_exceptions, print_traceback, jobs=jobs,
-                         timeout=timeout, fork_retries=fork_retries, grace=grace,
+    return _as_completed(fn, iter(iterable), return_exceptions, print_traceback, until_done,
+                         jobs=jobs, timeout=timeout, fork_retries=fork_retries, grace=grace,
                          die_with_parent=die_with_parent)
 
 
-async def _as_completed(fn, items, return_exceptions, print_traceback, **options):
-    fan = _fanout.FunctionFanOut(_start_outside_the_loop, fn, items, return_exceptions,
-                                 print_traceback, **options)
-    driver = LoopDriver(fan.scheduler)
+async def _as_completed(fn, items, return_exceptions, print_traceback, until_done, *, jobs,
+                        timeout, fork_retries, grace, die_with_parent):
+    """as_completed over the iterator ``items`` with the C engine of fastfork.map, on the loop.
+
+    ``until_done`` (map): the loop steps the engine at each child's exit
+    without waking this task; every outcome comes in one batch at the end.
+    """
+    reap_dropped()
+    # Other tasks run between two forks and may print: stdio is flushed
+    # before every fork (the engine's default).
+    engine = _core.FanOut(_LeavingTheLoop(fn), items, jobs, timeout, grace, fork_retries,
+                          signal.SIGKILL if die_with_parent else 0, print_traceback,
+                          not return_exceptions)
+    reports = _fanout.EngineReports(engine, items, return_exceptions)
+    driver = EngineDriver(engine, until_done, grace)
     try:
-        while entries := await driver.finished():
-            for entry in entries:
-                reported = fan.take(entry)
-                if reported is not None:
-                    yield reported
-        fan.finish()
+        while not engine.done_running:
+            for reported in reports.take(await driver.finished()):
+                yield reported
+        reports.finish()
     finally:
         await driver.close()
-        fan.close()
 
 
 async def map(fn: Callable[[Any], T], iterable: Iterable[Any], *, jobs: int | None = None,
@@ -337,11 +374,11 @@ async def map(fn: Callable[[Any], T], iterable: Iterable[Any], *, jobs: int | No
     every running child before the CancelledError propagates. Raises
     TypeError/ValueError for bad arguments before any process is created.
     """
+    completed = _fan_out(fn, iterable, True, jobs=jobs, timeout=timeout,
+                         return_exceptions=return_exceptions, fork_retries=fork_retries,
+                         grace=grace, die_with_parent=die_with_parent,
+                         print_traceback=print_traceback)
     results = {}
-    completed = as_completed(fn, iterable, jobs=jobs, timeout=timeout,
-                             return_exceptions=return_exceptions, fork_retries=fork_retries,
-                             grace=grace, die_with_parent=die_with_parent,
-                             print_traceback=print_traceback)
     async with contextlib.aclosing(completed):
         async for index, value in completed:
             results[index] = value

@@ -25,9 +25,8 @@ from fastfork import _core
 from fastfork._checks import check_callable, check_fan_out, check_timeout
 from fastfork._chunks import chunked
 from fastfork._result import FrameReader, decode_outcome
-from fastfork._scheduler import Scheduler
 from fastfork.child import Child, close_inherited_fds, reap_dropped, stop_all
-from fastfork.errors import ChildError, ForkError
+from fastfork.errors import ForkError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -41,7 +40,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 __all__ = ["FunctionChild", "start", "start_child", "map", "as_completed", "background",
-           "in_input_order", "FunctionFanOut"]
+           "in_input_order"]
 
 
 class FunctionChild(Child, Generic[R]):
@@ -327,35 +326,61 @@ def drive_engine(engine, items, return_exceptions, until_done, grace):
     ``items`` yields, after the engine's ``pending`` item, the items it never
     drew. Closes the engine (``grace``) however it ends.
     """
-    first_error = None
-    fork_error_seen = False
+    reports = EngineReports(engine, items, return_exceptions)
     try:
         while not engine.done_running:
-            for index, item, pid, returncode, kind, payload, timed_out, lost in engine.step(until_done):
-                ok, value = decode_outcome(None if kind is None else (kind, payload),
-                                           pid=pid, returncode=returncode, index=index,
-                                           item=item, timed_out=timed_out, lost=lost)
-                if ok or return_exceptions:
-                    yield index, value
-                elif first_error is None:
-                    first_error = value
-                    engine.stop_launching()  # already so, unless unpickling failed here
-            if engine.fork_error is not None and not fork_error_seen:
-                fork_error_seen = True
-                cause = engine.fork_error
-                err = ForkError(cause.errno, cause.strerror, started=engine.started)
-                if return_exceptions:
-                    # Per-item mode: every item that could not be started reports it.
-                    first_unstarted = engine.pending[0]
-                    rest = enumerate(items, first_unstarted + 1)
-                    for index, _ in itertools.chain([engine.pending], rest):
-                        yield index, err
-                elif first_error is None:
-                    first_error = err
-        if first_error is not None:
-            raise first_error
+            yield from reports.take(engine.step(until_done))
+        reports.finish()
     finally:
         engine.close(grace)
+
+
+class EngineReports:
+    """What an as_completed over ``engine`` hands out, apart from how it waits for the engine.
+
+    ``take(outcomes)`` yields the (index, result or error) of a batch from
+    ``engine.step``, and each item's ForkError once a fork has failed for
+    good, keeping the first failure for the end (or, with
+    ``return_exceptions``, handing out every one); ``finish()`` raises that
+    failure once the engine is done. ``items`` as for ``drive_engine``.
+    """
+
+    def __init__(self, engine, items, return_exceptions):
+        self._engine = engine
+        self._items = items
+        self._return_exceptions = return_exceptions
+        self._first_error = None
+        self._fork_error_seen = False
+
+    def take(self, outcomes):
+        """Yield (index, result or error) for the outcomes to hand out."""
+        engine = self._engine
+        for index, item, pid, returncode, kind, payload, timed_out, lost in outcomes:
+            ok, value = decode_outcome(None if kind is None else (kind, payload),
+                                       pid=pid, returncode=returncode, index=index,
+                                       item=item, timed_out=timed_out, lost=lost)
+            if ok or self._return_exceptions:
+                yield index, value
+            elif self._first_error is None:
+                self._first_error = value
+                engine.stop_launching()  # already so, unless unpickling failed here
+        if engine.fork_error is not None and not self._fork_error_seen:
+            self._fork_error_seen = True
+            cause = engine.fork_error
+            err = ForkError(cause.errno, cause.strerror, started=engine.started)
+            if self._return_exceptions:
+                # Per-item mode: every item that could not be started reports it.
+                first_unstarted = engine.pending[0]
+                rest = enumerate(self._items, first_unstarted + 1)
+                for index, _ in itertools.chain([engine.pending], rest):
+                    yield index, err
+            elif self._first_error is None:
+                self._first_error = err
+
+    def finish(self):
+        """Raise the first failure ``take`` kept, if any."""
+        if self._first_error is not None:
+            raise self._first_error
 
 
 # Iterators whose next() runs no Python code (so cannot print).
@@ -381,74 +406,6 @@ def _python_may_run_between_forks(items):
         if callable(handler) and handler is not signal.default_int_handler:
             return True
     return False
-
-
-class FunctionFanOut:
-    """A fan-out of ``fn`` over ``items`` on a Scheduler, apart from its driver.
-
-    A driver (``_scheduler.drive``, the asyncio one in ``fastfork.aio``) runs
-    ``scheduler`` and passes each finished entry to ``take``, which returns
-    the (index, result) to hand out, or None for a failure kept for the end
-    (rule 5); once the scheduler is done, ``finish()`` raises that first
-    failure. ``close()``, whatever happened, closes the scheduler (blocking
-    only if children still run) and stops the child of a launch an exception
-    cut short. ``items`` is an iterator; the other arguments are those of
-    ``as_completed``, validated.
-    """
-
-    def __init__(self, starter, fn, items, return_exceptions, print_traceback, *, jobs,
-                 timeout, fork_retries, grace, die_with_parent):
-        self._return_exceptions = return_exceptions
-        self._first_error = None
-        self._launched = []  # the child of the last launch, even one an exception cut short
-
-        def launch(task):
-            index, item = task
-            self._launched.clear()
-            return starter(fn, (item,), None, die_with_parent=die_with_parent,
-                           print_traceback=print_traceback, index=index, item=item,
-                           launched=self._launched)
-
-        self.scheduler = Scheduler(launch, enumerate(items), jobs=jobs, timeout=timeout,
-                                   grace=grace, retries=fork_retries,
-                                   stop_on_failure=not return_exceptions,
-                                   is_failure=lambda entry: not self._outcome(entry)[0])
-
-    def _outcome(self, entry):
-        """(ok, result or error) of a finished entry, decoded once."""
-        if entry.data is None:
-            if entry.error is not None:
-                entry.data = (False, ForkError(entry.error.errno, entry.error.strerror,
-                                               started=self.scheduler.started))
-            else:
-                child = entry.handle
-                child.timed_out = entry.timed_out
-                try:
-                    entry.data = (True, child.result())
-                except ChildError as err:
-                    entry.data = (False, err)
-        return entry.data
-
-    def take(self, entry):
-        """Return (index, result or error) of a finished entry, or None to raise it later."""
-        ok, value = self._outcome(entry)
-        if ok or self._return_exceptions:
-            return entry.index, value
-        if self._first_error is None:
-            self._first_error = value
-        return None
-
-    def finish(self):
-        """Raise the first failure ``take`` kept, if any."""
-        if self._first_error is not None:
-            raise self._first_error
-
-    def close(self):
-        """Close the scheduler; stop and reap the child of a launch cut short."""
-        self.scheduler.close()
-        stop_all(self._launched, 0)  # only a launch cut short leaves its child running here
-        for child in self._launched:
-            child._close_fds()
 
 
 @contextlib.contextmanager

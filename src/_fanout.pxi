@@ -435,7 +435,41 @@ cdef class FanOut:
         """Start no more children; the running ones go on."""
         self.launching = False
 
-    def step(self, bint until_done=False):
+    def terminate(self):
+        """Start no more children; send each running one SIGTERM (and SIGCONT) without waiting.
+
+        SIGCONT: a stopped child could not act on SIGTERM. One that has
+        exited is reaped instead. close() follows, to SIGKILL the rest.
+        """
+        self._terminate()
+
+    cdef void _terminate(self) noexcept:
+        cdef int s
+        self.launching = False
+        if self.slots == NULL:
+            return  # closed
+        for s in range(self.n_slots):
+            if self.slots[s].pid and not self.slots[s].reaped:
+                self._signal(s, SIGTERM, SIGCONT)
+
+    def fileno(self):
+        """The fan-out's epoll fd, readable when ``step(wait=False)`` has work; -1 once closed."""
+        return self.epfd
+
+    def wake_in(self):
+        """Seconds after which ``step(wait=False)`` is due even if ``fileno()`` stays quiet.
+
+        For a timeout, a fork retry, a child polled by pid or the sweep;
+        None when only ``fileno()`` can say. Each call with children polled
+        by pid backs their polling off, as a wait does.
+        """
+        cdef double wake
+        if self.slots == NULL:
+            return None
+        wake = self._wake_time(False, 0.0)
+        return None if wake == 0 else max(wake - _monotonic(), 0.0)
+
+    def step(self, bint until_done=False, bint wait=True):
         """Start children while there is room, wait, and return finished outcomes.
 
         Returns a list of (index, item, pid, returncode, kind, payload,
@@ -446,7 +480,21 @@ cdef class FanOut:
         a child, or with ``until_done`` once every child has finished; [] when
         there is nothing left to do. Raises what a signal handler raises, and
         OSError when a pipe or a fork fails for a reason not retried.
+
+        With ``wait`` false it never sleeps, for an event loop that drives the
+        fan-out (fastfork.aio): it handles what has happened, starts children
+        while there is room and returns what has finished (with
+        ``until_done``, [] until every child has). Call it again once
+        ``fileno()`` is readable, or ``wake_in()`` seconds later.
         """
+        if not wait:
+            if self.slots == NULL:
+                return []  # closed
+            self._wait_once(False, 0.0, False)
+            self._launch_while_room(until_done)
+            if not until_done or (self.running == 0 and not self.launching):
+                return self._hand_out()
+            return []
         while True:
             self._launch_while_room(until_done)
             if (self.running == 0 and not self.launching) or (self.n_outcomes and not until_done):
@@ -494,12 +542,8 @@ cdef class FanOut:
             raise RuntimeError("this fan-out belongs to another process")
         if self.slots == NULL:
             return  # closed already
-        self.launching = False
+        self._terminate()
         for s in range(self.n_slots):
-            if self.slots[s].pid and not self.slots[s].reaped:
-                # SIGCONT: a stopped child could not act on SIGTERM. One that
-                # has exited is reaped instead.
-                self._signal(s, SIGTERM, SIGCONT)
             if self.slots[s].pid and self.slots[s].reaped:
                 self._free_slot(&self.slots[s])  # or we would wait for it below
         self._forget_outcomes()
@@ -702,21 +746,12 @@ cdef class FanOut:
         ``stopping`` (close): no timeouts to enforce; ``until`` caps the sleep;
         without ``sleep``, handle only what has happened already.
         """
-        cdef double wake = until if sleep else -1.0
+        cdef double wake = -1.0
         cdef int n
         if self.running and not self.next_sweep:
             self.next_sweep = _monotonic() + _SWEEP_INTERVAL
         if sleep:
-            if not stopping and self.next_timer:
-                wake = _earliest(wake, self.next_timer)
-            if self.launching and self.backoff_until:
-                wake = _earliest(wake, self.backoff_until)
-            if self.n_polled:
-                # Children polled by pid are waited for on a timer, with capped back-off.
-                wake = _earliest(wake, _monotonic() + self.poll_interval)
-                self.poll_interval = min(self.poll_interval * 2, 0.05)
-            if self.running:
-                wake = _earliest(wake, self.next_sweep)
+            wake = self._wake_time(stopping, until)
         n = self._epoll_wait(wake)
         if n < 0:
             return 0  # a signal interrupted the wait; its handlers have run
@@ -730,6 +765,26 @@ cdef class FanOut:
             self._enforce_timeouts(_monotonic())
         self._finish_reaped()
         return 0
+
+    cdef double _wake_time(self, bint stopping, double until) noexcept:
+        """When a wait must end at the latest (0: no limit), ``until`` at the latest.
+
+        Backs off the polling of children polled by pid.
+        """
+        cdef double wake = until
+        if self.running and not self.next_sweep:
+            self.next_sweep = _monotonic() + _SWEEP_INTERVAL
+        if not stopping and self.next_timer:
+            wake = _earliest(wake, self.next_timer)
+        if self.launching and self.backoff_until:
+            wake = _earliest(wake, self.backoff_until)
+        if self.n_polled:
+            # Children polled by pid are waited for on a timer, with capped back-off.
+            wake = _earliest(wake, _monotonic() + self.poll_interval)
+            self.poll_interval = min(self.poll_interval * 2, 0.05)
+        if self.running:
+            wake = _earliest(wake, self.next_sweep)
+        return wake
 
     cdef int _epoll_wait(self, double wake) except -2:
         """Wait for events until ``wake`` (0: no limit, < 0: no wait); how many arrived.

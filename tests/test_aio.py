@@ -1,6 +1,7 @@
 """fastfork.aio: children and commands awaited on an event loop (asyncio; uvloop if installed)."""
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 
 import fastfork
 import procutil
-from fastfork import aio
+from fastfork import _core, aio
 
 try:
     import uvloop
@@ -813,6 +814,69 @@ def test_closing_as_completed_early_stops_the_rest(arun, ready_pipe):
         for pid in pids:
             assert_gone(pid)
     arun(main())
+
+
+def test_cancelling_map_awaits_the_grace_on_the_loop_and_again_kills_at_once(arun, ready_pipe):
+    r, w = ready_pipe
+
+    async def main():
+        # SIGTERM ignored: the children outlive the grace, awaited on the loop.
+        for cancels in (1, 2):
+            task = asyncio.ensure_future(aio.map(
+                lambda fd: say_ready_then_sleep(fd, True), [w] * 3, jobs=2, grace=0.2))
+            pids = await read_pids(r, 2)
+            task.cancel()
+            await asyncio.sleep(0)
+            assert not task.done()  # in the grace, and the loop runs meanwhile
+            if cancels == 2:
+                task.cancel()  # SIGKILL now, not after the grace
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for pid in pids:
+                assert_gone(pid)
+    arun(main())
+
+
+def hang_up_then_pause(_):
+    """Close the fan-out's fds in this child (its result pipe), then run on until killed."""
+    for fd in _core.owned_fds():
+        os.close(fd)
+    signal.pause()
+
+
+def test_map_times_out_a_child_whose_pipe_hung_up(arun, pidfd_mode):
+    # The engine then waits for the child's exit through a pidfd, or polls
+    # its pid on the loop's timer; the timeout is the loop's timer too.
+    async def main():
+        with pytest.raises(fastfork.ChildTimeout) as info:
+            await aio.map(hang_up_then_pause, [0], timeout=0.3, grace=0)
+        assert info.value.returncode == -signal.SIGKILL
+    arun(main())
+
+
+def leave_a_grandchild_holding_the_pipe(fds):
+    """Fork a grandchild without at-fork hooks (so it keeps the result pipe) that waits on fds."""
+    pid = ctypes.CDLL(None, use_errno=True).fork()
+    if pid == 0:
+        try:
+            os.close(fds[1])
+            os.read(fds[0], 1)  # end of file once the test closes its write end
+        finally:
+            os._exit(0)
+    return pid
+
+
+def test_map_reaps_a_child_whose_grandchild_holds_its_pipe(arun):
+    # The pipe does not hang up at the child's exit: the engine's sweep,
+    # on the loop's timer, reaps it within about a second.
+    r, w = os.pipe()
+    try:
+        [grandchild] = arun(aio.map(leave_a_grandchild_holding_the_pipe, [(r, w)]))
+        assert procutil.state(grandchild) not in (None, "Z")  # map did not wait for it
+    finally:
+        os.close(w)  # the grandchild reads end of file and exits
+        os.close(r)
+    assert procutil.wait_ended([grandchild]) == []  # reparented: init reaps it
 
 
 # ------------------------------------------------------------------ fan-out: spawn_many
