@@ -176,12 +176,19 @@ class _Printer:
                     self._busy -= 1
                     self._changed.notify_all()
 
+    def running(self):
+        """True while the thread is there (after ``finish`` was interrupted, still)."""
+        return self._thread is not None
+
     def wait(self):
         """Wait until every task submitted has run; raise a failed task's error."""
+        self._wait_idle()
+        self.raise_error()
+
+    def _wait_idle(self):
         with self._changed:
             while self._busy:
                 self._changed.wait()
-        self.raise_error()
 
     def finish(self):
         """Wait for every task, then end the thread; raise a failed task's error.
@@ -190,9 +197,7 @@ class _Printer:
         left only clean up, and the thread is left to end by itself.
         """
         try:
-            with self._changed:
-                while self._busy:
-                    self._changed.wait()
+            self._wait_idle()
         except BaseException as exc:
             if self._error is None:
                 self._error = exc
@@ -518,6 +523,7 @@ class Output:
                 captured.close()
             self._running.clear()
             self._held.clear()
-            if self._spool >= 0:
+            # A thread that was not waited for (interrupted) may still use the spool.
+            if self._spool >= 0 and not (self._printer is not None and self._printer.running()):
                 os.close(self._spool)
                 self._spool = -1
