@@ -21,6 +21,9 @@ __all__ = ["JobRunner", "Outcome"]
 
 # How often running jobs' output is looked at with --line-buffer.
 _LINE_POLL = 0.05
+# How often a grouped run checks on the thread printing jobs' output: a
+# reader that went away (| head) stops the run without waiting for a job to end.
+_PRINT_CHECK = 0.5
 # The environment variables each job gets (see JobRunner).
 _JOB_VARIABLES = ("FASTFORK_SEQ", "FASTFORK_SLOT", "FASTFORK_INDEX")
 
@@ -216,7 +219,7 @@ class JobRunner:
         self._pending = len(self.jobs)   # jobs without a final outcome: retries may come
         if not self._pending:
             scheduler.close_input()
-        every = _LINE_POLL if self.output.mode == "line" else None
+        every = {"line": _LINE_POLL, "group": _PRINT_CHECK}.get(self.output.mode)
         self._stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
             for entry in drive(scheduler, every=every):

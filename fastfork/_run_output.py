@@ -11,6 +11,14 @@ Modes:
   complete line is printed as it comes (never half a line);
 - ungrouped: jobs inherit this process's stdout and stderr.
 
+In the grouped modes a job's output is copied by one printing thread, in
+the order the jobs ended (or, with ``keep_order``, their turns came): the
+runner reaps and launches while a slow reader takes megabytes, so no slot
+waits for the copy. Small outputs are printed at once when that thread has
+nothing queued (no hand-over for the common case). Anything written to
+stdout or stderr during the run (the progress bar too) goes through
+``Output.call`` so it keeps its place between jobs' output.
+
 ``keep_order`` prints jobs in input order (output of a job that ends before
 its turn is moved to one spool file in ``tmpdir``, or the system's
 temporary directory, until then); ``tag`` puts a label and a
@@ -23,10 +31,14 @@ import errno
 import os
 import select
 import tempfile
+import threading
 
 __all__ = ["Output", "write_all"]
 
 _CHUNK = 1 << 20
+# Output up to this size is printed by the runner itself when the printing
+# thread is idle: it fits in a pipe's default buffer, so it seldom waits.
+_INLINE_BYTES = 1 << 16
 _OUT, _ERR = 1, 2  # the fds this process prints jobs' output to
 
 
@@ -101,6 +113,110 @@ class _Copier:
         return done
 
 
+class _Printer:
+    """Runs printing tasks on a thread of its own, one at a time, in the order submitted.
+
+    A task that raises (BrokenPipeError once the reader has gone) makes the
+    later ones skip their printing; their cleanup still runs. The error is
+    raised in the caller's thread by the next ``submit``, ``raise_error`` or
+    ``finish``.
+    """
+
+    def __init__(self):
+        self._tasks = collections.deque()
+        self._changed = threading.Condition()
+        self._busy = 0        # tasks queued or running
+        self._thread = None
+        self._error = None
+        self._reported = False
+
+    def idle(self):
+        """True when no task is queued or running."""
+        return self._busy == 0
+
+    def submit(self, task, cleanup=None):
+        """Queue ``task()`` and then ``cleanup()``. Raises a failed task's error."""
+        self.raise_error()
+        with self._changed:
+            self._tasks.append((task, cleanup))
+            self._busy += 1
+            self._changed.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="fastfork run output",
+                                            daemon=True)
+            self._thread.start()
+
+    def raise_error(self):
+        """Raise the error of a failed task, once."""
+        if self._error is not None and not self._reported:
+            self._reported = True
+            raise self._error
+
+    def _work(self):
+        while True:
+            with self._changed:
+                while not self._tasks:
+                    self._changed.wait()
+                task, cleanup = self._tasks.popleft()
+            if task is None and cleanup is None:
+                return
+            try:
+                if task is not None and self._error is None:
+                    task()
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                try:
+                    if cleanup is not None:
+                        cleanup()
+                except BaseException as exc:
+                    if self._error is None:
+                        self._error = exc
+                with self._changed:
+                    self._busy -= 1
+                    self._changed.notify_all()
+
+    def running(self):
+        """True while the thread is there (after ``finish`` was interrupted, still)."""
+        return self._thread is not None
+
+    def wait(self):
+        """Wait until every task submitted has run; raise a failed task's error."""
+        self._wait_idle()
+        self.raise_error()
+
+    def _wait_idle(self):
+        with self._changed:
+            while self._busy:
+                self._changed.wait()
+
+    def finish(self):
+        """Wait for every task, then end the thread; raise a failed task's error.
+
+        Interrupted (Ctrl-C while a reader holds the output up), the tasks
+        left only clean up, and the thread is left to end by itself.
+        """
+        try:
+            self._wait_idle()
+        except BaseException as exc:
+            if self._error is None:
+                self._error = exc
+                self._reported = True
+            self._stop()
+            raise
+        self._stop()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.raise_error()
+
+    def _stop(self):
+        if self._thread is not None:
+            with self._changed:
+                self._tasks.append((None, None))
+                self._changed.notify()
+
+
 def _tagged(chunk, tag, at_line_start):
     """``chunk`` with ``tag`` before each line; returns (bytes, whether it ended a line)."""
     ends_line = chunk.endswith(b"\n")
@@ -154,6 +270,8 @@ class Output:
         self._skipped = set()
         self._spool = -1
         self._spool_end = 0
+        # Line-buffered output is printed as it comes, by the runner itself.
+        self._printer = _Printer() if mode == "group" else None
         if results is not None:
             os.makedirs(results, exist_ok=True)
 
@@ -206,33 +324,66 @@ class Output:
 
         With ``returncode`` None the attempt is discarded (to be retried, or
         stopped): nothing is printed and the job keeps its place in the order.
-        Returns 0 when output is not captured.
+        Returns 0 when output is not captured. Raises the error printing met
+        (BrokenPipeError when the reader has gone), maybe for an earlier job.
         """
         captured = self._running.pop(job.seq, None)
         if captured is None:
             return 0
+        if returncode is None:
+            captured.close()  # no task of the printing thread has it
+            return 0
         try:
-            if returncode is None:
-                return 0
             sizes = [os.fstat(fd).st_size for fd in captured.fds]
             if self.results is not None:
                 self._write_exitval(job, returncode)
-            if not self.keep_order or self._order and self._order[0] == job.seq:
-                self._forward(captured, sizes)
-                if self.keep_order:
-                    self._order.popleft()
-                    self._advance()
-            else:
-                self._hold(captured, sizes)
-            return sum(sizes)
-        finally:
+        except BaseException:
             captured.close()
+            raise
+        self._submit(lambda: self._print_ended(captured, sizes), captured.close, sum(sizes))
+        return sum(sizes)
+
+    def _print_ended(self, captured, sizes):
+        if not self.keep_order or self._order and self._order[0] == captured.job.seq:
+            self._forward(captured, sizes)
+            if self.keep_order:
+                self._order.popleft()
+                self._advance()
+        else:
+            self._hold(captured, sizes)
+
+    def call(self, function, *args):
+        """Run ``function(*args)`` (it writes to the terminal) in its turn between jobs' output."""
+        self._submit(lambda: function(*args), None, 0)
+
+    def _submit(self, task, cleanup, size):
+        """Run ``task`` then ``cleanup`` after everything submitted before.
+
+        Here and now when there is no printing thread, or when it is idle
+        and ``task`` prints little (``size`` bytes, plus what keep-order
+        may release); else on that thread.
+        """
+        printer = self._printer
+        if printer is not None and not (printer.idle() and
+                                        size + self._spool_end <= _INLINE_BYTES):
+            printer.submit(task, cleanup)
+            return
+        try:
+            if printer is not None:
+                printer.raise_error()
+            task()
+        finally:
+            if cleanup is not None:
+                cleanup()
 
     def skip(self, seq):
         """Job ``seq`` will not run (halted, or done by an earlier run): free its turn."""
         if self.keep_order:
-            self._skipped.add(seq)
-            self._advance()
+            self._submit(lambda: self._skip(seq), None, 0)
+
+    def _skip(self, seq):
+        self._skipped.add(seq)
+        self._advance()
 
     def _write_exitval(self, job, returncode):
         directory = os.path.join(self.results, str(job.seq))
@@ -244,8 +395,14 @@ class Output:
     # ------------------------------------------------------------ printing
 
     def poll(self):
-        """Line-buffered mode: print the complete lines written since the last call."""
+        """Line-buffered mode: print the complete lines written since the last call.
+
+        Grouped: raise the error printing met (BrokenPipeError when the
+        reader has gone) without waiting for the next job to end.
+        """
         if self.mode != "line":
+            if self._printer is not None:
+                self._printer.raise_error()
             return
         if self.keep_order:
             head = self._running.get(self._order[0]) if self._order else None
@@ -341,9 +498,22 @@ class Output:
         if self.mode == "line":
             self.poll()  # the new head may have lines waiting
 
+    def flush(self):
+        """Wait until the output of every job that ended is printed.
+
+        Raises the error printing met (BrokenPipeError when the reader has gone).
+        """
+        if self._printer is not None:
+            self._printer.wait()
+
     def close(self):
-        """Print what is still held (in order), discard running jobs' output, close files."""
+        """Print what is still held (in order), discard running jobs' output, close files.
+
+        Raises the error printing met, if it was not raised yet.
+        """
         try:
+            if self._printer is not None:
+                self._printer.finish()
             for seq in sorted(self._held):
                 captured = self._held.pop(seq)
                 for stream, offset, length in captured.held:
@@ -353,6 +523,7 @@ class Output:
                 captured.close()
             self._running.clear()
             self._held.clear()
-            if self._spool >= 0:
+            # A thread that was not waited for (interrupted) may still use the spool.
+            if self._spool >= 0 and not (self._printer is not None and self._printer.running()):
                 os.close(self._spool)
                 self._spool = -1

@@ -301,15 +301,17 @@ def _run(args, jobs, skipped, halt, timeout):
     try:
         if args.joblog:
             joblog = JobLog(args.joblog, resume=args.resume or args.resume_failed)
+        # The bar is drawn in its turn between jobs' output (see Output.call).
+        on_done = ((lambda outcome: output.call(bar.update, outcome.ok)) if bar
+                   else (lambda outcome: None))
         runner = JobRunner(jobs, env=os.environ, output=output, joblog=joblog, halt=halt,
-                           timeout=timeout, retries=args.retries,
-                           on_done=(lambda outcome: bar.update(outcome.ok)) if bar else
-                           (lambda outcome: None))
+                           timeout=timeout, retries=args.retries, on_done=on_done)
         not_run = runner.run(slots)
         for job in not_run:
             output.skip(job.seq)
         for seq in runner.stopped:
             output.skip(seq)
+        output.flush()
     except KeyboardInterrupt:
         _finish(output, joblog, bar)
         stderr.write("fastfork run: interrupted; every job was stopped\n")

@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from fastfork import _run_output
 from fastfork._run_output import Output, _tagged
 
 
@@ -162,3 +163,58 @@ def test_output_to_an_append_only_file(tmp_path):
     finally:
         os.close(fd)
     assert target.read_bytes() == b"x" * 3_000_000
+
+
+BIG = 3 * _run_output._INLINE_BYTES  # printed by the printing thread, not inline
+
+
+def test_big_outputs_are_printed_whole_in_the_order_jobs_ended(capfdbinary):
+    output = Output("group")
+    jobs = [FakeJob(i) for i in (1, 2, 3)]
+    fds = [output.open(j) for j in jobs]
+    for job, f in zip(jobs, fds):
+        write(f, bytes([ord("a") + job.seq]) * BIG, b"e%d\n" % job.seq)
+    seen = []
+    for job in (jobs[1], jobs[0], jobs[2]):
+        assert output.finish(job, 0) == BIG + 3
+        # Terminal writes (the progress bar) wait for the output before them.
+        output.call(lambda: seen.append(os.fstat(1).st_size))
+    output.close()
+    captured = capfdbinary.readouterr()
+    assert captured.out == b"c" * BIG + b"b" * BIG + b"d" * BIG
+    assert captured.err == b"e2\ne1\ne3\n"
+    assert seen == [BIG, 2 * BIG, 3 * BIG]
+
+
+def test_keep_order_with_big_outputs(capfdbinary):
+    output = Output("group", keep_order=True, order=[1, 2, 3])
+    jobs = [FakeJob(i) for i in (1, 2, 3)]
+    fds = [output.open(j) for j in jobs]
+    for job, f in zip(jobs, fds):
+        write(f, bytes([ord("a") + job.seq]) * BIG)
+    for job in (jobs[2], jobs[1], jobs[0]):
+        output.finish(job, 0)
+    output.close()
+    assert capfdbinary.readouterr().out == b"b" * BIG + b"c" * BIG + b"d" * BIG
+
+
+def test_a_reader_gone_is_reported_once_and_every_file_closed():
+    saved = os.dup(1)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    try:
+        output = Output("group")
+        jobs = [FakeJob(i) for i in (1, 2, 3)]
+        fds = [output.open(j) for j in jobs]
+        for f in fds:
+            write(f, b"x" * BIG)
+        output.finish(jobs[0], 0)
+        with pytest.raises(BrokenPipeError):
+            output.flush()
+        output.finish(jobs[1], 0)   # printing is over: only closes its files
+        output.close()              # job 3 never ended; nothing raised twice
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

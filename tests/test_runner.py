@@ -300,6 +300,19 @@ def test_broken_stdout_stops_the_run_quietly():
     assert b"Traceback" not in err and b"Exception" not in err
 
 
+def test_broken_stdout_stops_a_run_printing_big_outputs():
+    # Each job's output is copied by the printing thread: its error stops the run.
+    env = dict(os.environ, PYTHONPATH=procutil.PACKAGE_ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "fastfork", "run", "-n", "10000", "--",
+                             "head", "-c", "300000", "/dev/zero"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout.read(1) == b"\0"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 141
+    assert b"Traceback" not in err and b"Exception" not in err
+
+
 # ---------------------------------------------------------------- job log, resume, retries
 
 def test_joblog_columns_and_missing_program(tmp_path, capfd):
