@@ -896,13 +896,21 @@ for code, (name, call) in enumerate(calls.items(), start=1):
     out[name] = [got == [pid, code << 8], hits]
 
 # A timeout that expires while interrupted returns what finished: nothing.
-pid = child(99)
+# (This child exits only when told, however late a loaded machine runs it.)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(w)
+    os.read(r, 1)
+    os._exit(99)
+os.close(r)
 hits = 0
 signal.setitimer(signal.ITIMER_REAL, 0.002, 0.002)
 try:
-    early = fastfork.reap([pid], timeout=0.03)
+    early = fastfork.reap([pid], timeout=0.2)
 finally:
     signal.setitimer(signal.ITIMER_REAL, 0, 0)
+os.close(w)
 out["reap_expired"] = [early == [] and fastfork.reap([pid]) == [(pid, 99 << 8)], hits]
 print(json.dumps(out))
 """
@@ -1100,6 +1108,9 @@ def test_reap_with_timeout_returns_only_finished_children(reaper):
     reaper.extend(quick)
     slow, w = blocked_child(fastfork.fork, reaper, code=2)
     try:
+        for pid in quick:  # finished before the call, however loaded the machine
+            while procutil.state(pid) != "Z":
+                time.sleep(0.001)
         got = fastfork.reap([quick[0], slow] + quick[1:], timeout=0.2)
         assert got == [(p, 1 << 8) for p in quick]
         assert procutil.state(slow) not in (None, "Z")  # still running, untouched
